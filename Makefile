@@ -1,0 +1,26 @@
+# nanollm: `make test` (CPU only: Numba CUDA simulator + PTX compile checks), `make train`.
+# Both create and fill their own virtual environment in .venv from setup.cfg.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: test test-gpu train clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -m "not gpu" -q tests
+
+# On a machine with a GPU: the same kernel checks at GPT-2 124M shapes.
+test-gpu: $(VENV)/.installed
+	$(PY) -m pytest -m gpu -q tests
+
+train: $(VENV)/.installed
+	@echo "make train: not yet — training lands with issue 3 (model, data, training loop)."
+
+clean:
+	rm -rf $(VENV) build *.egg-info

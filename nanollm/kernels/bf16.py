@@ -1,0 +1,100 @@
+"""bfloat16 as uint16 bits: device conversions and their host (numpy) twins.
+
+Storage is bf16, arithmetic fp32, as in llm.c. Numba's own bf16 type does not run on the CUDA
+simulator, so bf16 values live in uint16 arrays (two of them in a uint32 word for wide loads)
+and are converted with integer operations that compile to plain integer instructions.
+float -> bf16 rounds to nearest even, as __float2bfloat16 does; NaN stays NaN.
+"""
+
+import numpy as np
+from numba import cuda, float32, int32, uint16, uint32
+
+from .cuda_common import device_function
+
+BF16_QUIET_NAN = 0x7FC0
+
+
+@device_function
+def bf16_to_float(bits):
+    return cuda.libdevice.int_as_float(int32(bits) << 16)
+
+
+@device_function
+def float_to_bf16(x):
+    u = uint32(cuda.libdevice.float_as_int(float32(x)))
+    if (u & uint32(0x7FFFFFFF)) > uint32(0x7F800000):
+        return uint16(BF16_QUIET_NAN)
+    rounding = uint32(0x7FFF) + ((u >> uint32(16)) & uint32(1))
+    return uint16((u + rounding) >> uint32(16))
+
+
+@device_function
+def bf16x2_low(word):
+    """The bf16 at the lower address of a uint32 word (little-endian), as float."""
+    return cuda.libdevice.int_as_float(int32(word << uint32(16)))
+
+
+@device_function
+def bf16x2_high(word):
+    return cuda.libdevice.int_as_float(int32(word & uint32(0xFFFF0000)))
+
+
+@device_function
+def pack_bf16x2(low, high):
+    return uint32(float_to_bf16(low)) | (uint32(float_to_bf16(high)) << uint32(16))
+
+
+@device_function
+def squirrel_noise5(position, seed):
+    """Squirrel Eiserloh's integer hash (as llm.c's stochastic rounding uses): cheap, stateless
+    randomness from (position, seed)."""
+    bits = uint32(position)
+    bits = uint32(bits * uint32(0xD2A80A3F))
+    bits = uint32(bits + uint32(seed))
+    bits ^= bits >> uint32(9)
+    bits = uint32(bits + uint32(0xA884F197))
+    bits ^= bits >> uint32(11)
+    bits = uint32(bits * uint32(0x6C736F4B))
+    bits ^= bits >> uint32(13)
+    bits = uint32(bits + uint32(0xB79F3ABB))
+    bits ^= bits >> uint32(15)
+    bits = uint32(bits * uint32(0x1B56C4F5))
+    bits ^= bits >> uint32(17)
+    return bits
+
+
+@device_function
+def float_to_bf16_stochastic(x, position, seed):
+    """Round x to bf16 up or down with probability proportional to the distance (unbiased), so
+    small AdamW updates are not lost to round-to-nearest. As llm.c: when the dropped 16 bits
+    exceed a random threshold, set them all and round (which carries up); else truncate.
+    Deterministic given (position, seed), whatever the launch configuration."""
+    u = uint32(cuda.libdevice.float_as_int(float32(x)))
+    threshold = squirrel_noise5(position, seed) & uint32(0xFFFF)
+    if (u & uint32(0xFFFF)) > threshold:
+        return float_to_bf16(cuda.libdevice.int_as_float(int32(u | uint32(0xFFFF))))
+    return float_to_bf16(cuda.libdevice.int_as_float(int32(u & uint32(0xFFFF0000))))
+
+
+# ---- host side -------------------------------------------------------------------------------
+
+def to_bf16_bits(array):
+    """float array -> uint16 bf16 bits, round to nearest even (matches float_to_bf16)."""
+    f = np.ascontiguousarray(array, dtype=np.float32)
+    u = f.view(np.uint32).astype(np.uint64)
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(f)
+    if nan.any():
+        rounded[nan] = BF16_QUIET_NAN
+    return rounded
+
+
+def from_bf16_bits(bits):
+    """uint16 bf16 bits -> float32."""
+    b = np.ascontiguousarray(bits, dtype=np.uint16)
+    return (b.astype(np.uint32) << 16).view(np.float32)
+
+
+def round_to_bf16(array):
+    """The float32 value nearest-even rounding to bf16 would store."""
+    return from_bf16_bits(to_bf16_bits(array))

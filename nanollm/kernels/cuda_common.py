@@ -1,0 +1,82 @@
+"""Shared pieces of every nanollm kernel: the jit decorators, warp reductions, launch helpers.
+
+Kernels are written once and run in two places: on a real GPU, and on Numba's CUDA simulator
+(NUMBA_ENABLE_CUDASIM=1), where CI tests them at tiny shapes. The simulator rejects GPU-only
+compile options and lacks warp shuffles and libdevice bit casts; `kernel` and `device_function`
+drop the options there, and tests/sim_shim.py supplies the rest. Everything is called as
+`cuda.xxx` because the simulator swaps the `cuda` module object inside a running kernel.
+"""
+
+import math
+
+import numpy as np
+from numba import cuda, float32
+from numba.core import config
+
+SIMULATOR = bool(config.ENABLE_CUDASIM)
+WARP_SIZE = 32
+FULL_MASK = 0xFFFFFFFF
+
+
+def kernel(fn=None, **options):
+    """@cuda.jit for a kernel: cached on disk (a second process compiles nothing), lineinfo for
+    profilers. Under the simulator only the options it understands are passed on."""
+    def wrap(f):
+        if SIMULATOR:
+            return cuda.jit(f)
+        opts = dict(cache=True, lineinfo=True)
+        opts.update(options)
+        return cuda.jit(**opts)(f)
+    return wrap(fn) if fn is not None else wrap
+
+
+def device_function(fn):
+    """@cuda.jit(device=True), inlined: these are small helpers on the hot path."""
+    if SIMULATOR:
+        return cuda.jit(device=True)(fn)
+    return cuda.jit(device=True, inline="always", cache=True)(fn)
+
+
+@device_function
+def warp_reduce_sum(value):
+    """Sum over the 32 lanes of a warp; every lane gets the result. All lanes must call it."""
+    offset = 16
+    while offset > 0:
+        value += cuda.shfl_xor_sync(FULL_MASK, value, offset)
+        offset //= 2
+    return value
+
+
+@device_function
+def warp_reduce_max(value):
+    """Max over the 32 lanes of a warp; every lane gets the result. All lanes must call it."""
+    offset = 16
+    while offset > 0:
+        value = max(value, cuda.shfl_xor_sync(FULL_MASK, value, offset))
+        offset //= 2
+    return value
+
+
+def ceil_div(a, b):
+    return (a + b - 1) // b
+
+
+def check_contiguous(name, array, dtype, shape=None):
+    """Launchers check what the kernels cannot: a wrong dtype or shape would silently read garbage."""
+    if array.dtype != np.dtype(dtype):
+        raise TypeError(f"{name}: expected dtype {np.dtype(dtype)}, got {array.dtype}")
+    if shape is not None and tuple(array.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(array.shape)}")
+    if not _is_c_contiguous(array):
+        raise ValueError(f"{name}: must be C-contiguous")
+
+
+def _is_c_contiguous(array):
+    flags = getattr(array, "flags", None)
+    if flags is not None:
+        return bool(flags["C_CONTIGUOUS"])
+    return bool(array.is_c_contiguous())
+
+
+# GELU's tanh approximation constant, shared by gelu.py and the matmul host fallback.
+GELU_SCALING_FACTOR = math.sqrt(2.0 / math.pi)

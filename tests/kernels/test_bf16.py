@@ -1,0 +1,104 @@
+"""bf16 conversions and warp reductions: device helpers against numpy, on awkward values too."""
+
+import numpy as np
+import pytest
+from numba import cuda
+
+from nanollm.kernels.bf16 import (float_to_bf16, float_to_bf16_stochastic, from_bf16_bits, pack_bf16x2,
+                                  bf16_to_float, bf16x2_high, bf16x2_low, to_bf16_bits)
+from nanollm.kernels.cuda_common import kernel, warp_reduce_max, warp_reduce_sum
+
+SPECIAL = np.array([0.0, -0.0, 1.0, -1.5, np.inf, -np.inf, np.nan, 1e-40, -3e-39, 3.3895314e38,
+                    1.00390625, 1.01171875, 65504.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8], dtype=np.float32)
+
+
+@kernel
+def round_trip_kernel(out_bits, out_float, inp):
+    i = cuda.grid(1)
+    if i < inp.shape[0]:
+        bits = float_to_bf16(inp[i])
+        out_bits[i] = bits
+        out_float[i] = bf16_to_float(bits)
+
+
+@kernel
+def stochastic_kernel(out_bits, inp, seed):
+    i = cuda.grid(1)
+    if i < inp.shape[0]:
+        out_bits[i] = float_to_bf16_stochastic(inp[i], i, seed)
+
+
+@kernel
+def pack_kernel(out_words, out_low, out_high, low, high):
+    i = cuda.grid(1)
+    if i < low.shape[0]:
+        word = pack_bf16x2(low[i], high[i])
+        out_words[i] = word
+        out_low[i] = bf16x2_low(word)
+        out_high[i] = bf16x2_high(word)
+
+
+@kernel
+def warp_reduce_kernel(sums, maxes, inp):
+    i = cuda.grid(1)
+    total = warp_reduce_sum(inp[i])
+    biggest = warp_reduce_max(inp[i])
+    if i % 32 == 0:
+        sums[i // 32] = total
+        maxes[i // 32] = biggest
+
+
+def test_host_rounding_is_nearest_even():
+    # 1 + 2^-8 lies exactly halfway between two bf16 values: ties go to the even mantissa (1.0)
+    assert from_bf16_bits(to_bf16_bits(np.float32([1.0 + 2**-8])))[0] == 1.0
+    assert from_bf16_bits(to_bf16_bits(np.float32([1.0 + 3 * 2**-8])))[0] == 1.0 + 4 * 2**-8
+    assert np.isnan(from_bf16_bits(to_bf16_bits(np.float32([np.nan])))[0])
+
+
+def test_device_round_trip_matches_host(rng):
+    values = np.concatenate([SPECIAL, (rng.standard_normal(49) * 10.0 ** rng.integers(-30, 30, 49)).astype(np.float32)])
+    out_bits = cuda.to_device(np.full(values.shape, 0x1234, dtype=np.uint16))
+    out_float = cuda.to_device(np.full(values.shape, 7.0, dtype=np.float32))
+    round_trip_kernel[1, 64](out_bits, out_float, cuda.to_device(values))
+    expected = to_bf16_bits(values)
+    np.testing.assert_array_equal(out_bits.copy_to_host(), expected)
+    np.testing.assert_array_equal(out_float.copy_to_host(), from_bf16_bits(expected))
+
+
+def test_pack_and_unpack(rng):
+    low, high = (rng.standard_normal(40).astype(np.float32) for _ in range(2))
+    words = cuda.to_device(np.zeros(40, dtype=np.uint32))
+    out_low, out_high = cuda.to_device(np.full(40, np.nan, np.float32)), cuda.to_device(np.full(40, np.nan, np.float32))
+    pack_kernel[1, 64](words, out_low, out_high, cuda.to_device(low), cuda.to_device(high))
+    expected = to_bf16_bits(low).astype(np.uint32) | (to_bf16_bits(high).astype(np.uint32) << 16)
+    np.testing.assert_array_equal(words.copy_to_host(), expected)
+    np.testing.assert_array_equal(out_low.copy_to_host(), from_bf16_bits(to_bf16_bits(low)))
+    np.testing.assert_array_equal(out_high.copy_to_host(), from_bf16_bits(to_bf16_bits(high)))
+
+
+def test_stochastic_rounding_is_unbiased_and_brackets(rng):
+    # one value repeated: each copy rounds down or up to a neighbouring bf16, and the mean of
+    # many roundings approaches the value (round-to-nearest would always give the same one)
+    x = np.float32(1.0 + 0.3 * 2**-7)  # 30% of the way from 1.0 to the next bf16 (1 + 2^-7)
+    n = 256
+    out = cuda.to_device(np.zeros(n, dtype=np.uint16))
+    stochastic_kernel[2, 128](out, cuda.to_device(np.full(n, x, dtype=np.float32)), int(rng.integers(2**31)))
+    rounded = from_bf16_bits(out.copy_to_host())
+    assert set(np.unique(rounded)) <= {np.float32(1.0), np.float32(1.0 + 2**-7)}
+    fraction_up = np.mean(rounded > 1.0)
+    assert 0.2 < fraction_up < 0.4, fraction_up  # 30% expected; 256 draws: sd 2.9%
+
+
+def test_stochastic_rounding_exact_values_unchanged(rng):
+    exact = from_bf16_bits(to_bf16_bits(rng.standard_normal(64).astype(np.float32)))
+    out = cuda.to_device(np.zeros(64, dtype=np.uint16))
+    stochastic_kernel[1, 64](out, cuda.to_device(exact), 1234)
+    np.testing.assert_array_equal(from_bf16_bits(out.copy_to_host()), exact)
+
+
+def test_warp_reductions(rng):
+    values = rng.standard_normal(64).astype(np.float32)
+    sums, maxes = cuda.to_device(np.full(2, np.nan, np.float32)), cuda.to_device(np.full(2, np.nan, np.float32))
+    warp_reduce_kernel[1, 64](sums, maxes, cuda.to_device(values))
+    np.testing.assert_allclose(sums.copy_to_host(), values.reshape(2, 32).sum(axis=1), rtol=1e-5)
+    np.testing.assert_array_equal(maxes.copy_to_host(), values.reshape(2, 32).max(axis=1))

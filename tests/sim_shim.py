@@ -1,0 +1,85 @@
+"""What Numba's CUDA simulator lacks and nanollm's kernels use: warp shuffles and libdevice bit
+casts. Installed on the simulator's fake `cuda` module by conftest.py.
+
+Shuffles are exchanged through a per-block buffer between two block barriers, so they are
+exact, but (unlike hardware) every live thread of the block must reach the shuffle. nanollm's
+kernels call shuffles in block-uniform control flow, which is also what makes them safe with
+FULL_MASK on a GPU.
+"""
+
+import math
+import threading
+
+import numpy as np
+
+
+def _as_int32(value):
+    return np.array(int(value) & 0xFFFFFFFF, dtype=np.uint32).view(np.int32)[()]
+
+
+class _Libdevice:
+    @staticmethod
+    def int_as_float(value):
+        return np.array(_as_int32(value), dtype=np.int32).view(np.float32)[()]
+
+    @staticmethod
+    def float_as_int(value):
+        return np.array(value, dtype=np.float32).view(np.int32)[()]
+
+    @staticmethod
+    def float_as_uint(value):
+        return np.array(value, dtype=np.float32).view(np.uint32)[()]
+
+    @staticmethod
+    def uint_as_float(value):
+        return np.array(int(value) & 0xFFFFFFFF, dtype=np.uint32).view(np.float32)[()]
+
+    @staticmethod
+    def fast_expf(x):
+        return np.float32(math.exp(x))
+
+    @staticmethod
+    def rsqrtf(x):
+        return np.float32(1.0 / math.sqrt(x))
+
+
+def _exchange(value, partner_of):
+    thread = threading.current_thread()
+    manager = thread._manager
+    buffer = manager.__dict__.setdefault("_nanollm_shuffle", {})
+    me = thread.thread_id
+    buffer[me] = value
+    thread.syncthreads()
+    partner = partner_of(me)
+    result = buffer.get(partner, value) if partner is not None else value
+    thread.syncthreads()
+    return result
+
+
+def _same_warp(me, other):
+    return other if other >= 0 and other // 32 == me // 32 else None
+
+
+def shfl_xor_sync(mask, value, lane_mask):
+    return _exchange(value, lambda me: _same_warp(me, me ^ lane_mask))
+
+
+def shfl_down_sync(mask, value, delta):
+    return _exchange(value, lambda me: _same_warp(me, me + delta))
+
+
+def shfl_up_sync(mask, value, delta):
+    return _exchange(value, lambda me: _same_warp(me, me - delta))
+
+
+def shfl_sync(mask, value, src_lane):
+    return _exchange(value, lambda me: (me // 32) * 32 + src_lane)
+
+
+def install():
+    from numba.cuda.simulator import kernelapi
+
+    module = kernelapi.FakeCUDAModule
+    module.libdevice = _Libdevice()
+    for fn in (shfl_xor_sync, shfl_down_sync, shfl_up_sync, shfl_sync):
+        setattr(module, fn.__name__, staticmethod(fn))
