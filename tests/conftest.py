@@ -24,6 +24,8 @@ def pytest_configure(config):
         os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
         # Simulator threads are Python threads: switching faster makes barriers ~3x quicker.
         sys.setswitchinterval(5e-4)
+    # tiny test grids are deliberate: no occupancy warnings
+    os.environ["NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS"] = "0"
     from numba.core import config as numba_config
 
     numba_config.reload_config()
