@@ -7,7 +7,7 @@ float -> bf16 rounds to nearest even, as __float2bfloat16 does; NaN stays NaN.
 """
 
 import numpy as np
-from numba import cuda, float32, int32, uint16, uint32
+from numba import cuda, float32, int32, uint16, uint32, uint64
 
 from .cuda_common import device_function
 
@@ -42,6 +42,22 @@ def bf16x2_high(word):
 @device_function
 def pack_bf16x2(low, high):
     return uint32(float_to_bf16(low)) | (uint32(float_to_bf16(high)) << uint32(16))
+
+
+@device_function
+def low_half(word64):
+    """The uint32 at the lower address of a uint64 word: bf16 elements 0 and 1 of four."""
+    return uint32(word64 & uint64(0xFFFFFFFF))
+
+
+@device_function
+def high_half(word64):
+    return uint32(word64 >> uint64(32))
+
+
+@device_function
+def join_halves(low, high):
+    return uint64(low) | (uint64(high) << uint64(32))
 
 
 @device_function

@@ -1,7 +1,9 @@
 """GELU, tanh approximation (GPT-2's), forward and backward. After llm.c's gelu.cuh.
 
-Elementwise and memory-bound: each thread moves one uint32 word, i.e. two bf16 values, because
-wide loads reach ~87% of the copy bandwidth where scalar bf16 loads reach ~60% (DESIGN.md).
+Elementwise and memory-bound: each thread moves one uint64 word, i.e. four bf16 values. On an
+H100 that ran at ~1.9 TB/s where one uint32 word per thread ran at 1.2-1.5 TB/s, and fastmath
+(tanh.approx, approximate division: errors far below one bf16 rounding) lifted it to ~2.3 TB/s,
+85% of the card's copy bandwidth (.scratch experiment, 2026-11-28).
 In the model the forward is fused into the fc matmul's epilogue (GELU_AUX_BIAS); these kernels
 are the stand-alone versions llm.c also keeps, and the reference for that fusion.
 """
@@ -11,7 +13,7 @@ import math
 import numpy as np
 from numba import cuda, float32
 
-from .bf16 import bf16x2_high, bf16x2_low, pack_bf16x2
+from .bf16 import bf16x2_high, bf16x2_low, high_half, join_halves, low_half, pack_bf16x2
 from .cuda_common import GELU_SCALING_FACTOR, ceil_div, check_contiguous, device_function, kernel
 
 
@@ -34,40 +36,54 @@ def gelu_grad(x):
             * (float32(1.0) + float32(3.0 * 0.044715) * x * x))
 
 
-@kernel
+@device_function
+def gelu_bf16x2(word):
+    return pack_bf16x2(gelu(bf16x2_low(word)), gelu(bf16x2_high(word)))
+
+
+@device_function
+def gelu_backward_bf16x2(grad, word):
+    d_low = gelu_grad(bf16x2_low(word)) * bf16x2_low(grad)
+    d_high = gelu_grad(bf16x2_high(word)) * bf16x2_high(grad)
+    return pack_bf16x2(d_low, d_high)
+
+
+@kernel(fastmath=True)
 def gelu_forward_kernel(out, inp):
-    # out, inp: (N/2,) uint32 words, each two bf16
+    # out, inp: (N/4,) uint64 words, each four bf16
     i = cuda.grid(1)
     if i < inp.shape[0]:
         word = inp[i]
-        out[i] = pack_bf16x2(gelu(bf16x2_low(word)), gelu(bf16x2_high(word)))
+        low = gelu_bf16x2(low_half(word))
+        high = gelu_bf16x2(high_half(word))
+        out[i] = join_halves(low, high)
 
 
-@kernel
+@kernel(fastmath=True)
 def gelu_backward_inplace_kernel(d_in_out, inp):
-    # d_in_out: (N/2,) uint32 words holding dL/d(gelu out), overwritten with dL/d(inp)
+    # d_in_out: (N/4,) uint64 words holding dL/d(gelu out), overwritten with dL/d(inp)
     i = cuda.grid(1)
     if i < inp.shape[0]:
         word = inp[i]
         grad = d_in_out[i]
-        d_low = gelu_grad(bf16x2_low(word)) * bf16x2_low(grad)
-        d_high = gelu_grad(bf16x2_high(word)) * bf16x2_high(grad)
-        d_in_out[i] = pack_bf16x2(d_low, d_high)
+        low = gelu_backward_bf16x2(low_half(grad), low_half(word))
+        high = gelu_backward_bf16x2(high_half(grad), high_half(word))
+        d_in_out[i] = join_halves(low, high)
 
 
 PTX_SIGNATURES = {
-    gelu_forward_kernel: "void(uint32[::1], uint32[::1])",
-    gelu_backward_inplace_kernel: "void(uint32[::1], uint32[::1])",
+    gelu_forward_kernel: "void(uint64[::1], uint64[::1])",
+    gelu_backward_inplace_kernel: "void(uint64[::1], uint64[::1])",
 }
 
-BLOCK_SIZE = 512
+BLOCK_SIZE = 256
 
 
 def _as_words(name, array):
     check_contiguous(name, array, np.uint16)
-    if array.size % 2:
-        raise ValueError(f"{name}: element count must be even (kernels move two bf16 per word)")
-    return array.reshape(array.size).view(np.uint32)
+    if array.size % 4:
+        raise ValueError(f"{name}: element count must be a multiple of 4 (kernels move four bf16 per word)")
+    return array.reshape(array.size).view(np.uint64)
 
 
 def gelu_forward(out, inp, stream=0):
