@@ -1,0 +1,181 @@
+"""The training configuration and llm.c's command line (train_gpt2cu's flags, same meanings and
+defaults), so a user can move a command between llm.c and nanollm either way.
+
+    python -m nanollm.train -i 'data/*_train_*.bin' -j 'data/*_val_*.bin' -e d12 -b 64 -t 1024 -d 524288
+"""
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+
+from .schedulers import SCHEDULES
+
+
+@dataclass
+class TrainConfig:
+    input_bin: str = "data/shakespeare/*_train_*.bin"   # -i
+    input_val_bin: str = "data/shakespeare/*_val_*.bin"  # -j
+    model: str = "d12"               # -e  descriptor dN, or an llm.c gpt2_*.bin model file
+    output_dir: str = ""             # -o  log (and later checkpoint) directory; "" = none
+    log_gpu_every: int = -1          # -lg
+    checkpoint_every: int = 0        # -n
+    checkpoints_keep: int = 0        # -nk
+    major_checkpoint_every: int = 0  # -nm
+    resume: int = 0                  # -y
+    batch_size: int = 4              # -b  per-GPU micro-batch B
+    seq_len: int = 1024              # -t
+    total_batch_size: int = -1       # -d  tokens per optimizer step; -1 = B*T*processes
+    max_steps: int = -1              # -x  -1 = one epoch of the train data
+    lr_scheduler: str = "cosine"     # -k
+    learning_rate: float = 3e-4      # -l
+    warmup_iters: int = 0            # -u
+    final_lr_frac: float = 1.0       # -q
+    weight_decay: float = 0.0        # -c
+    skip_update_lossz: float = 0.0   # -sl
+    skip_update_gradz: float = 0.0   # -sg
+    val_loss_every: int = 20         # -v
+    val_max_steps: int = 20          # -m
+    sample_every: int = 20           # -s
+    gen_tokens: int = 64             # -g
+    hellaswag: int = 0               # -h
+    overfit_single_batch: int = 0    # -a
+    enable_tf32: int = 1             # -f
+    master_weights: int = 1          # -w
+    gelu_fusion: int = -1            # -ge -1 = default for the card (2 on sm_90+)
+    zero_stage: int = 0              # -z
+    recompute: int = 1               # -r
+    # nanollm's own (long options only, so llm.c's short flags stay free)
+    seed: int = 42                   # --seed: model init and data shuffling
+    device: str = "auto"             # --device: auto | cuda | cpu (cpu = the numpy reference path)
+    grad_clip: float = 1.0           # --grad-clip: clip by global norm (llm.c: 1.0)
+
+
+# flag -> (field, help). Order is the --help order, as llm.c's error_usage.
+FLAGS = {
+    "-i": ("input_bin", "train data filename pattern (glob)"),
+    "-j": ("input_val_bin", "val data filename pattern (glob)"),
+    "-e": ("model", "model descriptor dN (d6 d12 d24 d36 d48: llm.c's widths; other N: C=64N, NH=N) or llm.c .bin file"),
+    "-o": ("output_dir", "output log directory (default: none, no log file)"),
+    "-lg": ("log_gpu_every", "log GPU info every x steps (-1 = off)"),
+    "-n": ("checkpoint_every", "write checkpoints every how many steps (0 = never)"),
+    "-nk": ("checkpoints_keep", "how many recent checkpoints to keep (0 = all)"),
+    "-nm": ("major_checkpoint_every", "every how many steps a checkpoint is major (never deleted)"),
+    "-y": ("resume", "resume from the newest checkpoint in -o (0 = restart, 1 = resume)"),
+    "-b": ("batch_size", "(per-GPU, micro) batch size B"),
+    "-t": ("seq_len", "sequence length T"),
+    "-d": ("total_batch_size", "total desired batch size in tokens (-1 = B*T*processes: no accumulation)"),
+    "-x": ("max_steps", "max optimizer steps (-1 = one epoch)"),
+    "-k": ("lr_scheduler", "learning rate schedule: " + " | ".join(SCHEDULES)),
+    "-l": ("learning_rate", "learning rate"),
+    "-u": ("warmup_iters", "learning rate warmup iterations"),
+    "-q": ("final_lr_frac", "final learning rate as a fraction of -l, at the end of training"),
+    "-c": ("weight_decay", "weight decay (on 2-D tensors only)"),
+    "-sl": ("skip_update_lossz", "skip the update if the loss z-score exceeds this (0 = off)"),
+    "-sg": ("skip_update_gradz", "skip the update if the grad-norm z-score exceeds this (0 = off)"),
+    "-v": ("val_loss_every", "evaluate the val loss every how many steps (0 = never)"),
+    "-m": ("val_max_steps", "at most how many val batches per evaluation"),
+    "-s": ("sample_every", "sample from the model every how many steps (0 = never)"),
+    "-g": ("gen_tokens", "how many tokens to sample"),
+    "-h": ("hellaswag", "run the HellaSwag eval (0/1)"),
+    "-a": ("overfit_single_batch", "overfit a single batch (0/1), for debugging"),
+    "-f": ("enable_tf32", "enable TF32 (no effect: nanollm computes in bf16 with fp32 accumulation)"),
+    "-w": ("master_weights", "keep fp32 master weights for the optimizer (0/1)"),
+    "-ge": ("gelu_fusion", "GELU fusion: 0 none, 1 forward, 2 forward+backward (-1 = 2 on sm_90+, else 0)"),
+    "-z": ("zero_stage", "ZeRO stage (0, 1)"),
+    "-r": ("recompute", "recompute in backward: 0 none, 1 GELU (saves memory)"),
+    "--seed": ("seed", "random seed for model init and data shuffling"),
+    "--device": ("device", "auto | cuda | cpu (cpu: the numpy reference model, small models only)"),
+    "--grad-clip": ("grad_clip", "clip gradients to this global norm (0 = off)"),
+}
+
+# What this build cannot do yet: (field, value that is fine, message). A user asking for more
+# gets told, instead of a silent no-op.
+NOT_YET = [
+    ("log_gpu_every", -1, "-lg (GPU info logging) is not supported yet"),
+    ("checkpoint_every", 0, "-n (checkpoints) is not supported yet: it lands with HDF5 checkpoints"),
+    ("checkpoints_keep", 0, "-nk (checkpoint history) is not supported yet"),
+    ("major_checkpoint_every", 0, "-nm (major checkpoints) is not supported yet"),
+    ("resume", 0, "-y (resume) is not supported yet: it lands with HDF5 checkpoints"),
+    ("skip_update_lossz", 0.0, "-sl (outlier skipping) is not supported yet"),
+    ("skip_update_gradz", 0.0, "-sg (outlier skipping) is not supported yet"),
+    ("hellaswag", 0, "-h (HellaSwag eval) is not supported yet"),
+    ("master_weights", 1, "-w 0 is not supported: nanollm always keeps fp32 master weights"),
+    ("zero_stage", 0, "-z (ZeRO) is not supported yet: it lands with multi-GPU training"),
+]
+
+
+class UsageError(Exception):
+    """A bad command line: printed with the usage, exit code 2."""
+
+
+def usage():
+    lines = ["Usage: python -m nanollm.train [options]   (llm.c's train_gpt2cu flags)", "Options:"]
+    defaults = TrainConfig()
+    for flag, (name, text) in FLAGS.items():
+        lines.append(f"  {flag:<12}{text} (default = {getattr(defaults, name)!r})")
+    lines.append("  --help      this message")
+    return "\n".join(lines)
+
+
+def parse_args(argv):
+    """llm.c style: every flag is followed by its value (`-b 64`, never `-b64`)."""
+    config = TrainConfig()
+    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    i = 0
+    while i < len(argv):
+        flag = argv[i]
+        if flag in ("--help", "-help"):
+            raise SystemExit(print(usage()) or 0)
+        if flag not in FLAGS:
+            raise UsageError(f"unknown option {flag!r}")
+        if i + 1 >= len(argv):
+            raise UsageError(f"option {flag} needs a value")
+        name = FLAGS[flag][0]
+        value = argv[i + 1]
+        kind = {"int": int, "float": float, "str": str}[types[name] if isinstance(types[name], str) else types[name].__name__]
+        try:
+            setattr(config, name, kind(value))
+        except ValueError:
+            raise UsageError(f"option {flag} expects {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+        i += 2
+    validate(config)
+    return config
+
+
+def validate(config):
+    """Reject values that cannot work, before anything is allocated."""
+    checks = [
+        (config.batch_size >= 1, f"-b must be >= 1, got {config.batch_size}"),
+        (1 <= config.seq_len <= 1024, f"-t must be in 1..1024 (GPT-2's context), got {config.seq_len}"),
+        (config.total_batch_size == -1 or config.total_batch_size >= 1, f"-d must be -1 or positive, got {config.total_batch_size}"),
+        (config.max_steps == -1 or config.max_steps >= 1, f"-x must be -1 or positive, got {config.max_steps}"),
+        (config.lr_scheduler in SCHEDULES, f"-k must be one of {', '.join(SCHEDULES)}, got {config.lr_scheduler!r}"),
+        (config.learning_rate >= 0, f"-l must be >= 0, got {config.learning_rate}"),
+        (config.warmup_iters >= 0, f"-u must be >= 0, got {config.warmup_iters}"),
+        (0.0 <= config.final_lr_frac <= 1.0, f"-q must be in [0, 1], got {config.final_lr_frac}"),
+        (config.weight_decay >= 0, f"-c must be >= 0, got {config.weight_decay}"),
+        (config.val_loss_every >= 0 and config.sample_every >= 0, "-v and -s must be >= 0"),
+        (config.val_max_steps >= 1, f"-m must be >= 1, got {config.val_max_steps}"),
+        (config.gen_tokens >= 1, f"-g must be >= 1, got {config.gen_tokens}"),
+        (config.overfit_single_batch in (0, 1), f"-a must be 0 or 1, got {config.overfit_single_batch}"),
+        (config.gelu_fusion in (-1, 0, 1, 2), f"-ge must be -1, 0, 1 or 2, got {config.gelu_fusion}"),
+        (config.recompute in (0, 1), f"-r must be 0 or 1 (2, recompute layernorm, is not supported yet), got {config.recompute}"),
+        (config.device in ("auto", "cuda", "cpu"), f"--device must be auto, cuda or cpu, got {config.device!r}"),
+        (config.grad_clip >= 0, f"--grad-clip must be >= 0, got {config.grad_clip}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+    for name, fine, message in NOT_YET:
+        if getattr(config, name) != fine:
+            raise UsageError(message)
+    return config
+
+
+def main_parse(argv=None):
+    """parse_args for a command line: a usage error prints the message and exits with code 2."""
+    try:
+        return parse_args(sys.argv[1:] if argv is None else argv)
+    except UsageError as error:
+        print(f"error: {error}\n\n{usage()}", file=sys.stderr)
+        raise SystemExit(2) from None
