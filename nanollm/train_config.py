@@ -13,8 +13,8 @@ from .schedulers import SCHEDULES
 
 @dataclass
 class TrainConfig:
-    input_bin: str = "data/shakespeare/*_train_*.bin"   # -i
-    input_val_bin: str = "data/shakespeare/*_val_*.bin"  # -j
+    input_bin: str = "data/shakespeare_train_*.bin"  # -i  (python -m nanollm.prepare writes these)
+    input_val_bin: str = "data/shakespeare_val_*.bin"  # -j
     model: str = "d12"               # -e  descriptor dN, or an llm.c gpt2_*.bin model file
     output_dir: str = ""             # -o  log (and later checkpoint) directory; "" = none
     log_gpu_every: int = -1          # -lg
