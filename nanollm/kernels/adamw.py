@@ -1,0 +1,212 @@
+"""AdamW with fp32 master weights and stochastic rounding to bf16. After llm.c's adamw.cuh
+(adamw_kernel3).
+
+Per parameter: g = grad_scale * grad (grad_scale < 1 clips by global norm); m and v are updated
+as llm.c's lerp; the fp32 master weight takes the decoupled weight-decay step
+    master -= lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * master)
+with the bias corrections 1 - beta^t computed on the host; the bf16 parameter the next forward
+reads is the master weight rounded stochastically (bf16.float_to_bf16_stochastic), keyed on the
+element's index in the parameter array and the seed: the same bits whether the update runs per
+tensor, per ZeRO shard or all at once.
+
+Memory-bound: 28 bytes move per parameter (read grad 2, master, m, v 4 each; write them and the
+bf16 parameter). Each thread takes four parameters: one uint64 word of bf16 for the gradient and
+the parameter, two uint64 words (two fp32 each) for master, m and v. The caller gives a range
+[offset, offset + count) of the parameter and gradient arrays (weight decay applies per tensor,
+so one call per tensor, or per shard), and where the range starts in the optimizer-state arrays
+(state_offset; ZeRO-1 keeps only a shard of master, m and v). The few elements before the first
+aligned word and after the last go through a one-element-per-thread kernel, as does a range that
+cannot be aligned (offset and state_offset of different parity).
+"""
+
+import math
+
+import numpy as np
+from numba import cuda, float32, int32, uint32
+
+from .bf16 import (bf16_to_float, bf16x2_high, bf16x2_low, float_to_bf16_stochastic, high_half, join_halves,
+                   low_half)
+from .cuda_common import WARP_SIZE, ceil_div, check_contiguous, device_function, kernel
+from .global_norm import device_address
+
+
+@device_function
+def adamw_step(grad, master, m, v, lr, beta1, beta2, beta1_correction, beta2_correction, eps, weight_decay,
+               grad_scale):
+    """One parameter's update: returns the new (master, m, v)."""
+    g = grad_scale * grad
+    m = beta1 * m + (float32(1.0) - beta1) * g
+    v = beta2 * v + (float32(1.0) - beta2) * (g * g)
+    m_hat = m / beta1_correction
+    v_hat = v / beta2_correction
+    master = master - lr * (m_hat / (math.sqrt(v_hat) + eps) + weight_decay * master)
+    return master, m, v
+
+
+@device_function
+def f32_low(word64):
+    """The fp32 at the lower address of a uint64 word."""
+    return cuda.libdevice.int_as_float(int32(low_half(word64)))
+
+
+@device_function
+def f32_high(word64):
+    return cuda.libdevice.int_as_float(int32(high_half(word64)))
+
+
+@device_function
+def join_f32(low, high):
+    return join_halves(uint32(cuda.libdevice.float_as_int(low)), uint32(cuda.libdevice.float_as_int(high)))
+
+
+@kernel
+def adamw_kernel(params, grads, master, m, v, first_word, first_state_word, n_words, lr, beta1, beta2,
+                 beta1_correction, beta2_correction, eps, weight_decay, grad_scale, seed):
+    # params, grads: uint64 words of four bf16; master, m, v: uint64 words of two fp32.
+    # Thread i updates the four parameters in params/grads word first_word + i, whose state is in
+    # words first_state_word + 2i and + 2i + 1 of master, m, v.
+    i = cuda.grid(1)
+    if i >= n_words:
+        return
+    word = first_word + i
+    state = first_state_word + 2 * i
+    grad_word = grads[word]
+    master01, master23 = master[state], master[state + 1]
+    m01, m23 = m[state], m[state + 1]
+    v01, v23 = v[state], v[state + 1]
+    p0, m0, v0 = adamw_step(bf16x2_low(low_half(grad_word)), f32_low(master01), f32_low(m01), f32_low(v01),
+                            lr, beta1, beta2, beta1_correction, beta2_correction, eps, weight_decay, grad_scale)
+    p1, m1, v1 = adamw_step(bf16x2_high(low_half(grad_word)), f32_high(master01), f32_high(m01), f32_high(v01),
+                            lr, beta1, beta2, beta1_correction, beta2_correction, eps, weight_decay, grad_scale)
+    p2, m2, v2 = adamw_step(bf16x2_low(high_half(grad_word)), f32_low(master23), f32_low(m23), f32_low(v23),
+                            lr, beta1, beta2, beta1_correction, beta2_correction, eps, weight_decay, grad_scale)
+    p3, m3, v3 = adamw_step(bf16x2_high(high_half(grad_word)), f32_high(master23), f32_high(m23), f32_high(v23),
+                            lr, beta1, beta2, beta1_correction, beta2_correction, eps, weight_decay, grad_scale)
+    master[state] = join_f32(p0, p1)
+    master[state + 1] = join_f32(p2, p3)
+    m[state] = join_f32(m0, m1)
+    m[state + 1] = join_f32(m2, m3)
+    v[state] = join_f32(v0, v1)
+    v[state + 1] = join_f32(v2, v3)
+    position = 4 * word  # the element's index in params: the rounding's randomness is keyed on it
+    low = uint32(float_to_bf16_stochastic(p0, position, seed)) \
+        | (uint32(float_to_bf16_stochastic(p1, position + 1, seed)) << uint32(16))
+    high = uint32(float_to_bf16_stochastic(p2, position + 2, seed)) \
+        | (uint32(float_to_bf16_stochastic(p3, position + 3, seed)) << uint32(16))
+    params[word] = join_halves(low, high)
+
+
+@kernel
+def adamw_scalar_kernel(params, grads, master, m, v, start, state_start, count, lr, beta1, beta2,
+                        beta1_correction, beta2_correction, eps, weight_decay, grad_scale, seed):
+    # params, grads: bf16 (uint16); master, m, v: fp32. One parameter per thread: element
+    # start + i of params/grads, start_state + i of master, m, v. For the unaligned ends of a range.
+    i = cuda.grid(1)
+    if i >= count:
+        return
+    element = start + i
+    state = state_start + i
+    new_master, new_m, new_v = adamw_step(bf16_to_float(grads[element]), master[state], m[state], v[state], lr,
+                                          beta1, beta2, beta1_correction, beta2_correction, eps, weight_decay,
+                                          grad_scale)
+    master[state] = new_master
+    m[state] = new_m
+    v[state] = new_v
+    params[element] = float_to_bf16_stochastic(new_master, element, seed)
+
+
+@kernel
+def init_master_weights_kernel(master, params, start, state_start, count):
+    # master[state_start + i] = float(params[start + i]); once per run, so plain scalar accesses
+    i = cuda.grid(1)
+    if i < count:
+        master[state_start + i] = bf16_to_float(params[start + i])
+
+
+_HYPER = "float32, float32, float32, float32, float32, float32, float32, float32, uint32"
+PTX_SIGNATURES = {
+    adamw_kernel: f"void(uint64[::1], uint64[::1], uint64[::1], uint64[::1], uint64[::1], int64, int64, int64, {_HYPER})",
+    adamw_scalar_kernel: f"void(uint16[::1], uint16[::1], float32[::1], float32[::1], float32[::1], int64, int64, int64, {_HYPER})",
+    init_master_weights_kernel: "void(float32[::1], uint16[::1], int64, int64, int64)",
+}
+
+BLOCK_SIZE = 512
+
+
+def _flat(name, array, dtype):
+    check_contiguous(name, array, dtype)
+    return array.reshape(array.size)
+
+
+def _range(params, master, offset, count, state_offset):
+    if count is None:
+        count = params.size - offset
+    if state_offset is None:
+        state_offset = offset
+    if offset < 0 or count < 0 or offset + count > params.size:
+        raise ValueError(f"range [{offset}, {offset + count}) lies outside the {params.size} parameters")
+    if state_offset < 0 or state_offset + count > master.size:
+        raise ValueError(f"state range [{state_offset}, {state_offset + count}) lies outside the "
+                         f"{master.size}-element master weights / m / v")
+    return int(offset), int(count), int(state_offset)
+
+
+def _words(array, per_word):
+    """The array's first size // per_word * per_word elements as uint64 words."""
+    return array[: array.size // per_word * per_word].view(np.uint64)
+
+
+def adamw_update(params, grads, master, m, v, step, lr, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0,
+                 grad_scale=1.0, seed=0, offset=0, count=None, state_offset=None, block_size=BLOCK_SIZE, stream=0):
+    """One AdamW step (step counts from 1) on parameters [offset, offset + count).
+
+    params, grads: bf16 (uint16) arrays of N elements (any shape, read flat); master, m, v: fp32
+    arrays holding the optimizer state of elements offset.. at state_offset.. (default: offset,
+    i.e. full-size state arrays). count defaults to the rest of params. Updates master, m, v and
+    params in place; params gets master rounded stochastically with `seed` (uint32).
+    grad_scale multiplies the gradient first (clipping). weight_decay is for the whole range: the
+    caller decays 2-D weights only, one call per tensor.
+    """
+    params, grads = _flat("params", params, np.uint16), _flat("grads", grads, np.uint16)
+    master, m, v = (_flat(name, a, np.float32) for name, a in (("master", master), ("m", m), ("v", v)))
+    if grads.size != params.size:
+        raise ValueError(f"grads has {grads.size} elements, params {params.size}")
+    if not master.size == m.size == v.size:
+        raise ValueError(f"master {master.size}, m {m.size}, v {v.size}: optimizer state sizes differ")
+    if step < 1:
+        raise ValueError(f"step counts from 1, got {step}")
+    if block_size % WARP_SIZE or not WARP_SIZE <= block_size <= 1024:
+        raise ValueError(f"block_size must be a multiple of 32 in [32, 1024], got {block_size}")
+    offset, count, state_offset = _range(params, master, offset, count, state_offset)
+    hyper = (np.float32(lr), np.float32(beta1), np.float32(beta2),
+             np.float32(1.0 - beta1 ** step), np.float32(1.0 - beta2 ** step),
+             np.float32(eps), np.float32(weight_decay), np.float32(grad_scale), np.uint32(seed))
+
+    def scalar(start, state_start, n):
+        if n > 0:
+            adamw_scalar_kernel[ceil_div(n, block_size), block_size, stream](
+                params, grads, master, m, v, np.int64(start), np.int64(state_start), np.int64(n), *hyper)
+
+    head = min(count, -offset % 4)  # elements before the first whole uint64 word of params
+    n_words = (count - head) // 4
+    aligned = ((state_offset + head) % 2 == 0
+               and all(device_address(a) % 8 == 0 for a in (params, grads, master, m, v)))
+    if not aligned or n_words == 0:
+        scalar(offset, state_offset, count)
+        return
+    scalar(offset, state_offset, head)
+    adamw_kernel[ceil_div(n_words, block_size), block_size, stream](
+        _words(params, 4), _words(grads, 4), _words(master, 2), _words(m, 2), _words(v, 2),
+        np.int64((offset + head) // 4), np.int64((state_offset + head) // 2), np.int64(n_words), *hyper)
+    done = head + 4 * n_words
+    scalar(offset + done, state_offset + done, count - done)
+
+
+def init_master_weights(master, params, offset=0, count=None, state_offset=None, block_size=BLOCK_SIZE, stream=0):
+    """master[state_offset : state_offset + count] = float(params[offset : offset + count]).
+    params: bf16 (uint16), master: fp32; ranges as adamw_update's."""
+    params, master = _flat("params", params, np.uint16), _flat("master", master, np.float32)
+    offset, count, state_offset = _range(params, master, offset, count, state_offset)
+    if count > 0:
+        init_master_weights_kernel[ceil_div(count, block_size), block_size, stream](
+            master, params, np.int64(offset), np.int64(state_offset), np.int64(count))

@@ -1,0 +1,161 @@
+"""Global gradient norm (squared), for clipping. After llm.c's global_norm.cuh.
+
+Deterministic, no float atomics: a first kernel, launched once per gradient tensor, has each of
+its blocks reduce a grid-strided share of the tensor to one fp32 partial sum and add it into its
+own slot of a fixed-size scratch buffer (the first tensor overwrites the slots, so the scratch
+needs no zeroing); a second kernel, one block, sums the slots in a fixed order into one fp32 value
+on the device. Same grid, same order, same bits on every run.
+
+The partial kernel streams bf16 as uint64 words (four values per load) and keeps two loads in
+flight per thread: it is a pure read, and the card needs ~2 MB in flight to reach its bandwidth.
+The grid is one wave of resident blocks (llm.c's choice: a second, nearly empty wave would
+double the time of a tensor); the scratch holds one slot per block, so its size sets the grid.
+
+Also here: block-wide sum and max (warp shuffles, then one value per warp through shared memory),
+used by the classifier too.
+"""
+
+import numpy as np
+from numba import cuda, float32
+
+from .bf16 import bf16_to_float, bf16x2_high, bf16x2_low, high_half, low_half
+from .cuda_common import SIMULATOR, WARP_SIZE, check_contiguous, device_function, kernel, warp_reduce_max, \
+    warp_reduce_sum
+
+
+@device_function
+def block_reduce_sum(value, shared):
+    """Sum over the block; every thread gets the result, added in the same fixed order.
+    shared: a (32,) fp32 shared array. blockDim.x a multiple of 32; every thread must call."""
+    warp = cuda.threadIdx.x // WARP_SIZE
+    value = warp_reduce_sum(value)
+    if cuda.threadIdx.x % WARP_SIZE == 0:
+        shared[warp] = value
+    cuda.syncthreads()
+    total = shared[0]
+    for w in range(1, cuda.blockDim.x // WARP_SIZE):
+        total += shared[w]
+    cuda.syncthreads()  # the caller may reuse shared at once
+    return total
+
+
+@device_function
+def block_reduce_max(value, shared):
+    """Max over the block, as block_reduce_sum."""
+    warp = cuda.threadIdx.x // WARP_SIZE
+    value = warp_reduce_max(value)
+    if cuda.threadIdx.x % WARP_SIZE == 0:
+        shared[warp] = value
+    cuda.syncthreads()
+    biggest = shared[0]
+    for w in range(1, cuda.blockDim.x // WARP_SIZE):
+        biggest = max(biggest, shared[w])
+    cuda.syncthreads()
+    return biggest
+
+
+@device_function
+def sum_of_squares_bf16x4(word):
+    a, b = bf16x2_low(low_half(word)), bf16x2_high(low_half(word))
+    c, d = bf16x2_low(high_half(word)), bf16x2_high(high_half(word))
+    return (a * a + b * b) + (c * c + d * d)
+
+
+@kernel
+def global_norm_squared_kernel(partials, words, values, accumulate):
+    # partials: (gridDim.x,) fp32, one slot per block; words: the first len(values)//4 * 4 values
+    # as uint64 words (four bf16 each); values: the whole tensor, for its last 0-3 elements.
+    # accumulate: 0 for the first tensor (overwrite the slot), 1 for the rest (add to it).
+    shared = cuda.shared.array(32, float32)
+    i = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    accumulator = float32(0.0)
+    while i + stride < words.shape[0]:  # two independent loads in flight
+        first = words[i]
+        second = words[i + stride]
+        accumulator += sum_of_squares_bf16x4(first) + sum_of_squares_bf16x4(second)
+        i += 2 * stride
+    if i < words.shape[0]:
+        accumulator += sum_of_squares_bf16x4(words[i])
+    if cuda.grid(1) == 0:
+        for j in range(4 * words.shape[0], values.shape[0]):
+            x = bf16_to_float(values[j])
+            accumulator += x * x
+    block_sum = block_reduce_sum(accumulator, shared)
+    if cuda.threadIdx.x == 0:
+        if accumulate:
+            partials[cuda.blockIdx.x] += block_sum
+        else:
+            partials[cuda.blockIdx.x] = block_sum
+
+
+@kernel
+def global_norm_aggregate_kernel(out, partials):
+    # out: (1,) fp32 <- the sum of partials, always added in the same order; one block
+    shared = cuda.shared.array(32, float32)
+    accumulator = float32(0.0)
+    for j in range(cuda.threadIdx.x, partials.shape[0], cuda.blockDim.x):
+        accumulator += partials[j]
+    total = block_reduce_sum(accumulator, shared)
+    if cuda.threadIdx.x == 0:
+        out[0] = total
+
+
+PTX_SIGNATURES = {
+    global_norm_squared_kernel: "void(float32[::1], uint64[::1], uint16[::1], int32)",
+    global_norm_aggregate_kernel: "void(float32[::1], float32[::1])",
+}
+
+BLOCK_SIZE = 512
+AGGREGATE_BLOCK_SIZE = 1024
+
+
+def global_norm_scratch_size(block_size=BLOCK_SIZE):
+    """Number of fp32 partial sums (= blocks per tensor) for global_norm_squared's scratch: one
+    wave of resident blocks on the current GPU (528 on an H100 SXM with 512 threads a block).
+    Allocate the scratch once: cuda.device_array(global_norm_scratch_size(), np.float32)."""
+    if SIMULATOR:
+        return 4
+    device = cuda.get_current_device()
+    return device.MULTIPROCESSOR_COUNT * (device.MAX_THREADS_PER_MULTI_PROCESSOR // block_size)
+
+
+def device_address(array):
+    """Where an array's data starts (host address under the simulator): wide loads need alignment."""
+    interface = getattr(array, "__cuda_array_interface__", None) or array.__array_interface__
+    return interface["data"][0]
+
+
+def _validate_block_size(name, block_size):
+    if block_size % WARP_SIZE or not WARP_SIZE <= block_size <= 1024:
+        raise ValueError(f"{name}: block_size must be a multiple of 32 in [32, 1024], got {block_size}")
+
+
+def global_norm_squared(out, scratch, grads, block_size=BLOCK_SIZE, stream=0):
+    """out[0] = sum of the squares of every element of grads (fp32, on the device, no sync).
+
+    out: (1,) fp32 device array. grads: one bf16 (uint16) device array of any shape, or a list of
+    them. scratch: (n,) fp32 device array of partial sums; n is the number of blocks per tensor,
+    so it must stay the same between runs that should agree bit for bit; size it with
+    global_norm_scratch_size(). Its contents on entry do not matter. Each tensor's data must start
+    8-byte aligned (every whole allocation does; a view must start at a multiple of 4 elements).
+    """
+    check_contiguous("out", out, np.float32, (1,))
+    check_contiguous("scratch", scratch, np.float32)
+    if scratch.ndim != 1 or scratch.shape[0] < 1:
+        raise ValueError(f"scratch: expected a non-empty 1-D array, got shape {scratch.shape}")
+    _validate_block_size("global_norm_squared", block_size)
+    tensors = [grads] if hasattr(grads, "dtype") else list(grads)
+    if not tensors:
+        raise ValueError("grads: no tensors given")
+    for k, grad in enumerate(tensors):
+        check_contiguous(f"grads[{k}]", grad, np.uint16)
+        if grad.size and device_address(grad) % 8:
+            raise ValueError(f"grads[{k}]: data must start 8-byte aligned for uint64 loads")
+    grid = scratch.shape[0]
+    for k, grad in enumerate(tensors):
+        values = grad.reshape(grad.size)
+        words = values[: grad.size // 4 * 4].view(np.uint64)
+        global_norm_squared_kernel[grid, block_size, stream](scratch, words, values, np.int32(k > 0))
+    aggregate_threads = min(AGGREGATE_BLOCK_SIZE, max(WARP_SIZE, -(-grid // WARP_SIZE) * WARP_SIZE))
+    global_norm_aggregate_kernel[1, aggregate_threads, stream](out, scratch)

@@ -1,0 +1,145 @@
+"""AdamW (fp32 master weights, stochastic rounding to bf16) against the numpy reference."""
+
+import numpy as np
+import pytest
+from numba import cuda
+
+from nanollm import reference
+from nanollm.kernels import adamw
+from nanollm.kernels.bf16 import from_bf16_bits, to_bf16_bits
+
+from .helpers import poisoned_f32
+
+HYPER = dict(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8)
+
+
+def squirrel_noise5(position, seed):
+    """Host twin of bf16.squirrel_noise5 (uint32 arithmetic wraps in numpy arrays as on the GPU)."""
+    bits = np.asarray(position, dtype=np.uint64).astype(np.uint32)
+    bits = bits * np.uint32(0xD2A80A3F)
+    bits = bits + np.uint32(seed)
+    bits ^= bits >> np.uint32(9)
+    bits = bits + np.uint32(0xA884F197)
+    bits ^= bits >> np.uint32(11)
+    bits = bits * np.uint32(0x6C736F4B)
+    bits ^= bits >> np.uint32(13)
+    bits = bits + np.uint32(0xB79F3ABB)
+    bits ^= bits >> np.uint32(15)
+    bits = bits * np.uint32(0x1B56C4F5)
+    bits ^= bits >> np.uint32(17)
+    return bits
+
+
+def stochastic_round_host(master, positions, seed):
+    """The bf16 bits float_to_bf16_stochastic gives for fp32 values at the given element indices."""
+    u = master.astype(np.float32).view(np.uint32)
+    up = (u & np.uint32(0xFFFF)) > (squirrel_noise5(positions, seed) & np.uint32(0xFFFF))
+    return np.where(up, to_bf16_bits((u | np.uint32(0xFFFF)).view(np.float32)), (u >> np.uint32(16)).astype(np.uint16))
+
+
+class State:
+    """Random parameters, gradients and optimizer state (as a few steps in would have), on the
+    host in float64 (exact fp32 / bf16 values) and on the device."""
+
+    def __init__(self, rng, n, n_state=None):
+        n_state = n if n_state is None else n_state
+        self.params_bits = to_bf16_bits(rng.standard_normal(n).astype(np.float32))
+        self.grads_bits = to_bf16_bits(rng.standard_normal(n).astype(np.float32) * np.float32(0.1))
+        self.master = rng.standard_normal(n_state).astype(np.float32)
+        self.m = (rng.standard_normal(n_state) * 0.01).astype(np.float32)
+        self.v = (rng.random(n_state) * 1e-3).astype(np.float32)
+        self.device = [cuda.to_device(a) for a in (self.params_bits, self.grads_bits, self.master, self.m, self.v)]
+
+    def download(self):
+        params, _, master, m, v = self.device
+        return params.copy_to_host(), master.copy_to_host(), m.copy_to_host(), v.copy_to_host()
+
+
+def check_update(state, offset, count, state_offset, step, weight_decay, grad_scale, seed):
+    """Compare the range's fp32 state with the float64 reference and the bf16 params bit for bit
+    with the host twin of stochastic rounding; everything outside the range unchanged."""
+    params, master, m, v = state.download()
+    rng_p = slice(offset, offset + count)
+    rng_s = slice(state_offset, state_offset + count)
+    ref_master, ref_m, ref_v = (a[rng_s].astype(np.float64) for a in (state.master, state.m, state.v))
+    grad = from_bf16_bits(state.grads_bits[rng_p]).astype(np.float64)
+    reference.adamw_update(ref_master, grad, ref_m, ref_v, step, weight_decay=weight_decay, grad_scale=grad_scale,
+                           **HYPER)
+    # fp32 arithmetic against float64: a few fp32 ulps of each value (updates are ~lr-sized, 1e-3);
+    # m = 0.9 m + 0.1 g can cancel, so its error is ulps of the ~0.03-sized terms (~2e-9 each)
+    np.testing.assert_allclose(m[rng_s], ref_m, rtol=1e-5, atol=2e-8)
+    np.testing.assert_allclose(v[rng_s], ref_v, rtol=1e-5, atol=1e-12)
+    np.testing.assert_allclose(master[rng_s], ref_master, rtol=1e-6, atol=1e-7)
+    # bf16 params: the master weight rounded down or up (within one bf16 ulp), exactly as the
+    # stochastic rounding keyed on the element's index in params decides
+    truncated = (master[rng_s].view(np.uint32) >> np.uint32(16)).astype(np.int64)
+    assert np.all(np.isin(params[rng_p].astype(np.int64) - truncated, (0, 1)))
+    expected = stochastic_round_host(master[rng_s], np.arange(offset, offset + count), seed)
+    np.testing.assert_array_equal(params[rng_p], expected)
+    # outside the range nothing moved
+    outside_p = np.ones(params.size, bool)
+    outside_p[rng_p] = False
+    outside_s = np.ones(master.size, bool)
+    outside_s[rng_s] = False
+    np.testing.assert_array_equal(params[outside_p], state.params_bits[outside_p])
+    for after, before in ((master, state.master), (m, state.m), (v, state.v)):
+        np.testing.assert_array_equal(after[outside_s], before[outside_s])
+
+
+CASES = [  # n, n_state, offset, count, state_offset, block_size
+    pytest.param(1000, None, 0, None, None, 64, id="whole"),
+    pytest.param(1031, None, 5, 1021, None, 64, id="unaligned-head-and-tail"),
+    pytest.param(1030, 300, 518, 300, 0, 32, id="zero1-shard"),  # state holds only the shard
+    pytest.param(1030, 301, 517, 300, 0, 32, id="parity-mismatch"),  # cannot align: scalar path
+    pytest.param(3, None, 0, None, None, 32, id="three-elements"),
+    pytest.param(2**24 + 7, None, 0, None, None, 512, id="gpt2-chunk", marks=pytest.mark.gpu),
+]
+
+
+@pytest.mark.parametrize("n, n_state, offset, count, state_offset, block_size", CASES)
+def test_adamw_update(rng, n, n_state, offset, count, state_offset, block_size):
+    state = State(rng, n, n_state)
+    count = n - offset if count is None else count
+    state_offset = offset if state_offset is None else state_offset
+    step, weight_decay, grad_scale, seed = int(rng.integers(1, 100)), 0.1, 0.7, int(rng.integers(2**32))
+    adamw.adamw_update(*state.device, step, weight_decay=weight_decay, grad_scale=grad_scale, seed=seed,
+                       offset=offset, count=count, state_offset=state_offset, block_size=block_size, **HYPER)
+    check_update(state, offset, count, state_offset, step, weight_decay, grad_scale, seed)
+
+
+def test_adamw_same_bits_whole_or_in_pieces(rng):
+    # per tensor, per shard or all at once: the same numbers (rounding keyed on the element index)
+    n, seed = 1032, int(rng.integers(2**32))
+    whole, pieces = State(rng, n), State(rng, n)
+    for source, target in zip(whole.device, pieces.device):
+        target.copy_to_device(source)
+    adamw.adamw_update(*whole.device, 3, seed=seed, block_size=64, **HYPER)
+    for start, stop in ((0, 517), (517, 520), (520, n)):
+        adamw.adamw_update(*pieces.device, 3, seed=seed, offset=start, count=stop - start, block_size=64, **HYPER)
+    for a, b in zip(whole.download(), pieces.download()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_init_master_weights(rng):
+    bits = to_bf16_bits(rng.standard_normal(1030).astype(np.float32))
+    master = poisoned_f32(1030)
+    adamw.init_master_weights(master, cuda.to_device(bits), block_size=64)
+    np.testing.assert_array_equal(master.copy_to_host(), from_bf16_bits(bits))
+    shard = poisoned_f32(100)
+    adamw.init_master_weights(shard, cuda.to_device(bits), offset=501, count=100, state_offset=0, block_size=64)
+    np.testing.assert_array_equal(shard.copy_to_host(), from_bf16_bits(bits[501:601]))
+
+
+def test_adamw_rejects_bad_input(rng):
+    state = State(rng, 64)
+    params, grads, master, m, v = state.device
+    with pytest.raises(TypeError, match="grads"):
+        adamw.adamw_update(params, master, master, m, v, 1, 1e-3)
+    with pytest.raises(TypeError, match="master"):
+        adamw.adamw_update(params, grads, grads, m, v, 1, 1e-3)
+    with pytest.raises(ValueError, match="state sizes differ"):
+        adamw.adamw_update(params, grads, master, cuda.to_device(np.zeros(63, np.float32)), v, 1, 1e-3)
+    with pytest.raises(ValueError, match="outside"):
+        adamw.adamw_update(params, grads, master, m, v, 1, 1e-3, offset=60, count=8)
+    with pytest.raises(ValueError, match="step"):
+        adamw.adamw_update(params, grads, master, m, v, 0, 1e-3)
