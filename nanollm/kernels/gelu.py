@@ -18,21 +18,27 @@ from .cuda_common import GELU_SCALING_FACTOR, ceil_div, check_contiguous, device
 
 
 @device_function
+def fast_tanh(x):
+    """tanh(x) = 1 - 2 / (1 + e^2x): branch-free on the fast ex2 and reciprocal instructions under
+    fastmath (libdevice's tanhf branches on |x| and costs several times more). Saturates
+    correctly: e^2x -> inf gives 1, e^2x -> 0 gives -1. Error ~1e-7 absolute, far below bf16's."""
+    return float32(1.0) - float32(2.0) / (float32(1.0) + math.exp(float32(2.0) * x))
+
+
+@device_function
 def gelu(x):
     cube = float32(0.044715) * x * x * x
-    return float32(0.5) * x * (float32(1.0) + math.tanh(float32(GELU_SCALING_FACTOR) * (x + cube)))
+    return float32(0.5) * x * (float32(1.0) + fast_tanh(float32(GELU_SCALING_FACTOR) * (x + cube)))
 
 
 @device_function
 def gelu_grad(x):
     """d gelu(x) / dx."""
     cube = float32(0.044715) * x * x * x
-    tanh_arg = float32(GELU_SCALING_FACTOR) * (x + cube)
-    tanh_out = math.tanh(tanh_arg)
-    cosh_out = math.cosh(tanh_arg)
-    sech_out = float32(1.0) / (cosh_out * cosh_out)
+    tanh_out = fast_tanh(float32(GELU_SCALING_FACTOR) * (x + cube))
+    sech2 = float32(1.0) - tanh_out * tanh_out
     return (float32(0.5) * (float32(1.0) + tanh_out)
-            + x * float32(0.5) * sech_out * float32(GELU_SCALING_FACTOR)
+            + x * float32(0.5) * sech2 * float32(GELU_SCALING_FACTOR)
             * (float32(1.0) + float32(3.0 * 0.044715) * x * x))
 
 

@@ -117,7 +117,7 @@ def global_norm_scratch_size(block_size=BLOCK_SIZE):
     if SIMULATOR:
         return 4
     device = cuda.get_current_device()
-    return device.MULTIPROCESSOR_COUNT * (device.MAX_THREADS_PER_MULTI_PROCESSOR // block_size)
+    return device.MULTIPROCESSOR_COUNT * (device.MAX_THREADS_PER_MULTIPROCESSOR // block_size)
 
 
 def device_address(array):
