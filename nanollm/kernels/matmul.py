@@ -1,0 +1,445 @@
+"""Matrix products through cuBLASLt, after llm.c's llmc/matmul.cuh.
+
+All operands are bf16 (uint16 device arrays), products accumulate in fp32 (CUBLAS_COMPUTE_32F),
+weights are (OC, C) row-major as PyTorch's Linear, so the forward is out = inp @ weight^T.
+llm.c's fusions come from cuBLASLt epilogues: bias (BIAS), bias + GELU with the pre-activation
+saved for the backward (GELU_AUX_BIAS), and GELU's gradient applied to dinp (DGELU). The bias
+gradient is a Numba column-sum kernel (llm.c's matmul_backward_bias_kernel9 idea) rather than the
+BGRADB epilogue: it sums all B*T rows in fp32 in a fixed order and rounds to bf16 once when adding
+into dbias (BGRADB would write a bf16 partial that a second kernel adds: two roundings, and its
+support with beta=1 accumulation varies by version), and it runs on the simulator as real code.
+
+cuBLAS is column-major; nanollm's arrays are row-major. A row-major (M, N) matrix is the same
+memory as a column-major N x M one, so out = op(a) @ op(b) is computed as out^T = op(b)^T op(a)^T:
+cuBLAS's A is our b, its B our a, and m, n = N, M (llm.c's layout trick: matmul_cublaslt is
+always called with the weight as A).
+
+One handle and one 32 MiB workspace per process (as llm.c). Unlike llm.c, the matmul descriptor,
+the layouts and the heuristic's algorithm are built once per (shape, transposes, epilogue,
+pointer alignments) and cached: a call only sets the bias/aux pointers and calls cublasLtMatmul.
+The cache is not thread-safe (one training loop per process uses it).
+
+On the Numba CUDA simulator there is no GPU and no cuBLAS: every product is computed by numpy in
+fp32 on host copies, outputs rounded to bf16 once, with the same epilogue and accumulation
+semantics, and written back into the (fake) device arrays. The bias-gradient kernels run as
+simulated Numba code.
+"""
+
+import ctypes
+
+import numpy as np
+from numba import cuda, float32
+from nvmath.bindings import cublasLt
+
+from .. import reference
+from .bf16 import (bf16_to_float, bf16x2_high, bf16x2_low, float_to_bf16, from_bf16_bits, high_half, low_half,
+                   to_bf16_bits)
+from .cuda_common import SIMULATOR, ceil_div, check_contiguous, kernel
+
+# ---- CUDA kernels: the bias gradient ----------------------------------------------------------
+
+# The block is (BIAS_BLOCK_WORDS, BIAS_BLOCK_ROWS) threads at most: x runs over uint64 words (four
+# bf16 columns each) so a half-warp reads 128 contiguous bytes of a row, y over rows. The shared
+# array needs compile-time dimensions, so these are the maxima; smaller blocks use a corner of it.
+BIAS_BLOCK_WORDS = 16
+BIAS_BLOCK_ROWS = 16
+# Most row-slices (partial sums per column) the first kernel writes; dbias_scratch must hold
+# MAX_BIAS_PARTIALS * OC float32 values.
+MAX_BIAS_PARTIALS = 128
+
+
+@kernel
+def matmul_backward_bias_kernel(partial, dout, rows, n_words):
+    # dout: (rows * n_words,) uint64 words: (rows, OC) bf16 with OC = 4 * n_words
+    # partial: (gridDim.y, OC) fp32; row p = column sums over this block-row's slice of the rows.
+    # Every thread sums 4 columns over a strided set of rows in fp32, then the block adds its
+    # BIAS_BLOCK_ROWS row-lanes in a fixed order: deterministic, no atomics.
+    sums = cuda.shared.array((BIAS_BLOCK_ROWS, BIAS_BLOCK_WORDS, 4), float32)
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    word = cuda.blockIdx.x * cuda.blockDim.x + tx
+    acc0 = float32(0.0)
+    acc1 = float32(0.0)
+    acc2 = float32(0.0)
+    acc3 = float32(0.0)
+    if word < n_words:
+        row = cuda.blockIdx.y * cuda.blockDim.y + ty
+        row_stride = cuda.gridDim.y * cuda.blockDim.y
+        while row < rows:
+            w = dout[row * n_words + word]
+            acc0 += bf16x2_low(low_half(w))
+            acc1 += bf16x2_high(low_half(w))
+            acc2 += bf16x2_low(high_half(w))
+            acc3 += bf16x2_high(high_half(w))
+            row += row_stride
+    sums[ty, tx, 0] = acc0
+    sums[ty, tx, 1] = acc1
+    sums[ty, tx, 2] = acc2
+    sums[ty, tx, 3] = acc3
+    cuda.syncthreads()
+    # thread (tx, ty) finishes column 4*word + k for k = ty, ty + blockDim.y, ... < 4
+    if word < n_words:
+        for k in range(ty, 4, cuda.blockDim.y):
+            total = float32(0.0)
+            for r in range(cuda.blockDim.y):
+                total += sums[r, tx, k]
+            partial[cuda.blockIdx.y, 4 * word + k] = total
+
+
+@kernel
+def matmul_bias_add_partials_kernel(dbias, partial, n_partials):
+    # dbias: (OC,) bf16, accumulated into (+=, one rounding); partial: (>= n_partials, OC) fp32
+    col = cuda.grid(1)
+    if col < dbias.shape[0]:
+        total = float32(0.0)
+        for p in range(n_partials):
+            total += partial[p, col]
+        dbias[col] = float_to_bf16(bf16_to_float(dbias[col]) + total)
+
+
+PTX_SIGNATURES = {
+    matmul_backward_bias_kernel: "void(float32[:, ::1], uint64[::1], int64, int64)",
+    matmul_bias_add_partials_kernel: "void(uint16[::1], float32[:, ::1], int64)",
+}
+
+# ---- cuBLASLt set-up ---------------------------------------------------------------------------
+
+WORKSPACE_BYTES = 32 * 1024 * 1024  # llm.c: Hopper wants 32 MiB, older cards 4
+CUBLAS_COMPUTE_32F = 68  # cublasComputeType_t
+CUDA_R_32F = 0  # cudaDataType_t
+CUDA_R_16BF = 14
+CUBLAS_OP_N = 0
+CUBLAS_OP_T = 1
+
+Epilogue = cublasLt.Epilogue
+_BIAS_EPILOGUES = (Epilogue.BIAS, Epilogue.GELU_AUX_BIAS)
+_AUX_EPILOGUES = (Epilogue.GELU_AUX, Epilogue.GELU_AUX_BIAS, Epilogue.DGELU)
+
+_handle = None
+_workspace = None
+_workspace_ptr = 0
+_plans = {}  # (M, N, K, batch, transa, transb, epilogue, alignments of a, b, out) -> _Plan
+_ONE = np.ones(1, dtype=np.float32)  # host scalars for alpha / beta (host pointer mode)
+_ZERO = np.zeros(1, dtype=np.float32)
+
+
+def _cublaslt_handle():
+    """The process's cuBLASLt handle and workspace, created on first use (after Numba's context)."""
+    global _handle, _workspace, _workspace_ptr
+    if _handle is None:
+        _workspace = cuda.device_array(WORKSPACE_BYTES, dtype=np.uint8)  # also makes the context current
+        _workspace_ptr = _pointer(_workspace)
+        _handle = cublasLt.create()
+    return _handle
+
+
+def _pointer(array):
+    try:
+        return array.__cuda_array_interface__["data"][0]
+    except AttributeError:
+        raise TypeError(f"expected a device array (__cuda_array_interface__), got {type(array).__name__}") from None
+
+
+def _stream_handle(stream):
+    """0 / an int handle / a Numba Stream -> the integer cudaStream_t cuBLASLt wants."""
+    if isinstance(stream, int):
+        return stream
+    handle = stream.handle
+    if isinstance(handle, ctypes.c_void_p):  # Numba without the NVIDIA binding
+        return handle.value or 0
+    return int(handle)
+
+
+def _alignment(pointer):
+    """The largest power of two (up to 256) dividing the address: cuBLASLt's heuristic picks
+    kernels assuming 256-byte alignment unless told less."""
+    return min(256, pointer & -pointer) if pointer else 256
+
+
+class _Plan:
+    """A matmul descriptor, its A/B/D layouts and the chosen algorithm, built once per key."""
+
+    def __init__(self, key, bias_ptr, aux_ptr):
+        M, N, K, batch, transa, transb, epilogue, align_a, align_b, align_d = key
+        self.description = _describe(M, N, K, batch, transa, transb, epilogue)
+        self.epilogue = epilogue
+        self.pointer = np.zeros(1, dtype=np.int64)  # host buffer for the per-call pointer attributes
+        handle = _cublaslt_handle()
+        attr = cublasLt.MatmulDescAttribute
+        try:
+            self.desc = cublasLt.matmul_desc_create(CUBLAS_COMPUTE_32F, CUDA_R_32F)
+            # cuBLAS's A is our b (transposed iff transb), its B our a; see the module docstring
+            self._set(attr.TRANSA, np.int32(CUBLAS_OP_T if transb else CUBLAS_OP_N))
+            self._set(attr.TRANSB, np.int32(CUBLAS_OP_T if transa else CUBLAS_OP_N))
+            self._set(attr.EPILOGUE, np.uint32(epilogue))
+            if epilogue in _BIAS_EPILOGUES:
+                self._set(attr.BIAS_DATA_TYPE, np.int32(CUDA_R_16BF))
+                self.set_bias(bias_ptr)
+            if epilogue in _AUX_EPILOGUES:
+                self._set(attr.EPILOGUE_AUX_LD, np.int64(N))  # aux has out's (row-major M x N) layout
+                self.set_aux(aux_ptr)
+            # column-major (rows, cols, leading dimension) of what each pointer holds
+            self.a_layout = self._layout((K, N, K) if transb else (N, K, N), batch, N * K)
+            self.b_layout = self._layout((M, K, M) if transa else (K, M, K), batch, M * K)
+            self.d_layout = self._layout((N, M, N), batch, M * N)
+            # cuBLAS's A is our b: its alignment is align_b, and the other way round
+            self.heuristic = self._choose_algorithm(handle, align_b, align_a, align_d)
+        except cublasLt.cuBLASLtError as error:
+            raise RuntimeError(f"cuBLASLt set-up failed for {self.description}: {error}") from error
+        self.algo_ptr = self.heuristic.ptr  # algo is the first member of cublasLtMatmulHeuristicResult_t
+
+    def _set(self, attribute, value):
+        value = np.asarray(value)
+        cublasLt.matmul_desc_set_attribute(self.desc, attribute, value.ctypes.data, value.nbytes)
+
+    def set_bias(self, pointer):
+        self.pointer[0] = pointer
+        cublasLt.matmul_desc_set_attribute(self.desc, cublasLt.MatmulDescAttribute.BIAS_POINTER,
+                                           self.pointer.ctypes.data, 8)
+
+    def set_aux(self, pointer):
+        self.pointer[0] = pointer
+        cublasLt.matmul_desc_set_attribute(self.desc, cublasLt.MatmulDescAttribute.EPILOGUE_AUX_POINTER,
+                                           self.pointer.ctypes.data, 8)
+
+    @staticmethod
+    def _layout(rows_cols_ld, batch, batch_stride):
+        rows, cols, ld = rows_cols_ld
+        layout = cublasLt.matrix_layout_create(CUDA_R_16BF, rows, cols, ld)
+        if batch > 1:
+            attr = cublasLt.MatrixLayoutAttribute
+            count = np.array([batch], dtype=np.int32)
+            stride = np.array([batch_stride], dtype=np.int64)  # in elements
+            cublasLt.matrix_layout_set_attribute(layout, attr.BATCH_COUNT, count.ctypes.data, count.nbytes)
+            cublasLt.matrix_layout_set_attribute(layout, attr.STRIDED_BATCH_OFFSET, stride.ctypes.data, stride.nbytes)
+        return layout
+
+    def _choose_algorithm(self, handle, cublas_a_align, cublas_b_align, align_d):
+        attr = cublasLt.MatmulPreferenceAttribute
+        preference = cublasLt.matmul_preference_create()
+        try:
+            for attribute, value in [(attr.MAX_WORKSPACE_BYTES, np.array([WORKSPACE_BYTES], dtype=np.uint64)),
+                                     (attr.MIN_ALIGNMENT_A_BYTES, np.array([cublas_a_align], dtype=np.uint32)),
+                                     (attr.MIN_ALIGNMENT_B_BYTES, np.array([cublas_b_align], dtype=np.uint32)),
+                                     (attr.MIN_ALIGNMENT_C_BYTES, np.array([align_d], dtype=np.uint32)),
+                                     (attr.MIN_ALIGNMENT_D_BYTES, np.array([align_d], dtype=np.uint32))]:
+                cublasLt.matmul_preference_set_attribute(preference, attribute, value.ctypes.data, value.nbytes)
+            heuristic = cublasLt.MatmulHeuristicResult()
+            found = np.zeros(1, dtype=np.int32)
+            cublasLt.matmul_algo_get_heuristic(handle, self.desc, self.a_layout, self.b_layout, self.d_layout,
+                                               self.d_layout, preference, 1, heuristic.ptr, found.ctypes.data)
+        finally:
+            cublasLt.matmul_preference_destroy(preference)
+        if found[0] == 0 or heuristic.state != 0:
+            raise RuntimeError(f"cuBLASLt found no algorithm for {self.description} (returned {found[0]}, state "
+                               f"{heuristic.state}; pointer alignments a={cublas_b_align} b={cublas_a_align} "
+                               f"out={align_d} bytes, workspace {WORKSPACE_BYTES} bytes)")
+        return heuristic
+
+
+def _describe(M, N, K, batch, transa, transb, epilogue):
+    a = "a^T" if transa else "a"
+    b = "b^T" if transb else "b"
+    batched = f"{batch} x " if batch > 1 else ""
+    return f"out({batched}{M}x{N}) = {a} @ {b} (K={K}), epilogue {Epilogue(epilogue).name}"
+
+
+def _gemm(out, a, b, M, N, K, batch, transa, transb, epilogue=Epilogue.DEFAULT, bias=None, aux=None,
+          alpha=1.0, beta=0.0, stream=0):
+    """out (batch, M, N) = alpha * op(a) @ op(b) + beta * out, then the epilogue; row-major,
+    contiguous, shapes already checked by the caller."""
+    if SIMULATOR:
+        return _gemm_host(out, a, b, M, N, K, batch, transa, transb, epilogue, bias, aux, alpha, beta)
+    a_ptr, b_ptr, out_ptr = _pointer(a), _pointer(b), _pointer(out)
+    bias_ptr = _pointer(bias) if bias is not None else 0
+    aux_ptr = _pointer(aux) if aux is not None else 0
+    for name, pointer in (("a", a_ptr), ("b", b_ptr), ("out", out_ptr), ("bias", bias_ptr), ("aux", aux_ptr)):
+        if pointer % 16:  # as llm.c: every cuBLASLt operand 16-byte aligned
+            raise ValueError(f"{name}: device pointer {pointer:#x} is not 16-byte aligned "
+                             f"({_describe(M, N, K, batch, transa, transb, epilogue)})")
+    key = (M, N, K, batch, transa, transb, int(epilogue), _alignment(a_ptr), _alignment(b_ptr), _alignment(out_ptr))
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _plans[key] = _Plan(key, bias_ptr, aux_ptr)
+    alpha_buf = _ONE if alpha == 1.0 else np.array([alpha], dtype=np.float32)
+    beta_buf = _ZERO if beta == 0.0 else (_ONE if beta == 1.0 else np.array([beta], dtype=np.float32))
+    try:
+        if bias is not None:
+            plan.set_bias(bias_ptr)
+        if aux is not None:
+            plan.set_aux(aux_ptr)
+        cublasLt.matmul(_handle, plan.desc, alpha_buf.ctypes.data, b_ptr, plan.a_layout, a_ptr, plan.b_layout,
+                        beta_buf.ctypes.data, out_ptr, plan.d_layout, out_ptr, plan.d_layout, plan.algo_ptr,
+                        _workspace_ptr, WORKSPACE_BYTES, _stream_handle(stream))
+    except cublasLt.cuBLASLtError as error:
+        raise RuntimeError(f"cublasLtMatmul failed for {plan.description}: {error}") from error
+
+
+def _gemm_host(out, a, b, M, N, K, batch, transa, transb, epilogue, bias, aux, alpha, beta):
+    """The simulator's stand-in for _gemm: numpy in fp32, one bf16 rounding per output."""
+    def load(array, shape):
+        return from_bf16_bits(array.copy_to_host()).reshape(shape)
+
+    a_host = load(a, (batch, K, M) if transa else (batch, M, K))
+    b_host = load(b, (batch, N, K) if transb else (batch, K, N))
+    if transa:
+        a_host = a_host.transpose(0, 2, 1)
+    if transb:
+        b_host = b_host.transpose(0, 2, 1)
+    result = np.matmul(a_host, b_host) * np.float32(alpha)
+    if beta != 0.0:
+        result += np.float32(beta) * load(out, (batch, M, N))
+    if epilogue in _BIAS_EPILOGUES:
+        result += from_bf16_bits(bias.copy_to_host())
+    if epilogue in (Epilogue.GELU_AUX, Epilogue.GELU_AUX_BIAS):
+        aux.copy_to_device(to_bf16_bits(result).reshape(aux.shape))
+        result = reference.gelu_forward(result)
+    elif epilogue == Epilogue.DGELU:
+        result = reference.gelu_backward(result, load(aux, (batch, M, N)))
+    out.copy_to_device(to_bf16_bits(result).reshape(out.shape))
+
+
+# ---- launchers ---------------------------------------------------------------------------------
+
+def _rows_cols(name, array, cols):
+    """An activation (..., cols) seen as a (rows, cols) matrix."""
+    check_contiguous(name, array, np.uint16)
+    shape = tuple(array.shape)  # the simulator's shapes take no negative index
+    if len(shape) < 2 or shape[-1] != cols:
+        raise ValueError(f"{name}: expected shape (..., {cols}), got {tuple(array.shape)}")
+    return array.size // cols
+
+
+def _check_weight(weight):
+    check_contiguous("weight", weight, np.uint16)
+    if len(weight.shape) != 2:
+        raise ValueError(f"weight: expected shape (OC, C), got {tuple(weight.shape)}")
+    return weight.shape
+
+
+def _check_same_rows(rows, **arrays):
+    for name, (array, cols) in arrays.items():
+        other = _rows_cols(name, array, cols)
+        if other != rows:
+            raise ValueError(f"{name}: {other} rows of {cols}, expected {rows} (shape {tuple(array.shape)})")
+
+
+def matmul_forward(out, inp, weight, bias=None, pre_gelu=None, stream=0):
+    """out = inp @ weight^T (+ bias); with pre_gelu, out = gelu(inp @ weight^T + bias) and pre_gelu
+    keeps the pre-activation for the backward (the GELU_AUX_BIAS epilogue).
+    inp is (B,T,C) (or (B*T, C)), weight (OC,C), bias (OC,), out and pre_gelu (B,T,OC)."""
+    OC, C = _check_weight(weight)
+    rows = _rows_cols("inp", inp, C)
+    _check_same_rows(rows, out=(out, OC))
+    if bias is not None:
+        check_contiguous("bias", bias, np.uint16, (OC,))
+    if pre_gelu is not None:
+        _check_same_rows(rows, pre_gelu=(pre_gelu, OC))
+        epilogue = Epilogue.GELU_AUX_BIAS if bias is not None else Epilogue.GELU_AUX
+    else:
+        epilogue = Epilogue.BIAS if bias is not None else Epilogue.DEFAULT
+    _gemm(out, inp, weight, rows, OC, C, 1, False, True, epilogue, bias, pre_gelu, stream=stream)
+
+
+def matmul_backward(dinp, dweight, dbias, dout, inp, weight, pre_gelu=None, dbias_scratch=None, stream=0):
+    """Backward of matmul_forward, as llm.c: dinp = dout @ weight (overwritten), dweight +=
+    dout^T @ inp, dbias += column sums of dout (if dbias is given). With pre_gelu (the
+    pre-activation of the GELU that produced inp, same shape as dinp), dinp is multiplied by
+    gelu'(pre_gelu) in the DGELU epilogue: it becomes the gradient wrt that pre-activation.
+    dout (B,T,OC), inp and dinp (B,T,C), weight and dweight (OC,C), dbias (OC,). dbias_scratch:
+    float32, at least MAX_BIAS_PARTIALS * OC elements (allocated once here if not given)."""
+    OC, C = _check_weight(weight)
+    rows = _rows_cols("dout", dout, OC)
+    _check_same_rows(rows, inp=(inp, C), dinp=(dinp, C))
+    check_contiguous("dweight", dweight, np.uint16, (OC, C))
+    if pre_gelu is not None:
+        _check_same_rows(rows, pre_gelu=(pre_gelu, C))
+    if dbias is not None:
+        matmul_backward_bias(dbias, dout, dbias_scratch, stream)
+    _gemm(dinp, dout, weight, rows, C, OC, 1, False, False,
+          Epilogue.DGELU if pre_gelu is not None else Epilogue.DEFAULT, aux=pre_gelu, stream=stream)
+    _gemm(dweight, dout, inp, OC, C, rows, 1, True, False, beta=1.0, stream=stream)
+
+
+_bias_scratch = None
+
+
+def _bias_grid(rows, OC, block_words, block_rows):
+    grid_x = ceil_div(OC // 4, block_words)
+    if SIMULATOR:
+        target_blocks = 4
+    else:
+        target_blocks = _sm_count() * (2048 // (block_words * block_rows))  # fill every SM
+    grid_y = max(1, min(MAX_BIAS_PARTIALS, target_blocks // grid_x, ceil_div(rows, block_rows)))
+    return grid_x, grid_y
+
+
+_SM_COUNT = None
+
+
+def _sm_count():
+    global _SM_COUNT
+    if _SM_COUNT is None:
+        _SM_COUNT = cuda.get_current_device().MULTIPROCESSOR_COUNT
+    return _SM_COUNT
+
+
+def matmul_backward_bias(dbias, dout, dbias_scratch=None, stream=0, block=None):
+    """dbias (OC,) += dout summed over rows; dout (B,T,OC) bf16 with OC a multiple of 4.
+    Deterministic: each column is summed in fp32 in a fixed order and rounded to bf16 once.
+    block: (words, rows) threads, at most (BIAS_BLOCK_WORDS, BIAS_BLOCK_ROWS) (the default on a GPU)."""
+    global _bias_scratch
+    check_contiguous("dbias", dbias, np.uint16)
+    if len(dbias.shape) != 1:
+        raise ValueError(f"dbias: expected shape (OC,), got {tuple(dbias.shape)}")
+    OC = dbias.shape[0]
+    rows = _rows_cols("dout", dout, OC)
+    if OC % 4:
+        raise ValueError(f"dbias: OC={OC} must be a multiple of 4 (the kernel reads four bf16 per word)")
+    if not SIMULATOR and _pointer(dout) % 8:
+        raise ValueError("dout: device pointer must be 8-byte aligned (the bias kernel reads uint64 words)")
+    if block is None:
+        block = (min(BIAS_BLOCK_WORDS, OC // 4), 4 if SIMULATOR else BIAS_BLOCK_ROWS)
+    block_words, block_rows = block
+    if not (0 < block_words <= BIAS_BLOCK_WORDS and 0 < block_rows <= BIAS_BLOCK_ROWS):
+        raise ValueError(f"block {block}: at most ({BIAS_BLOCK_WORDS}, {BIAS_BLOCK_ROWS})")
+    grid = _bias_grid(rows, OC, block_words, block_rows)
+    if dbias_scratch is None:
+        if _bias_scratch is None or _bias_scratch.size < MAX_BIAS_PARTIALS * OC:
+            _bias_scratch = cuda.device_array(MAX_BIAS_PARTIALS * OC, dtype=np.float32)
+        dbias_scratch = _bias_scratch
+    check_contiguous("dbias_scratch", dbias_scratch, np.float32)
+    if dbias_scratch.size < grid[1] * OC:
+        raise ValueError(f"dbias_scratch: {dbias_scratch.size} floats, needs {grid[1] * OC}")
+    partial = dbias_scratch.reshape(dbias_scratch.size)[:grid[1] * OC].reshape(grid[1], OC)
+    dout_words = dout.reshape(dout.size).view(np.uint64)
+    matmul_backward_bias_kernel[grid, block, stream](partial, dout_words, rows, OC // 4)
+    threads = min(256, OC)
+    matmul_bias_add_partials_kernel[ceil_div(OC, threads), threads, stream](dbias, partial, grid[1])
+
+
+def matmul_batched(out, a, b, transa=False, transb=False, alpha=1.0, beta=0.0, stream=0):
+    """out = alpha * op(a) @ op(b) + beta * out for each of `batch` matrices (a strided-batched
+    cuBLASLt product, as attention uses). Row-major, contiguous bf16 arrays:
+    out (batch, M, N); a (batch, M, K), or (batch, K, M) with transa; b (batch, K, N), or
+    (batch, N, K) with transb. 2-D arrays are a batch of one."""
+    arrays = {}
+    for name, array in (("out", out), ("a", a), ("b", b)):
+        check_contiguous(name, array, np.uint16)
+        shape = tuple(array.shape)
+        if len(shape) == 2:
+            shape = (1,) + shape
+        if len(shape) != 3:
+            raise ValueError(f"{name}: expected a (batch, rows, cols) or (rows, cols) array, got {tuple(array.shape)}")
+        arrays[name] = shape
+    batch, M, N = arrays["out"]
+    a_batch, a_rows, a_cols = arrays["a"]
+    b_batch, b_rows, b_cols = arrays["b"]
+    K = a_rows if transa else a_cols
+    expected_a = (batch, K, M) if transa else (batch, M, K)
+    expected_b = (batch, N, K) if transb else (batch, K, N)
+    if arrays["a"] != expected_a or arrays["b"] != expected_b:
+        raise ValueError(f"matmul_batched: shapes do not match: out {arrays['out']}, a {arrays['a']} "
+                         f"(transa={transa}), b {arrays['b']} (transb={transb}); "
+                         f"expected a {expected_a} and b {expected_b}")
+    _gemm(out, a, b, M, N, K, batch, bool(transa), bool(transb), alpha=alpha, beta=beta, stream=stream)
