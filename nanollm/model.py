@@ -1,0 +1,303 @@
+"""GPT-2 on the GPU from nanollm's kernels: llm.c's train_gpt2.cu model, in Python.
+
+Parameters (bf16), gradients (bf16), fp32 master weights and AdamW's m and v are each one device
+allocation carved into named views in llm.c's order (config.parameter_shapes); activations
+likewise, per layer stacked over L. The forward and backward are the same sequence of kernel
+launches as llm.c's gpt2_forward / gpt2_backward, all on one stream with no host synchronisation
+inside, so a step can later be captured as a CUDA graph:
+
+forward: encoder -> per layer: layernorm -> qkv matmul (+bias) -> attention -> attproj matmul
+(+bias) -> residual + layernorm (fused) -> fc matmul (+bias, GELU epilogue) -> fcproj matmul
+(+bias) -> residual + next layernorm (fused) ... -> logits = lnf . wte^T -> fused classifier
+(losses, and the logits overwritten in place with dloss * dlogits).
+backward: the reverse, with += into gradients so micro-steps accumulate. update: global norm,
+then AdamW per tensor (weight decay on the 2-D tensors only), stochastic rounding to bf16.
+
+Shapes: B batch, T time, C channels, NH heads, L layers, V vocabulary, Vp padded vocabulary.
+"""
+
+import math
+
+import numpy as np
+from numba import cuda
+from numba.cuda.cudadrv.driver import device_memset
+
+from . import reference
+from .config import WEIGHT_DECAY_PARAMETERS, num_parameters, parameter_shapes
+from .kernels import adamw, attention, classifier, encoder, gelu, global_norm, layernorm, matmul
+from .kernels.bf16 import from_bf16_bits, to_bf16_bits
+
+
+class Buffers:
+    """One device allocation per dtype, carved into named views (llm.c's malloc_and_point)."""
+
+    def __init__(self, shapes, dtype):
+        self.shapes = dict(shapes)
+        sizes = {name: math.prod(shape) for name, shape in self.shapes.items()}
+        # keep every view 16-byte aligned: the kernels and cuBLASLt load wide words
+        align = max(1, 16 // np.dtype(dtype).itemsize)
+        self.offsets, total = {}, 0
+        for name, size in sizes.items():
+            self.offsets[name] = total
+            total += -(-size // align) * align
+        self.memory = cuda.device_array(max(total, 1), dtype=dtype)
+        for name, shape in self.shapes.items():
+            start = self.offsets[name]
+            setattr(self, name, self.memory[start:start + sizes[name]].reshape(shape))
+
+    def __getitem__(self, name):
+        return getattr(self, name)
+
+
+class GPT2:
+    """GPT-2 for training on one GPU at micro-batch (B, T)."""
+
+    def __init__(self, config, B, T, seed=42, gelu_fusion=2, recompute=1, grad_accum_steps=1):
+        if T > config.max_seq_len:
+            raise ValueError(f"T={T} exceeds the model's max_seq_len {config.max_seq_len}")
+        if gelu_fusion not in (0, 1, 2) or recompute not in (0, 1):
+            raise ValueError(f"gelu_fusion must be 0/1/2 and recompute 0/1, got {gelu_fusion}, {recompute}")
+        self.config, self.B, self.T = config, B, T
+        self.gelu_fusion, self.recompute = gelu_fusion, recompute
+        self.grad_accum_steps = grad_accum_steps
+        self.num_parameters = num_parameters(config)
+        shapes = parameter_shapes(config)
+        self.params = Buffers(shapes, np.uint16)
+        self.grads = Buffers(shapes, np.uint16)
+        self.master = Buffers(shapes, np.float32)
+        self.m = Buffers(shapes, np.float32)
+        self.v = Buffers(shapes, np.float32)
+        self._allocate_activations()
+        self.step = 0  # AdamW steps taken
+        self.seed = seed
+        self.load_parameters(reference.init_parameters(config, seed).memory)
+
+    # ---- set-up -----------------------------------------------------------------------------
+
+    def _allocate_activations(self):
+        c, B, T = self.config, self.B, self.T
+        L, C, NH, Vp = c.num_layers, c.channels, c.num_heads, c.padded_vocab_size
+        fch_gelu_layers = 1 if self.recompute else L  # -r 1: one buffer, recomputed in backward
+        bf16 = {
+            "encoded": (B, T, C),
+            "ln1": (L, B, T, C),
+            "qkvr": (L, 3, B, NH, T, C // NH),   # q, k, v permuted, kept for the backward
+            "atty": (L, B, T, C),
+            "att": (L, B, NH, T, T),
+            "residual2": (L, B, T, C),
+            "ln2": (L, B, T, C),
+            "fch": (L, B, T, 4 * C),             # pre-GELU
+            "fch_gelu": (fch_gelu_layers, B, T, 4 * C),
+            "residual3": (L, B, T, C),
+            "lnf": (B, T, C),
+            "logits": (B, T, Vp),                # becomes dlogits after the classifier
+            # backward scratch, shared by all layers (llm.c's grads_acts)
+            "dresidual": (B, T, C),
+            "dbtc": (B, T, C),
+            "dbt4c": (B, T, 4 * C),              # also (B,T,3C) for dqkv, and the forward's qkv/proj scratch
+            "dqkvr": (3, B, NH, T, C // NH),
+            "datt": (B, NH, T, T),
+        }
+        fp32 = {
+            "ln1_mean": (L, B, T), "ln1_rstd": (L, B, T),
+            "ln2_mean": (L, B, T), "ln2_rstd": (L, B, T),
+            "lnf_mean": (B, T), "lnf_rstd": (B, T),
+            "losses": (self.grad_accum_steps, B, T),
+            "layernorm_scratch": (layernorm.layernorm_backward_scratch_size(C),),
+            "norm_scratch": (global_norm.global_norm_scratch_size(),),
+            "norm": (1,),
+            "bias_scratch": (matmul.MAX_BIAS_PARTIALS * Vp,),
+        }
+        self.acts = Buffers(bf16, np.uint16)
+        self.acts32 = Buffers(fp32, np.float32)
+        self.tokens = cuda.device_array((B, T), dtype=np.int32)
+        self.targets = cuda.device_array((B, T), dtype=np.int32)
+        self.encoder_scratch = cuda.device_array(encoder.encoder_backward_scratch_size(B, T), dtype=np.int32)
+        self.tokens_host = None
+
+    def load_parameters(self, flat_params):
+        """Set every parameter from a flat float array in llm.c's order (rounded to bf16), the
+        fp32 master weights from those bf16 values (as llm.c), and reset AdamW."""
+        flat_params = np.asarray(flat_params, dtype=np.float32).reshape(-1)
+        if flat_params.size != self.num_parameters:
+            raise ValueError(f"expected {self.num_parameters} parameters, got {flat_params.size}")
+        self._upload(self.params, to_bf16_bits(flat_params))
+        adamw.init_master_weights(self.master.memory[:self.num_parameters], self.params.memory[:self.num_parameters])
+        device_memset(self.m.memory, 0, self.m.memory.nbytes)
+        device_memset(self.v.memory, 0, self.v.memory.nbytes)
+        self.step = 0
+        cuda.synchronize()
+
+    def _upload(self, buffers, flat):
+        host = np.zeros(buffers.memory.size, dtype=buffers.memory.dtype)
+        offset = 0
+        for name, shape in buffers.shapes.items():
+            size = math.prod(shape)
+            start = buffers.offsets[name]
+            host[start:start + size] = flat[offset:offset + size]
+            offset += size
+        buffers.memory.copy_to_device(host)
+
+    def _download(self, buffers):
+        host = buffers.memory.copy_to_host()
+        return np.concatenate([host[buffers.offsets[n]:buffers.offsets[n] + math.prod(s)]
+                               for n, s in buffers.shapes.items()])
+
+    def parameters(self):
+        """The bf16 parameters as one flat float32 array in llm.c's order."""
+        return from_bf16_bits(self._download(self.params))
+
+    def gradients(self):
+        return from_bf16_bits(self._download(self.grads))
+
+    def master_weights(self):
+        return self._download(self.master)
+
+    # ---- forward ------------------------------------------------------------------------------
+
+    def forward(self, tokens, targets=None, micro_step=0, B=None):
+        """tokens, targets: host (B,T) int arrays. With targets, losses[micro_step] gets the
+        per-position losses and the logits buffer dloss * dlogits (dloss = 1/(B*T*accum)), ready
+        for backward. B may be smaller than the allocated batch (sampling)."""
+        c, T = self.config, self.T
+        B = self.B if B is None else B
+        L, C, NH = c.num_layers, c.channels, c.num_heads
+        tokens = np.ascontiguousarray(tokens, dtype=np.int32)
+        if tokens.shape != (B, T):
+            raise ValueError(f"tokens must be ({B}, {T}), got {tokens.shape}")
+        a, a32, p = self.acts, self.acts32, self.params
+        self.tokens[:B].copy_to_device(tokens)
+        self.tokens_host = tokens
+        encoder.encoder_forward(a.encoded[:B], self.tokens[:B], p.wte, p.wpe)
+        layernorm.layernorm_forward(a.ln1[0][:B], a32.ln1_mean[0][:B], a32.ln1_rstd[0][:B], a.encoded[:B],
+                                    p.ln1w[0], p.ln1b[0])
+        scratch = a.dbt4c.reshape(-1)  # the forward's (B,T,3C) / (B,T,C) temporaries
+        for l in range(L):
+            residual = a.encoded[:B] if l == 0 else a.residual3[l - 1][:B]
+            qkv = scratch[:B * T * 3 * C].reshape(B, T, 3 * C)
+            matmul.matmul_forward(qkv, a.ln1[l][:B], p.qkvw[l], p.qkvb[l])
+            attention.attention_forward(a.atty[l][:B], self._qkvr(a.qkvr[l], B), a.att[l][:B], qkv, qkv, NH)
+            proj = scratch[:B * T * C].reshape(B, T, C)
+            matmul.matmul_forward(proj, a.atty[l][:B], p.attprojw[l], p.attprojb[l])
+            layernorm.fused_residual_layernorm_forward(a.residual2[l][:B], a.ln2[l][:B], a32.ln2_mean[l][:B],
+                                                       a32.ln2_rstd[l][:B], residual, proj, p.ln2w[l], p.ln2b[l])
+            fch_gelu = a.fch_gelu[0 if self.recompute else l][:B]
+            if self.gelu_fusion >= 1:
+                matmul.matmul_forward(fch_gelu, a.ln2[l][:B], p.fcw[l], p.fcb[l], pre_gelu=a.fch[l][:B])
+            else:
+                matmul.matmul_forward(a.fch[l][:B], a.ln2[l][:B], p.fcw[l], p.fcb[l])
+                gelu.gelu_forward(fch_gelu, a.fch[l][:B])
+            matmul.matmul_forward(proj, fch_gelu, p.fcprojw[l], p.fcprojb[l])
+            if l + 1 < L:
+                layernorm.fused_residual_layernorm_forward(a.residual3[l][:B], a.ln1[l + 1][:B],
+                                                           a32.ln1_mean[l + 1][:B], a32.ln1_rstd[l + 1][:B],
+                                                           a.residual2[l][:B], proj, p.ln1w[l + 1], p.ln1b[l + 1])
+            else:
+                layernorm.fused_residual_layernorm_forward(a.residual3[l][:B], a.lnf[:B], a32.lnf_mean[:B],
+                                                           a32.lnf_rstd[:B], a.residual2[l][:B], proj,
+                                                           p.lnfw, p.lnfb)
+        matmul.matmul_forward(a.logits[:B], a.lnf[:B], p.wte)
+        if targets is not None:
+            targets = np.ascontiguousarray(targets, dtype=np.int32)
+            if targets.shape != (B, T):
+                raise ValueError(f"targets must be ({B}, {T}), got {targets.shape}")
+            if targets.min() < 0 or targets.max() >= c.vocab_size:
+                raise ValueError(f"targets must lie in [0, {c.vocab_size})")
+            self.targets[:B].copy_to_device(targets)
+            dloss = 1.0 / (B * T * self.grad_accum_steps)
+            classifier.fused_classifier(a.logits[:B], a32.losses[micro_step][:B], dloss, self.targets[:B],
+                                        c.vocab_size, write_dlogits=True)
+
+    @staticmethod
+    def _qkvr(qkvr_layer, B):
+        """The layer's (3, B, NH, T, HS) q/k/v store as the flat 3*B*T*C array attention expects."""
+        if B == qkvr_layer.shape[1]:
+            return qkvr_layer.reshape(-1)
+        return qkvr_layer.reshape(-1)[:3 * B * math.prod(qkvr_layer.shape[2:])]
+
+    def losses(self):
+        """Mean loss over the micro-steps of the last step (one host synchronisation)."""
+        return float(self.acts32.losses.copy_to_host().astype(np.float64).mean())
+
+    def evaluate(self, tokens, targets):
+        """Mean loss of one batch, without touching the gradients."""
+        self.forward(tokens, None)
+        a, a32 = self.acts, self.acts32
+        self.targets.copy_to_device(np.ascontiguousarray(targets, dtype=np.int32))
+        classifier.fused_classifier(a.logits, a32.losses[0], 1.0, self.targets, self.config.vocab_size,
+                                    write_dlogits=False)
+        return float(a32.losses[0].copy_to_host().astype(np.float64).mean())
+
+    def logits_at(self, b, t):
+        """Host float32 logits (V,) of row b, position t of the last forward (for sampling)."""
+        row = self.acts.logits[b, t]
+        return from_bf16_bits(row.copy_to_host())[:self.config.vocab_size]
+
+    # ---- backward -----------------------------------------------------------------------------
+
+    def zero_grad(self):
+        device_memset(self.grads.memory, 0, self.grads.memory.nbytes)
+
+    def backward(self):
+        """Gradients of the last forward's loss, added (+=) into self.grads."""
+        c, B, T = self.config, self.B, self.T
+        L, C, NH = c.num_layers, c.channels, c.num_heads
+        a, a32, p, g = self.acts, self.acts32, self.params, self.grads
+        bias_scratch, ln_scratch = a32.bias_scratch, a32.layernorm_scratch
+        device_memset(a.dresidual, 0, a.dresidual.nbytes)  # layernorm_backward adds into it
+        # lm head: logits = lnf . wte^T (no bias); the logits buffer holds dlogits
+        matmul.matmul_backward(a.dbtc, g.wte, None, a.logits, a.lnf, p.wte)
+        layernorm.layernorm_backward(a.dresidual, g.lnfw, g.lnfb, ln_scratch, a.dbtc, a.residual3[L - 1],
+                                     p.lnfw, a32.lnf_mean, a32.lnf_rstd)
+        dbt4c = a.dbt4c
+        dqkv = dbt4c.reshape(-1)[:B * T * 3 * C].reshape(B, T, 3 * C)
+        for l in reversed(range(L)):
+            residual = a.encoded if l == 0 else a.residual3[l - 1]
+            fch_gelu = a.fch_gelu[0 if self.recompute else l]
+            if self.recompute:
+                gelu.gelu_forward(fch_gelu, a.fch[l])
+            # fcproj: dresidual is d residual3; with gelu_fusion 2 the DGELU epilogue gives d fch
+            if self.gelu_fusion >= 2:
+                matmul.matmul_backward(dbt4c, g.fcprojw[l], g.fcprojb[l], a.dresidual, fch_gelu, p.fcprojw[l],
+                                       pre_gelu=a.fch[l], dbias_scratch=bias_scratch)
+            else:
+                matmul.matmul_backward(dbt4c, g.fcprojw[l], g.fcprojb[l], a.dresidual, fch_gelu, p.fcprojw[l],
+                                       dbias_scratch=bias_scratch)
+                gelu.gelu_backward_inplace(dbt4c, a.fch[l])
+            matmul.matmul_backward(a.dbtc, g.fcw[l], g.fcb[l], dbt4c, a.ln2[l], p.fcw[l], dbias_scratch=bias_scratch)
+            layernorm.layernorm_backward(a.dresidual, g.ln2w[l], g.ln2b[l], ln_scratch, a.dbtc, a.residual2[l],
+                                         p.ln2w[l], a32.ln2_mean[l], a32.ln2_rstd[l])
+            # dresidual is now d residual2
+            matmul.matmul_backward(a.dbtc, g.attprojw[l], g.attprojb[l], a.dresidual, a.atty[l], p.attprojw[l],
+                                   dbias_scratch=bias_scratch)
+            attention.attention_backward(dqkv, a.dqkvr.reshape(-1), a.datt, a.dbtc, a.qkvr[l].reshape(-1),
+                                         a.att[l], NH)
+            matmul.matmul_backward(a.dbtc, g.qkvw[l], g.qkvb[l], dqkv, a.ln1[l], p.qkvw[l], dbias_scratch=bias_scratch)
+            layernorm.layernorm_backward(a.dresidual, g.ln1w[l], g.ln1b[l], ln_scratch, a.dbtc, residual,
+                                         p.ln1w[l], a32.ln1_mean[l], a32.ln1_rstd[l])
+        encoder.encoder_backward(g.wte, g.wpe, a.dresidual, self.tokens_host, scratch=self.encoder_scratch)
+
+    # ---- update -------------------------------------------------------------------------------
+
+    def grad_norm(self):
+        """Global L2 norm of all gradients (one host synchronisation)."""
+        global_norm.global_norm_squared(self.acts32.norm, self.acts32.norm_scratch,
+                                        self.grads.memory[:self._flat_size()])
+        return math.sqrt(float(self.acts32.norm.copy_to_host()[0]))
+
+    def _flat_size(self):
+        last = list(self.grads.shapes)[-1]
+        return self.grads.offsets[last] + math.prod(self.grads.shapes[last])
+
+    def update(self, learning_rate, weight_decay=0.0, grad_scale=1.0, beta1=0.9, beta2=0.95, eps=1e-8):
+        """One AdamW step; weight decay only on the 2-D tensors (WEIGHT_DECAY_PARAMETERS)."""
+        self.step += 1
+        for index, name in enumerate(self.params.shapes):
+            offset = self.params.offsets[name]
+            count = math.prod(self.params.shapes[name])
+            wd = weight_decay if name in WEIGHT_DECAY_PARAMETERS else 0.0
+            # a fresh stochastic-rounding seed per step; keyed on the element index within it
+            seed = (self.seed * 1_000_003 + self.step * 7919 + index) & 0xFFFFFFFF
+            adamw.adamw_update(self.params.memory, self.grads.memory, self.master.memory, self.m.memory,
+                               self.v.memory, self.step, learning_rate, beta1, beta2, eps, wd, grad_scale,
+                               seed=seed, offset=offset, count=count)

@@ -1,0 +1,92 @@
+"""The GPU model (nanollm.model.GPT2) against the numpy reference: one training step's logits,
+loss and every gradient, then a few AdamW steps. On the CUDA simulator at a tiny config in CI;
+`pytest -m gpu` also runs GPT-2 d12 shapes on a real GPU (see test_model_gpu.py for PyTorch)."""
+
+import numpy as np
+import pytest
+
+from nanollm import reference
+from nanollm.config import GPT2Config, parameter_shapes
+from nanollm.model import GPT2
+
+TINY = GPT2Config(max_seq_len=16, vocab_size=97, padded_vocab_size=128, num_layers=2, num_heads=2, channels=32)
+
+
+def _split(flat, config):
+    out, offset = {}, 0
+    for name, shape in parameter_shapes(config).items():
+        size = int(np.prod(shape))
+        out[name] = flat[offset:offset + size].reshape(shape)
+        offset += size
+    return out
+
+
+def _reference_step(config, flat_params, tokens, targets):
+    params = reference.ParameterTensors(config, np.float64)
+    params.memory[:] = flat_params
+    logits, loss, acts = reference.gpt2_forward(params, config, tokens, targets)
+    grads = reference.ParameterTensors(config, np.float64)
+    reference.gpt2_backward(grads, params, config, acts)
+    return logits, loss, grads
+
+
+def test_one_step_matches_reference(rng):
+    B, T = 2, 8
+    model = GPT2(TINY, B, T, seed=int(rng.integers(1000)))
+    tokens, targets = rng.integers(0, TINY.vocab_size, (2, B, T))
+    model.forward(tokens)  # no targets: the logits stay (the classifier overwrites them with dlogits)
+    logits = np.stack([model.logits_at(b, t) for b in range(B) for t in (0, T - 1)])
+    model.zero_grad()
+    model.forward(tokens, targets)
+    loss = model.losses()
+    model.backward()
+    # the reference runs in float64 on the very bf16 parameters the GPU model holds
+    ref_logits, ref_loss, ref_grads = _reference_step(TINY, model.parameters().astype(np.float64), tokens, targets)
+    # bf16 activations: ~8 bits of mantissa per stored tensor, a few roundings deep
+    assert abs(loss - ref_loss) < 2e-2, (loss, ref_loss)
+    expected = np.stack([ref_logits[b, t, :TINY.vocab_size] for b in range(B) for t in (0, T - 1)])
+    assert np.linalg.norm(logits - expected) / np.linalg.norm(expected) < 2e-2
+    grads = _split(model.gradients().astype(np.float64), TINY)
+    for name, expected in ref_grads.items():
+        error = np.linalg.norm(grads[name] - expected) / max(np.linalg.norm(expected), 1e-12)
+        assert error < 3e-2, f"{name}: relative error {error:.2e}"
+
+
+def test_training_steps_follow_reference(rng):
+    """Three AdamW steps on one batch: the losses track the float64 reference's within 0.05 (llm.c's
+    test_gpt2 bf16 bound), and fall."""
+    B, T = 2, 8
+    model = GPT2(TINY, B, T, seed=int(rng.integers(1000)))
+    tokens, targets = rng.integers(0, TINY.vocab_size, (2, B, T))
+    params = reference.ParameterTensors(TINY, np.float64)
+    params.memory[:] = model.parameters()
+    m, v = reference.ParameterTensors(TINY, np.float64), reference.ParameterTensors(TINY, np.float64)
+    losses, ref_losses = [], []
+    for step in range(1, 4):
+        model.zero_grad()
+        model.forward(tokens, targets)
+        model.backward()
+        losses.append(model.losses())
+        norm = model.grad_norm()
+        model.update(1e-2, weight_decay=0.1, grad_scale=reference.grad_clip_scale(norm, 1.0))
+
+        _, ref_loss, acts = reference.gpt2_forward(params, TINY, tokens, targets)
+        grads = reference.ParameterTensors(TINY, np.float64)
+        reference.gpt2_backward(grads, params, TINY, acts)
+        ref_losses.append(ref_loss)
+        ref_norm = reference.gpt2_grad_norm(grads)
+        assert abs(norm - ref_norm) / ref_norm < 3e-2, (step, norm, ref_norm)
+        reference.gpt2_update(params, grads, m, v, step, 1e-2, weight_decay=0.1,
+                              grad_scale=reference.grad_clip_scale(ref_norm, 1.0))
+    np.testing.assert_allclose(losses, ref_losses, atol=0.05)
+    assert losses[-1] < losses[0]
+
+
+def test_bad_inputs_are_clear_errors(rng):
+    model = GPT2(TINY, 2, 8)
+    with pytest.raises(ValueError, match="tokens must be"):
+        model.forward(np.zeros((2, 4), np.int32))
+    with pytest.raises(ValueError, match="targets must lie"):
+        model.forward(np.zeros((2, 8), np.int32), np.full((2, 8), TINY.vocab_size))
+    with pytest.raises(ValueError, match="exceeds"):
+        GPT2(TINY, 2, 32)
