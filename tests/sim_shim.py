@@ -76,9 +76,39 @@ def shfl_sync(mask, value, src_lane):
     return _exchange(value, lambda me: (me // 32) * 32 + src_lane)
 
 
+def _locked_static_shared_array(original):
+    """The simulator creates a static shared array on the first thread to reach it without a
+    lock, so two threads can get different arrays (seen: ~2 in 30 layernorm runs returned
+    garbage). Same lookup, under a lock; the caller's frame stays where the original looks."""
+    lock = threading.Lock()
+
+    def array(self, shape, dtype, alignment=None):
+        if shape == 0:
+            return original(self, shape, dtype, alignment)
+        import sys
+        import traceback
+
+        caller = traceback.extract_stack(sys._getframe())[-2][0:2]
+        with lock:
+            existing = self._allocations.get(caller)
+            if existing is None:
+                from numba.np import numpy_support
+                from numba.core import types
+
+                np_dtype = numpy_support.as_dtype(dtype) if isinstance(dtype, types.Type) else dtype
+                existing = self._allocations[caller] = np.empty(shape, np_dtype)
+            return existing
+
+    return array
+
+
 def install():
     from numba.cuda.simulator import kernelapi
 
+    shared = kernelapi.FakeCUDAShared
+    if not getattr(shared.array, "_nanollm_locked", False):
+        shared.array = _locked_static_shared_array(shared.array)
+        shared.array._nanollm_locked = True
     module = kernelapi.FakeCUDAModule
     module.libdevice = _Libdevice()
     for fn in (shfl_xor_sync, shfl_down_sync, shfl_up_sync, shfl_sync):

@@ -1,0 +1,400 @@
+"""LayerNorm forward and backward, and the residual add it is fused with. After llm.c's layernorm.cuh.
+
+Every tensor moves as uint64 words, four bf16 per load (C must be a multiple of 4); rows are
+contiguous (B*T rows of C channels); sums are fp32.
+
+- layernorm_forward: one warp per row, the row kept in registers (ROW_WORDS words per lane, so
+  C <= 32 * 4 * ROW_WORDS = 2048, every GPT-2 size): mean, then the variance around it (two
+  passes over the registers, as llm.c), normalise, scale, shift; saves mean and rstd for the
+  backward. Warp shuffles only, no block barrier. (llm.c's kernel6 keeps the row in shared
+  memory instead; registers need no barrier and no shared-memory opt-in.)
+- fused_residual_layernorm_forward: residual = inp1 + inp2 (rounded to bf16, as stored) and the
+  layernorm of that, in one kernel, so the residual is not read back (llm.c's fused_residual_forward5).
+- residual_forward: out = inp1 + inp2, elementwise.
+- layernorm_backward: dinp += (llm.c accumulates: dinp is the residual stream's gradient);
+  dweight += and dbias += summed over all B*T rows, deterministically and without atomics. Each
+  thread owns one word (four channels) of a row, so its dweight/dbias sums stay in 8 registers
+  across all the rows its block visits; a block works on a few rows at once and strides over the
+  rest; the two row sums the dinp formula needs go through warp shuffles and one block barrier per
+  row. The next row's words are loaded while the current one is finished (software pipelining).
+  At the end each block adds its row slots' sums in a fixed order and writes one fp32 partial per
+  channel to `scratch` (num_blocks, 2C); a second small kernel adds the partials in a fixed order
+  and rounds once into the bf16 dweight/dbias. The grid depends on N only, not on the GPU, so the
+  result is bitwise identical from run to run and card to card. The caller allocates scratch:
+  layernorm_backward_scratch_size(C) float32 elements (1.5 MiB at C=768).
+  (llm.c's kernel10 keeps the sums in shared memory and syncs twice per 256 channels of a row; the
+  last block reduces the partials, found with an atomic counter.)
+"""
+
+import math
+
+import numpy as np
+from numba import cuda, float32, int32, uint32, uint64
+
+from .bf16 import float_to_bf16
+from .cuda_common import WARP_SIZE, ceil_div, check_contiguous, device_function, kernel, warp_reduce_sum
+
+LAYERNORM_EPS = 1e-5
+ROW_WORDS = 16  # uint64 words of a row each lane keeps in registers: C <= 32 * 4 * 16
+MAX_C = WARP_SIZE * 4 * ROW_WORDS
+FORWARD_WARPS = 8  # rows (warps) per block of the forward kernels: 256 threads
+BACKWARD_BLOCKS = 256  # most blocks (fp32 partial rows in scratch) of layernorm_backward
+PARAM_GRAD_ROWS = 16  # threads summing partials per channel word in layernorm_param_grad_kernel
+ELEMENTWISE_BLOCK = 256
+
+
+# ---- four bf16 in a uint64 word --------------------------------------------------------------
+
+@device_function
+def bf16x4_get(word, j):
+    """bf16 element j (0..3, lowest address first) of a uint64 word, as float."""
+    return cuda.libdevice.int_as_float(int32(uint32(word >> uint64(16 * j)) << uint32(16)))
+
+
+@device_function
+def bf16x4_put(value, j):
+    """value rounded to bf16 (nearest even), placed as element j of a uint64 word."""
+    return uint64(float_to_bf16(value)) << uint64(16 * j)
+
+
+@device_function
+def add_bf16x4(a, b):
+    """Elementwise a + b of two words of four bf16: fp32 add, one rounding."""
+    out = uint64(0)
+    for j in range(4):
+        out |= bf16x4_put(bf16x4_get(a, j) + bf16x4_get(b, j), j)
+    return out
+
+
+@device_function
+def add_fp32_to_bf16x4(word, acc):
+    """word + acc[0..3] (fp32 sums), rounded once: how accumulated gradients are written back."""
+    out = uint64(0)
+    for j in range(4):
+        out |= bf16x4_put(bf16x4_get(word, j) + acc[j], j)
+    return out
+
+
+# ---- kernels ---------------------------------------------------------------------------------
+
+@device_function
+def normalize_row(out, mean, rstd, x, weight, bias, row, C4, lane):
+    """The warp's row is in registers (x: ROW_WORDS words per lane, word lane + 32k): write its
+    layernorm to out and its mean and rstd. Every lane of the warp must call it (shuffles)."""
+    inv_C = float32(1.0) / float32(4 * C4)
+    total = float32(0.0)
+    for k in range(ROW_WORDS):
+        if lane + k * WARP_SIZE < C4:
+            for j in range(4):
+                total += bf16x4_get(x[k], j)
+    m = warp_reduce_sum(total) * inv_C
+    # variance around the mean (two passes, as llm.c: no cancellation as in E[x^2] - m^2)
+    total = float32(0.0)
+    for k in range(ROW_WORDS):
+        if lane + k * WARP_SIZE < C4:
+            for j in range(4):
+                diff = bf16x4_get(x[k], j) - m
+                total += diff * diff
+    s = float32(1.0) / math.sqrt(warp_reduce_sum(total) * inv_C + float32(LAYERNORM_EPS))
+    for k in range(ROW_WORDS):
+        c = lane + k * WARP_SIZE
+        if c < C4:
+            w = weight[c]
+            b = bias[c]
+            o = uint64(0)
+            for j in range(4):
+                o |= bf16x4_put((bf16x4_get(x[k], j) - m) * s * bf16x4_get(w, j) + bf16x4_get(b, j), j)
+            out[row * C4 + c] = o
+    if lane == 0:
+        mean[row] = m
+        rstd[row] = s
+
+
+@kernel
+def layernorm_forward_kernel(out, mean, rstd, inp, weight, bias, C4):
+    # out, inp: (N*C4,) uint64 words, N = B*T rows; weight, bias: (C4,) words; mean, rstd: (N,) fp32
+    # block (32, warps): one warp per row
+    lane = cuda.threadIdx.x
+    row = cuda.blockIdx.x * cuda.blockDim.y + cuda.threadIdx.y
+    if row >= mean.shape[0]:
+        return  # a whole warp leaves: its shuffles had no partners elsewhere
+    x = cuda.local.array(ROW_WORDS, uint64)
+    for k in range(ROW_WORDS):
+        c = lane + k * WARP_SIZE
+        if c < C4:
+            x[k] = inp[row * C4 + c]
+    normalize_row(out, mean, rstd, x, weight, bias, row, C4, lane)
+
+
+@kernel
+def fused_residual_layernorm_forward_kernel(residual, normed, mean, rstd, inp1, inp2, weight, bias, C4):
+    # residual, normed, inp1, inp2: (N*C4,) words; weight, bias: (C4,) words; mean, rstd: (N,)
+    # block (32, warps): one warp per row
+    lane = cuda.threadIdx.x
+    row = cuda.blockIdx.x * cuda.blockDim.y + cuda.threadIdx.y
+    if row >= mean.shape[0]:
+        return
+    x = cuda.local.array(ROW_WORDS, uint64)
+    for k in range(ROW_WORDS):
+        c = lane + k * WARP_SIZE
+        if c < C4:
+            # normalise the residual as stored (bf16), so forward and backward see the same values
+            x[k] = add_bf16x4(inp1[row * C4 + c], inp2[row * C4 + c])
+            residual[row * C4 + c] = x[k]
+    normalize_row(normed, mean, rstd, x, weight, bias, row, C4, lane)
+
+
+@kernel
+def residual_forward_kernel(out, inp1, inp2):
+    # out, inp1, inp2: (N/4,) uint64 words
+    i = cuda.grid(1)
+    if i < out.shape[0]:
+        out[i] = add_bf16x4(inp1[i], inp2[i])
+
+
+@device_function
+def load_row_words(dinp, dout, inp, row, N, C4, c):
+    """Word c of row `row` of dout, inp and dinp; zeros past the last row or past C4."""
+    g = uint64(0)
+    x = uint64(0)
+    old = uint64(0)
+    if row < N and c < C4:
+        g = dout[row * C4 + c]
+        x = inp[row * C4 + c]
+        old = dinp[row * C4 + c]
+    return g, x, old
+
+
+@kernel
+def layernorm_backward_kernel(dinp, partials, dout, inp, weight, mean, rstd, C4):
+    # dinp, dout, inp: (N*C4,) words; weight: (C4,) words; mean, rstd: (N,) fp32
+    # partials: (gridDim.x, 8, C4) fp32, this block's sums for channel 4c+j: dbias at [.., j, c],
+    # dweight at [.., 4 + j, c]
+    # block (width, rows): width >= C4 threads (whole warps), thread c owns word c of a row, and
+    # `rows` rows are in flight at once; blocks stride over the rows
+    N = mean.shape[0]
+    c = cuda.threadIdx.x
+    slot = cuda.threadIdx.y
+    rows = cuda.blockDim.y
+    warps_per_row = cuda.blockDim.x // WARP_SIZE
+    first_warp = slot * warps_per_row
+    lane = c % WARP_SIZE
+    inv_C = float32(1.0) / float32(4 * C4)
+    w = uint64(0)  # threads past C4 compute on zeros: they add nothing to the row sums
+    if c < C4:
+        w = weight[c]
+    # dbias (0..3) and dweight (4..7) of this thread's four channels, over all its rows
+    acc = cuda.local.array(8, float32)
+    for q in range(8):
+        acc[q] = float32(0.0)
+    # dynamic shared memory, fp32: each warp's part of the row's two sums (2 buffers used in turn,
+    # so one barrier per row; 32 warps; 2 sums), then the row slots' dbias/dweight sums (rows, 8, C4)
+    shared = cuda.shared.array(0, float32)
+    parity = 0
+    stride = cuda.gridDim.x * rows
+    # software pipelining: the next row's words are in flight while this row is reduced and written
+    g_next, x_next, old_next = load_row_words(dinp, dout, inp, cuda.blockIdx.x * rows + slot, N, C4, c)
+    # the trip count is the same for every thread of the block (shuffles and barriers stay
+    # block-uniform); a row slot past the last row computes on zeros and stores nothing
+    for first_row in range(cuda.blockIdx.x * rows, N, stride):
+        row = first_row + slot
+        g, x, old = g_next, x_next, old_next
+        g_next, x_next, old_next = load_row_words(dinp, dout, inp, row + stride, N, C4, c)
+        m = mean[min(row, N - 1)]
+        s = rstd[min(row, N - 1)]
+        dnorm_sum = float32(0.0)
+        dnorm_norm_sum = float32(0.0)
+        for j in range(4):
+            dnorm = bf16x4_get(w, j) * bf16x4_get(g, j)
+            dnorm_sum += dnorm
+            dnorm_norm_sum += dnorm * ((bf16x4_get(x, j) - m) * s)
+        dnorm_sum = warp_reduce_sum(dnorm_sum)
+        dnorm_norm_sum = warp_reduce_sum(dnorm_norm_sum)
+        if lane == 0:
+            shared[(parity * 32 + first_warp + c // WARP_SIZE) * 2] = dnorm_sum
+            shared[(parity * 32 + first_warp + c // WARP_SIZE) * 2 + 1] = dnorm_norm_sum
+        cuda.syncthreads()
+        dnorm_mean = float32(0.0)
+        dnorm_norm_mean = float32(0.0)
+        for i in range(warps_per_row):
+            dnorm_mean += shared[(parity * 32 + first_warp + i) * 2]
+            dnorm_norm_mean += shared[(parity * 32 + first_warp + i) * 2 + 1]
+        dnorm_mean *= inv_C
+        dnorm_norm_mean *= inv_C
+        if row < N and c < C4:
+            new = uint64(0)
+            for j in range(4):
+                grad = bf16x4_get(g, j)
+                norm = (bf16x4_get(x, j) - m) * s
+                dval = (bf16x4_get(w, j) * grad - dnorm_mean - norm * dnorm_norm_mean) * s
+                new |= bf16x4_put(bf16x4_get(old, j) + dval, j)
+                acc[j] += grad
+                acc[4 + j] += grad * norm
+            dinp[row * C4 + c] = new
+        parity = 1 - parity
+    # the block's partial: its row slots' sums added in a fixed order
+    slot_sums = 2 * 32 * 2
+    if c < C4:
+        for q in range(8):
+            shared[slot_sums + (slot * 8 + q) * C4 + c] = acc[q]
+    cuda.syncthreads()
+    if slot == 0 and c < C4:
+        for q in range(8):
+            total = float32(0.0)
+            for r in range(rows):
+                total += shared[slot_sums + (r * 8 + q) * C4 + c]
+            partials[(cuda.blockIdx.x * 8 + q) * C4 + c] = total
+
+
+@kernel
+def layernorm_param_grad_kernel(dweight, dbias, partials, num_blocks, C4):
+    # dweight, dbias: (C4,) words, += the sum of the num_blocks partials (num_blocks, 2, 4, C4)
+    # block (32, PARAM_GRAD_ROWS); grid (ceil(C4/32), 2): blockIdx.y 0 is dbias, 1 is dweight;
+    # dynamic shared memory: (PARAM_GRAD_ROWS, 4, 32) fp32
+    lane = cuda.threadIdx.x
+    r = cuda.threadIdx.y
+    c = cuda.blockIdx.x * WARP_SIZE + lane
+    which = cuda.blockIdx.y
+    acc = cuda.local.array(4, float32)
+    for j in range(4):
+        acc[j] = float32(0.0)
+    if c < C4:
+        for b in range(r, num_blocks, PARAM_GRAD_ROWS):
+            base = (b * 2 + which) * 4 * C4 + c
+            for j in range(4):
+                acc[j] += partials[base + j * C4]
+    row_sums = cuda.shared.array(0, float32)
+    for j in range(4):
+        row_sums[(r * 4 + j) * WARP_SIZE + lane] = acc[j]
+    cuda.syncthreads()
+    if r == 0 and c < C4:
+        for other in range(1, PARAM_GRAD_ROWS):
+            for j in range(4):
+                acc[j] += row_sums[(other * 4 + j) * WARP_SIZE + lane]
+        if which == 0:
+            dbias[c] = add_fp32_to_bf16x4(dbias[c], acc)
+        else:
+            dweight[c] = add_fp32_to_bf16x4(dweight[c], acc)
+
+
+_WORDS = "uint64[::1]"
+_F32 = "float32[::1]"
+PTX_SIGNATURES = {
+    layernorm_forward_kernel: f"void({_WORDS}, {_F32}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, int64)",
+    fused_residual_layernorm_forward_kernel:
+        f"void({_WORDS}, {_WORDS}, {_F32}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, {_WORDS}, int64)",
+    residual_forward_kernel: f"void({_WORDS}, {_WORDS}, {_WORDS})",
+    layernorm_backward_kernel: f"void({_WORDS}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, {_F32}, {_F32}, int64)",
+    layernorm_param_grad_kernel: f"void({_WORDS}, {_WORDS}, {_F32}, int64, int64)",
+}
+
+
+# ---- launchers -------------------------------------------------------------------------------
+
+def as_words(name, array, shape):
+    """A bf16 (uint16) device array as a flat array of uint64 words (four bf16 each)."""
+    check_contiguous(name, array, np.uint16, shape)
+    if array.size % 4:
+        raise ValueError(f"{name}: element count must be a multiple of 4 (kernels move four bf16 per word)")
+    interface = getattr(array, "__cuda_array_interface__", None)  # absent on the simulator
+    if interface is not None and interface["data"][0] % 8:
+        raise ValueError(f"{name}: device pointer must be 8-byte aligned (kernels load uint64 words)")
+    return array.reshape(array.size).view(np.uint64)
+
+
+def _rows(name, array):
+    """(shape, N rows, C channels) of a (..., C) activation; checks C fits the kernels."""
+    shape = tuple(array.shape)  # a plain tuple: the simulator's shapes take no negative index
+    C = shape[-1] if len(shape) >= 2 else 0
+    if C == 0 or C % 4 or C > MAX_C:
+        raise ValueError(f"{name}: shape {shape} must be (..., C) with C a multiple of 4 and at most "
+                         f"{MAX_C} (four bf16 per word, ROW_WORDS={ROW_WORDS} words per lane)")
+    return shape, int(np.prod(shape[:-1])), C
+
+
+def _forward_grid(N, warps_per_block):
+    if not 1 <= warps_per_block <= 32:
+        raise ValueError(f"warps_per_block must be 1..32, got {warps_per_block}")
+    return ceil_div(N, warps_per_block), (WARP_SIZE, warps_per_block)
+
+
+def layernorm_forward(out, mean, rstd, inp, weight, bias, stream=0, warps_per_block=FORWARD_WARPS):
+    """out = layernorm(inp) * weight + bias; saves mean and rstd.
+    inp, out are (B,T,C) bf16; weight, bias (C,) bf16; mean, rstd (B,T) fp32."""
+    shape, N, C = _rows("inp", inp)
+    inp_words, out_words = as_words("inp", inp, shape), as_words("out", out, shape)
+    weight_words, bias_words = as_words("weight", weight, (C,)), as_words("bias", bias, (C,))
+    check_contiguous("mean", mean, np.float32, shape[:-1])
+    check_contiguous("rstd", rstd, np.float32, shape[:-1])
+    grid, block = _forward_grid(N, warps_per_block)
+    layernorm_forward_kernel[grid, block, stream](out_words, mean.reshape(N), rstd.reshape(N), inp_words,
+                                                  weight_words, bias_words, C // 4)
+
+
+def fused_residual_layernorm_forward(residual, normed, mean, rstd, inp1, inp2, weight, bias, stream=0,
+                                     warps_per_block=FORWARD_WARPS):
+    """residual = inp1 + inp2; normed = layernorm(residual) * weight + bias; saves mean, rstd.
+    residual, normed, inp1, inp2 are (B,T,C) bf16; weight, bias (C,) bf16; mean, rstd (B,T) fp32."""
+    shape, N, C = _rows("inp1", inp1)
+    words = [as_words(name, array, shape) for name, array in
+             [("residual", residual), ("normed", normed), ("inp1", inp1), ("inp2", inp2)]]
+    weight_words, bias_words = as_words("weight", weight, (C,)), as_words("bias", bias, (C,))
+    check_contiguous("mean", mean, np.float32, shape[:-1])
+    check_contiguous("rstd", rstd, np.float32, shape[:-1])
+    grid, block = _forward_grid(N, warps_per_block)
+    fused_residual_layernorm_forward_kernel[grid, block, stream](words[0], words[1], mean.reshape(N),
+                                                                 rstd.reshape(N), words[2], words[3],
+                                                                 weight_words, bias_words, C // 4)
+
+
+def residual_forward(out, inp1, inp2, stream=0):
+    """out = inp1 + inp2; all bf16 of the same shape, e.g. (B,T,C)."""
+    shape = tuple(out.shape)
+    out_words = as_words("out", out, shape)
+    inp1_words, inp2_words = as_words("inp1", inp1, shape), as_words("inp2", inp2, shape)
+    grid = ceil_div(out_words.shape[0], ELEMENTWISE_BLOCK)
+    residual_forward_kernel[grid, ELEMENTWISE_BLOCK, stream](out_words, inp1_words, inp2_words)
+
+
+def layernorm_backward_block(C, rows=None):
+    """Block shape of layernorm_backward: one thread per word of a row (whole warps), and as many
+    rows at once as keep the block near 512 threads."""
+    width = ceil_div(C // 4, WARP_SIZE) * WARP_SIZE
+    rows = rows or max(1, 512 // width)
+    if width * rows > 1024:
+        raise ValueError(f"layernorm_backward: {rows} rows of {width} threads exceed 1024 threads per block")
+    return width, rows
+
+
+def layernorm_backward_scratch_size(C, num_blocks=BACKWARD_BLOCKS):
+    """float32 elements of the scratch buffer layernorm_backward needs: one (2C,) partial per block."""
+    return num_blocks * 2 * C
+
+
+def layernorm_backward(dinp, dweight, dbias, scratch, dout, inp, weight, mean, rstd, stream=0,
+                       num_blocks=BACKWARD_BLOCKS, rows_per_block=None):
+    """dinp += dL/dinp; dweight += and dbias += over all B*T rows (deterministic, no atomics).
+    dinp, dout, inp are (B,T,C) bf16; dweight, dbias, weight (C,) bf16; mean, rstd (B,T) fp32 from
+    the forward; scratch: fp32 device array of at least layernorm_backward_scratch_size(C, num_blocks)
+    elements (overwritten). num_blocks caps the grid, i.e. the fp32 partial rows in scratch."""
+    shape, N, C = _rows("inp", inp)
+    inp_words = as_words("inp", inp, shape)
+    dinp_words, dout_words = as_words("dinp", dinp, shape), as_words("dout", dout, shape)
+    dweight_words, dbias_words = as_words("dweight", dweight, (C,)), as_words("dbias", dbias, (C,))
+    weight_words = as_words("weight", weight, (C,))
+    check_contiguous("mean", mean, np.float32, shape[:-1])
+    check_contiguous("rstd", rstd, np.float32, shape[:-1])
+    width, rows = layernorm_backward_block(C, rows_per_block)
+    blocks = min(ceil_div(N, rows), num_blocks)
+    needed = blocks * 2 * C
+    if scratch.dtype != np.float32 or scratch.ndim != 1 or scratch.size < needed:
+        raise ValueError(f"scratch: expected a 1-D float32 array of at least {needed} elements "
+                         f"(layernorm_backward_scratch_size), got {scratch.dtype} {tuple(scratch.shape)}")
+    partials = scratch[:needed]
+    C4 = C // 4
+    shared_bytes = (2 * 32 * 2 + rows * 8 * C4) * 4
+    layernorm_backward_kernel[blocks, (width, rows), stream, shared_bytes](
+        dinp_words, partials, dout_words, inp_words, weight_words, mean.reshape(N), rstd.reshape(N), C4)
+    layernorm_param_grad_kernel[(ceil_div(C4, WARP_SIZE), 2), (WARP_SIZE, PARAM_GRAD_ROWS), stream,
+                                PARAM_GRAD_ROWS * 4 * WARP_SIZE * 4](
+        dweight_words, dbias_words, partials, blocks, C4)
