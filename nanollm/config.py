@@ -17,6 +17,9 @@ DEPTH_TABLE = {
     24: (1024, 16),  # gpt2-medium, 350M
     36: (1280, 20),  # gpt2-large, 774M
     48: (1600, 25),  # gpt2-xl, 1558M
+    60: (1920, 30),  # (unofficial) 2.7B
+    72: (2880, 30),  # (unofficial) 7.3B
+    84: (3456, 36),  # (unofficial) 12.2B
 }
 HEAD_SIZE = 64  # width rule for depths outside the table: C = 64 * N, NH = N
 
@@ -52,7 +55,7 @@ class GPT2Config:
 def from_descriptor(descriptor):
     """GPT-2 config from llm.c's descriptor "dN" (or "gpt2:dN"): N layers, max T 1024.
 
-    d6, d12, d24, d36, d48 take llm.c's widths (DEPTH_TABLE); any other depth N gets
+    d6, d12, d24, d36, d48, d60, d72, d84 take llm.c's widths (DEPTH_TABLE); any other depth N gets
     C = 64*N channels and NH = N heads (head size 64, as d6 and d12)."""
     if not isinstance(descriptor, str):
         raise TypeError(f"model descriptor must be a str like 'd12', got {type(descriptor).__name__}")

@@ -54,7 +54,7 @@ class TrainConfig:
 FLAGS = {
     "-i": ("input_bin", "train data filename pattern (glob)"),
     "-j": ("input_val_bin", "val data filename pattern (glob)"),
-    "-e": ("model", "model descriptor dN (d6 d12 d24 d36 d48: llm.c's widths; other N: C=64N, NH=N) or llm.c .bin file"),
+    "-e": ("model", "model descriptor dN (d6 d12 d24 d36 d48 d60 d72 d84: llm.c's widths; other N: C=64N, NH=N)"),
     "-o": ("output_dir", "output log directory (default: none, no log file)"),
     "-lg": ("log_gpu_every", "log GPU info every x steps (-1 = off)"),
     "-n": ("checkpoint_every", "write checkpoints every how many steps (0 = never)"),

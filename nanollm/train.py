@@ -1,0 +1,333 @@
+"""Train GPT-2: the loop of llm.c's train_gpt2.cu, from Python.
+
+    python -m nanollm.train -e d12 -b 64 -t 1024 -d 65536 -x 100     # llm.c's flags, --help lists them
+    import nanollm; nanollm.train(nanollm.TrainConfig(model="d12", batch_size=64))
+
+Each step: validation loss every -v steps, a sample every -s steps, then grad_accum micro-steps
+of forward + backward, the global gradient norm (clipped at --grad-clip), the learning rate from
+the -k schedule, and AdamW. A line per step (loss, norm, lr, ms, tokens/s, MFU) goes to stdout
+and, with -o, llm.c's log format ("s:STEP trl:LOSS", "s:STEP tel:LOSS") to OUT/main.log.
+On a GPU the model is nanollm.model.GPT2 (bf16, Numba kernels, cuBLASLt); with --device cpu (or
+no GPU) it is the numpy reference in float32, for small models.
+"""
+
+import math
+import os
+import sys
+import time
+import types
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import reference
+from .config import flops_per_token, from_descriptor, num_parameters
+from .data import DataLoader, EvalLoader, ShardError
+from .mfu import mfu
+from .schedulers import learning_rate
+from .train_config import TrainConfig, UsageError, main_parse, validate
+
+
+@dataclass
+class TrainResult:
+    steps: int                                        # optimizer steps taken
+    train_losses: list = field(default_factory=list)  # one per step
+    val_losses: dict = field(default_factory=dict)    # step -> val loss
+    samples: dict = field(default_factory=dict)       # step -> generated text
+    log_path: str = ""                                # OUT/main.log, "" without -o
+    tokens_per_second: float = 0.0                    # median over the steps after the first
+    ms_per_step: float = 0.0
+    device: str = ""
+
+    @property
+    def final_train_loss(self):
+        return self.train_losses[-1] if self.train_losses else None
+
+    @property
+    def final_val_loss(self):
+        return self.val_losses[max(self.val_losses)] if self.val_losses else None
+
+
+# ---- the two back ends: the same five calls ---------------------------------------------------
+
+class GpuBackend:
+    """nanollm.model.GPT2: bf16 on the GPU."""
+
+    def __init__(self, config, cfg, grad_accum):
+        from numba import cuda
+
+        from .model import GPT2
+
+        gelu_fusion = cfg.gelu_fusion
+        if gelu_fusion == -1:  # llm.c: 2 on sm_90 and newer
+            gelu_fusion = 2 if cuda.get_current_device().compute_capability >= (9, 0) else 0
+        self.model = GPT2(config, cfg.batch_size, cfg.seq_len, seed=cfg.seed, gelu_fusion=gelu_fusion,
+                          recompute=cfg.recompute, grad_accum_steps=grad_accum)
+        name = cuda.get_current_device().name
+        self.device_name = name.decode() if isinstance(name, bytes) else str(name)
+        free, total = cuda.current_context().get_memory_info()
+        self.description = f"{self.device_name}, {(total - free) / 2**30:.1f} GiB in use after allocation"
+
+    def train_micro_step(self, x, y, micro_step):
+        self.model.forward(x, y, micro_step)
+        self.model.backward()
+
+    def zero_grad(self):
+        self.model.zero_grad()
+
+    def step_loss(self):
+        return self.model.losses()
+
+    def grad_norm(self):
+        return self.model.grad_norm()
+
+    def update(self, lr, weight_decay, grad_scale):
+        self.model.update(lr, weight_decay=weight_decay, grad_scale=grad_scale)
+
+    def evaluate(self, x, y):
+        return self.model.evaluate(x, y)
+
+    def next_token_logits(self, context):
+        """Logits (V,) for the token after `context` (a list of ids), from a B=1 forward."""
+        T = self.model.T
+        window = context[-T:]
+        tokens = np.full((1, T), window[-1], dtype=np.int32)
+        tokens[0, :len(window)] = window
+        self.model.forward(tokens, B=1)
+        return self.model.logits_at(0, len(window) - 1)
+
+    def synchronize(self):
+        from numba import cuda
+
+        cuda.synchronize()
+
+
+class CpuBackend:
+    """The numpy reference model in float32: exact, slow, for small models without a GPU."""
+
+    def __init__(self, config, cfg, grad_accum):
+        self.config = config
+        self.grad_accum = grad_accum
+        self.params = reference.init_parameters(config, cfg.seed, np.float32)
+        self.grads = reference.ParameterTensors(config, np.float32)
+        self.m = reference.ParameterTensors(config, np.float32)
+        self.v = reference.ParameterTensors(config, np.float32)
+        self.step = 0
+        self.losses = []
+        self.device_name = "cpu"
+        self.description = f"CPU, numpy float32 reference model ({self.params.memory.nbytes / 2**20:.0f} MiB of parameters)"
+
+    def zero_grad(self):
+        self.grads.zero()
+        self.losses = []
+
+    def train_micro_step(self, x, y, micro_step):
+        _, loss, acts = reference.gpt2_forward(self.params, self.config, x, y)
+        reference.gpt2_backward(self.grads, self.params, self.config, acts, dloss=1.0 / self.grad_accum)
+        self.losses.append(loss)
+
+    def step_loss(self):
+        return float(np.mean(self.losses))
+
+    def grad_norm(self):
+        return reference.gpt2_grad_norm(self.grads)
+
+    def update(self, lr, weight_decay, grad_scale):
+        self.step += 1
+        reference.gpt2_update(self.params, self.grads, self.m, self.v, self.step, lr, weight_decay=weight_decay,
+                              grad_scale=grad_scale)
+
+    def evaluate(self, x, y):
+        return reference.gpt2_forward(self.params, self.config, x, y)[1]
+
+    def next_token_logits(self, context):
+        window = np.asarray(context[-self.config.max_seq_len:], dtype=np.int64)[None, :]
+        logits, _, _ = reference.gpt2_forward(self.params, self.config, window)
+        return logits[0, -1, :self.config.vocab_size]
+
+    def synchronize(self):
+        pass
+
+
+def gpu_available():
+    """A real CUDA GPU (the simulator, which tests use, does not count)."""
+    try:
+        from numba import cuda
+        from numba.core import config as numba_config
+
+        return not numba_config.ENABLE_CUDASIM and bool(cuda.is_available())
+    except Exception:  # no driver or toolkit: no GPU
+        return False
+
+
+def _choose_device(cfg):
+    if cfg.device == "cpu":
+        return "cpu"
+    if gpu_available():
+        return "cuda"
+    if cfg.device == "cuda":
+        raise UsageError("--device cuda: no CUDA GPU is available (numba.cuda.is_available() is False)")
+    return "cpu"
+
+
+# ---- sampling ----------------------------------------------------------------------------------
+
+def sample(backend, tokenizer, num_tokens, rng):
+    """Generate num_tokens after <|endoftext|>, sampling from the softmax (temperature 1), as llm.c."""
+    context = [tokenizer.eot_token]
+    for _ in range(num_tokens):
+        logits = backend.next_token_logits(context).astype(np.float64)
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        context.append(int(rng.choice(len(probs), p=probs)))
+    return tokenizer.decode(context[1:])
+
+
+# ---- the loop ----------------------------------------------------------------------------------
+
+class Logger:
+    """stdout, and llm.c's main.log in the output directory (appending, as llm.c with -y 1)."""
+
+    def __init__(self, output_dir):
+        self.path = ""
+        self.file = None
+        if output_dir:
+            os.makedirs(output_dir, exist_ok=True)
+            self.path = os.path.join(output_dir, "main.log")
+            self.file = open(self.path, "w")
+
+    def print(self, text):
+        print(text, flush=True)
+
+    def record(self, line):
+        if self.file:
+            self.file.write(line + "\n")
+            self.file.flush()
+
+    def close(self):
+        if self.file:
+            self.file.close()
+
+
+def train(cfg=None, **overrides):
+    """Train as `python -m nanollm.train` would with the same settings; returns a TrainResult.
+    cfg: a TrainConfig (default: llm.c's defaults); keyword arguments override its fields."""
+    cfg = cfg or TrainConfig()
+    if overrides:
+        cfg = TrainConfig(**{**cfg.__dict__, **overrides})
+    validate(cfg)
+    start_time = time.perf_counter()
+    if cfg.model.endswith(".bin"):
+        raise UsageError(f"-e {cfg.model}: loading llm.c model files is not supported yet (use a descriptor like d12)")
+    config = from_descriptor(cfg.model)
+    B, T = cfg.batch_size, cfg.seq_len
+    if T > config.max_seq_len:
+        raise UsageError(f"-t {T} exceeds the model's context of {config.max_seq_len}")
+    world_size, rank = 1, 0
+    tokens_per_micro_step = B * T * world_size
+    total_batch = cfg.total_batch_size if cfg.total_batch_size != -1 else tokens_per_micro_step
+    if total_batch % tokens_per_micro_step:
+        raise UsageError(f"-d {total_batch} must be a multiple of B*T*processes = {tokens_per_micro_step}")
+    grad_accum = total_batch // tokens_per_micro_step
+
+    train_loader = DataLoader(cfg.input_bin, B, T, rank, world_size, shuffle=True, seed=cfg.seed)
+    val_loader = EvalLoader(cfg.input_val_bin, B, T, rank, world_size, max_batches=cfg.val_max_steps) \
+        if cfg.val_loss_every > 0 else None
+    max_steps = cfg.max_steps if cfg.max_steps != -1 else max(1, train_loader.num_tokens // total_batch)
+
+    device = _choose_device(cfg)
+    log = Logger(cfg.output_dir)
+    if device == "cpu" and cfg.device == "auto":
+        log.print("No CUDA GPU found: training on the CPU with the numpy reference model (slow; small models only).")
+    backend = (GpuBackend if device == "cuda" else CpuBackend)(config, cfg, grad_accum)
+    from .tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer() if cfg.sample_every > 0 else None
+    sample_rng = np.random.default_rng(1337)
+    step_flops = flops_per_token(config, T) * total_batch
+
+    log.print(f"model {cfg.model}: L={config.num_layers} C={config.channels} NH={config.num_heads} "
+              f"V={config.vocab_size} (padded {config.padded_vocab_size}), {num_parameters(config):,} parameters")
+    log.print(f"device: {backend.description}")
+    log.print(f"B={B} T={T} total batch {total_batch:,} tokens, grad accumulation {grad_accum}, {max_steps} steps; "
+              f"train {train_loader.num_tokens:,} tokens in {len(train_loader.files)} shard(s)"
+              + (f", val {len(val_loader)} batch(es)" if val_loader else ""))
+
+    result = TrainResult(steps=0, log_path=log.path, device=backend.device_name)
+    step_times = []
+    try:
+        for step in range(max_steps + 1):
+            last = step == max_steps
+            if val_loader is not None and (step % cfg.val_loss_every == 0 or last):
+                val_loss = float(np.mean([backend.evaluate(x, y) for x, y in val_loader]))
+                result.val_losses[step] = val_loss
+                log.print(f"val loss {val_loss:.6f}")
+                log.record(f"s:{step} tel:{val_loss:.6f}")
+            if cfg.sample_every > 0 and step > 0 and (step % cfg.sample_every == 0 or last):
+                text = sample(backend, tokenizer, cfg.gen_tokens, sample_rng)
+                result.samples[step] = text
+                log.print(f"generating:\n---\n{text}\n---")
+            if last:
+                break
+            backend.synchronize()
+            t0 = time.perf_counter()
+            backend.zero_grad()
+            for micro_step in range(grad_accum):
+                if cfg.overfit_single_batch and step > 0:
+                    x, y = train_loader.inputs, train_loader.targets
+                else:
+                    x, y = train_loader.next_batch()
+                backend.train_micro_step(x, y, micro_step)
+            norm = backend.grad_norm()  # synchronises: the clip scale is needed on the host
+            grad_scale = cfg.grad_clip / norm if cfg.grad_clip > 0 and norm > cfg.grad_clip else 1.0
+            lr = learning_rate(cfg.lr_scheduler, step, cfg.learning_rate, cfg.warmup_iters, max_steps,
+                               cfg.final_lr_frac)
+            backend.update(lr, cfg.weight_decay, grad_scale)
+            loss = backend.step_loss()  # synchronises
+            dt = time.perf_counter() - t0
+            if step == 0:
+                log.print(f"time to first step: {time.perf_counter() - start_time:.1f} s (start-up, compilation, step 0)")
+            step_times.append(dt)
+            result.train_losses.append(loss)
+            result.steps = step + 1
+            tokens_per_second = total_batch / dt
+            utilisation = mfu(step_flops, dt, backend.device_name)
+            mfu_text = f"{100 * utilisation:.1f}% bf16 MFU" if utilisation is not None else "MFU n/a"
+            log.print(f"step {step + 1:4d}/{max_steps} | loss {loss:.6f} | norm {norm:.4f} | lr {lr:.2e} | "
+                      f"{dt * 1e3:.2f} ms | {mfu_text} | {tokens_per_second:,.0f} tok/s")
+            log.record(f"s:{step} trl:{loss:.6f}")
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"step {step + 1}: the loss is {loss}; stopping")
+    finally:
+        log.close()
+    steady = sorted(step_times[1:] or step_times)
+    if steady:
+        result.ms_per_step = 1e3 * steady[len(steady) // 2]
+        result.tokens_per_second = total_batch / (result.ms_per_step / 1e3)
+        log.print(f"median over steps 2..{len(step_times)}: {result.ms_per_step:.2f} ms/step, "
+                  f"{result.tokens_per_second:,.0f} tok/s")
+    return result
+
+
+def main(argv=None):
+    cfg = main_parse(argv)
+    try:
+        train(cfg)
+    except (UsageError, FileNotFoundError, ShardError) as error:
+        # bad settings or data: a clear message and exit code 2, as for a bad flag
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+class _CallableModule(types.ModuleType):
+    """`nanollm.train` is both this module (python -m nanollm.train) and, called, the function:
+    import nanollm; nanollm.train(cfg)."""
+
+    def __call__(self, cfg=None, **overrides):
+        return train(cfg, **overrides)
+
+
+if __name__ == "__main__":
+    main()
+else:
+    sys.modules[__name__].__class__ = _CallableModule
