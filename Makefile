@@ -21,8 +21,19 @@ test: $(VENV)/.installed
 test-gpu: $(VENV)/.installed
 	$(PY) -m pytest -m gpu -q tests
 
+# Prepares the default corpus (Shakespeare), then trains: GPT-2 d12 on a GPU; without one, a
+# small model (d2: 2 layers, 128 channels) on the CPU through the numpy reference model.
+GPU_TRAIN_ARGS ?= -e d12 -b 32 -t 1024 -d 65536 -x 300 -v 50 -m 4 -s 100 -g 64 -l 6e-4 -u 20 -q 0.1 -c 0.1
+CPU_TRAIN_ARGS ?= -e d2 -b 8 -t 64 -x 200 -v 50 -m 4 -s 200 -g 48 -l 1e-3 -u 10 -q 0.1 --device cpu
 train: $(VENV)/.installed
-	@echo "make train: not yet — training lands with issue 3 (model, data, training loop)."
+	$(PY) -m nanollm.prepare
+	@if $(PY) -c "import sys; from nanollm.train import gpu_available; sys.exit(0 if gpu_available() else 1)"; then \
+		echo "make train: GPT-2 d12 on the GPU"; \
+		$(PY) -m nanollm.train $(GPU_TRAIN_ARGS) -o out/train; \
+	else \
+		echo "make train: no CUDA GPU found, so a small GPT-2 (d2) trains on the CPU with the numpy reference model"; \
+		$(PY) -m nanollm.train $(CPU_TRAIN_ARGS) -o out/train; \
+	fi
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,86 @@
+"""The bf16 GPU model against PyTorch (fp32, CPU) at GPT-2 d12, B=4, T=64, with llm.c's
+test_gpt2 bf16 tolerances: logits, loss, all 16 gradient tensors, then 10 AdamW steps whose
+losses stay within 0.05. Runs only on a real GPU (`pytest -m gpu`)."""
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+torch = pytest.importorskip("torch")
+
+from nanollm import reference  # noqa: E402
+from nanollm.config import from_descriptor, parameter_shapes  # noqa: E402
+from nanollm.model import GPT2  # noqa: E402
+
+from .test_reference import torch_model_from, torch_values  # noqa: E402
+
+# llm.c test_gpt2.cu: |ours - torch| <= threshold + 0.079 |torch| per element (0.079: bf16's
+# epsilon as llm.c counts it), thresholds per tensor in llm.c's order
+GRAD_THRESHOLDS = dict(zip(parameter_shapes(from_descriptor("d12")),
+                           [5e-1, 4e-3, 1e-1, 4e-2, 5e-2, 3.5e-2, 2e-2, 3e-2,
+                            5e-2, 3e-2, 3e-2, 3e-2, 2e-2, 1e-2, 1e-1, 2e-2]))
+LOGIT_THRESHOLD = 25.0   # llm.c's bf16 bound on any logit's absolute difference
+LOSS_THRESHOLD = 0.05    # llm.c's bf16 bound on each step's loss
+
+
+def _split(flat, config):
+    out, offset = {}, 0
+    for name, shape in parameter_shapes(config).items():
+        size = int(np.prod(shape))
+        out[name] = flat[offset:offset + size].reshape(shape)
+        offset += size
+    return out
+
+
+def test_d12_matches_pytorch():
+    config = from_descriptor("d12")
+    B, T = 4, 64
+    rng = np.random.default_rng(1234)
+    tokens, targets = rng.integers(0, config.vocab_size, (2, B, T))
+    model = GPT2(config, B, T, seed=1234)
+    params = reference.ParameterTensors(config, np.float32)
+    params.memory[:] = model.parameters()  # PyTorch gets the very bf16 values the GPU model holds
+    torch_model = torch_model_from(params, np.float32)
+
+    model.forward(tokens)
+    logits = model.logits_host()
+    t_logits, t_loss = torch_model(torch.from_numpy(tokens), torch.from_numpy(targets))
+    t_loss.backward()
+    expected = t_logits.detach().numpy()[..., :config.vocab_size]
+    assert np.abs(logits - expected).max() < LOGIT_THRESHOLD
+    assert np.linalg.norm(logits - expected) / np.linalg.norm(expected) < 2e-2
+
+    model.zero_grad()
+    model.forward(tokens, targets)
+    model.backward()
+    assert abs(model.losses() - t_loss.item()) < LOSS_THRESHOLD
+    grads = _split(model.gradients(), config)
+    torch_grads = torch_values(torch_model, grad=True)
+    failures = []
+    for name, threshold in GRAD_THRESHOLDS.items():
+        ours, theirs = grads[name], torch_grads[name]
+        excess = np.abs(ours - theirs) / (threshold + 0.079 * np.abs(theirs))
+        relative = np.linalg.norm(ours - theirs) / max(np.linalg.norm(theirs), 1e-30)
+        print(f"{name:10s} max |diff|/tolerance {excess.max():.3f}  relative L2 error {relative:.2e}")
+        if excess.max() > 1.0:
+            failures.append(name)
+    assert not failures, f"gradients beyond llm.c's tolerances: {failures}"
+
+    # 10 steps as llm.c's test_gpt2: lr 1e-4, no weight decay, no clipping, the same batch
+    optimizer = torch.optim.AdamW(torch_model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    ours, theirs = [], []
+    for step in range(10):
+        model.zero_grad()
+        model.forward(tokens, targets)
+        model.backward()
+        model.update(1e-4)
+        ours.append(model.losses())
+        optimizer.zero_grad()
+        _, loss = torch_model(torch.from_numpy(tokens), torch.from_numpy(targets))
+        loss.backward()
+        optimizer.step()
+        theirs.append(loss.item())
+    print("losses (nanollm, torch):", list(zip(np.round(ours, 4), np.round(theirs, 4))))
+    np.testing.assert_allclose(ours, theirs, atol=LOSS_THRESHOLD)
+    assert ours[-1] < ours[0]
