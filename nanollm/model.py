@@ -228,6 +228,10 @@ class GPT2:
                                     write_dlogits=False)
         return float(a32.losses[0].copy_to_host().astype(np.float64).mean())
 
+    def logits_host(self):
+        """Host float32 logits (B, T, V) of the last forward without targets."""
+        return from_bf16_bits(self.acts.logits.copy_to_host())[..., :self.config.vocab_size]
+
     def logits_at(self, b, t):
         """Host float32 logits (V,) of row b, position t of the last forward (for sampling)."""
         row = self.acts.logits[b, t]
