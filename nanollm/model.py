@@ -25,6 +25,8 @@ from numba.cuda.cudadrv.driver import device_memset
 from . import reference
 from .config import WEIGHT_DECAY_PARAMETERS, num_parameters, parameter_shapes
 from .kernels import adamw, attention, classifier, encoder, gelu, global_norm, layernorm, matmul
+
+attention_cudnn = None  # imported only when cuDNN attention is chosen (it loads cuDNN)
 from .kernels.bf16 import from_bf16_bits, to_bf16_bits
 
 
@@ -52,12 +54,18 @@ class Buffers:
 class GPT2:
     """GPT-2 for training on one GPU at micro-batch (B, T)."""
 
-    def __init__(self, config, B, T, seed=42, gelu_fusion=2, recompute=1, grad_accum_steps=1):
+    def __init__(self, config, B, T, seed=42, gelu_fusion=2, recompute=1, grad_accum_steps=1, attention="numba"):
+        """attention: "numba" (llm.c's own kernels: permute, cuBLASLt products, softmax), "cudnn"
+        (flash attention through cuDNN, as llm.c's USE_CUDNN build), or "auto" (cuDNN where it
+        works for this shape, else numba; self.attention_note says why)."""
         if T > config.max_seq_len:
             raise ValueError(f"T={T} exceeds the model's max_seq_len {config.max_seq_len}")
         if gelu_fusion not in (0, 1, 2) or recompute not in (0, 1):
             raise ValueError(f"gelu_fusion must be 0/1/2 and recompute 0/1, got {gelu_fusion}, {recompute}")
+        if attention not in ("numba", "cudnn", "auto"):
+            raise ValueError(f"attention must be numba, cudnn or auto, got {attention!r}")
         self.config, self.B, self.T = config, B, T
+        self.attention, self.attention_note = self._choose_attention(attention, config, B, T)
         self.gelu_fusion, self.recompute = gelu_fusion, recompute
         self.grad_accum_steps = grad_accum_steps
         self.num_parameters = num_parameters(config)
@@ -74,16 +82,32 @@ class GPT2:
 
     # ---- set-up -----------------------------------------------------------------------------
 
+    @staticmethod
+    def _choose_attention(requested, config, B, T):
+        if requested == "numba":
+            return "numba", "llm.c's attention kernels (Numba + cuBLASLt)"
+        global attention_cudnn
+        from .kernels import attention_cudnn
+
+        ok, reason = attention_cudnn.is_available(B, T, config.num_heads, config.head_size)
+        if ok:
+            return "cudnn", f"cuDNN flash attention ({reason})"
+        if requested == "cudnn":
+            raise RuntimeError(f"cuDNN attention is not available: {reason}")
+        return "numba", f"llm.c's attention kernels (cuDNN not available: {reason})"
+
     def _allocate_activations(self):
         c, B, T = self.config, self.B, self.T
         L, C, NH, Vp = c.num_layers, c.channels, c.num_heads, c.padded_vocab_size
         fch_gelu_layers = 1 if self.recompute else L  # -r 1: one buffer, recomputed in backward
+        cudnn = self.attention == "cudnn"
         bf16 = {
             "encoded": (B, T, C),
             "ln1": (L, B, T, C),
-            "qkvr": (L, 3, B, NH, T, C // NH),   # q, k, v permuted, kept for the backward
+            # numba attention keeps q, k, v permuted (3,B,NH,T,HS); cuDNN the qkv matmul's output
+            "qkvr": (L, B, T, 3 * C) if cudnn else (L, 3, B, NH, T, C // NH),
             "atty": (L, B, T, C),
-            "att": (L, B, NH, T, T),
+            "att": (0,) if cudnn else (L, B, NH, T, T),  # cuDNN keeps (B,NH,T) stats instead
             "residual2": (L, B, T, C),
             "ln2": (L, B, T, C),
             "fch": (L, B, T, 4 * C),             # pre-GELU
@@ -95,11 +119,12 @@ class GPT2:
             "dresidual": (B, T, C),
             "dbtc": (B, T, C),
             "dbt4c": (B, T, 4 * C),              # also (B,T,3C) for dqkv, and the forward's qkv/proj scratch
-            "dqkvr": (3, B, NH, T, C // NH),
-            "datt": (B, NH, T, T),
+            "dqkvr": (0,) if cudnn else (3, B, NH, T, C // NH),
+            "datt": (0,) if cudnn else (B, NH, T, T),
         }
         fp32 = {
             "ln1_mean": (L, B, T), "ln1_rstd": (L, B, T),
+            "att_stats": (L, B, NH, T) if cudnn else (0,),  # cuDNN's softmax logsumexp
             "ln2_mean": (L, B, T), "ln2_rstd": (L, B, T),
             "lnf_mean": (B, T), "lnf_rstd": (B, T),
             "losses": (self.grad_accum_steps, B, T),
@@ -174,9 +199,14 @@ class GPT2:
         scratch = a.dbt4c.reshape(-1)  # the forward's (B,T,3C) / (B,T,C) temporaries
         for l in range(L):
             residual = a.encoded[:B] if l == 0 else a.residual3[l - 1][:B]
-            qkv = scratch[:B * T * 3 * C].reshape(B, T, 3 * C)
-            matmul.matmul_forward(qkv, a.ln1[l][:B], p.qkvw[l], p.qkvb[l])
-            attention.attention_forward(a.atty[l][:B], self._qkvr(a.qkvr[l], B), a.att[l][:B], qkv, qkv, NH)
+            if self.attention == "cudnn":
+                qkv = a.qkvr[l][:B]  # kept: cuDNN's backward reads q, k, v from it
+                matmul.matmul_forward(qkv, a.ln1[l][:B], p.qkvw[l], p.qkvb[l])
+                attention_cudnn.attention_forward_cudnn(a.atty[l][:B], a32.att_stats[l][:B], qkv, NH)
+            else:
+                qkv = scratch[:B * T * 3 * C].reshape(B, T, 3 * C)
+                matmul.matmul_forward(qkv, a.ln1[l][:B], p.qkvw[l], p.qkvb[l])
+                attention.attention_forward(a.atty[l][:B], self._qkvr(a.qkvr[l], B), a.att[l][:B], qkv, qkv, NH)
             proj = scratch[:B * T * C].reshape(B, T, C)
             matmul.matmul_forward(proj, a.atty[l][:B], p.attprojw[l], p.attprojb[l])
             layernorm.fused_residual_layernorm_forward(a.residual2[l][:B], a.ln2[l][:B], a32.ln2_mean[l][:B],
@@ -274,8 +304,11 @@ class GPT2:
             # dresidual is now d residual2
             matmul.matmul_backward(a.dbtc, g.attprojw[l], g.attprojb[l], a.dresidual, a.atty[l], p.attprojw[l],
                                    dbias_scratch=bias_scratch)
-            attention.attention_backward(dqkv, a.dqkvr.reshape(-1), a.datt, a.dbtc, a.qkvr[l].reshape(-1),
-                                         a.att[l], NH)
+            if self.attention == "cudnn":
+                attention_cudnn.attention_backward_cudnn(dqkv, a.dbtc, a.qkvr[l], a.atty[l], a32.att_stats[l], NH)
+            else:
+                attention.attention_backward(dqkv, a.dqkvr.reshape(-1), a.datt, a.dbtc, a.qkvr[l].reshape(-1),
+                                             a.att[l], NH)
             matmul.matmul_backward(a.dbtc, g.qkvw[l], g.qkvb[l], dqkv, a.ln1[l], p.qkvw[l], dbias_scratch=bias_scratch)
             layernorm.layernorm_backward(a.dresidual, g.ln1w[l], g.ln1b[l], ln_scratch, a.dbtc, residual,
                                          p.ln1w[l], a32.ln1_mean[l], a32.ln1_rstd[l])

@@ -48,6 +48,7 @@ class TrainConfig:
     seed: int = 42                   # --seed: model init and data shuffling
     device: str = "auto"             # --device: auto | cuda | cpu (cpu = the numpy reference path)
     grad_clip: float = 1.0           # --grad-clip: clip by global norm (llm.c: 1.0)
+    attention: str = "auto"          # --attention: auto | cudnn | numba (llm.c: USE_CUDNN at build time)
 
 
 # flag -> (field, help). Order is the --help order, as llm.c's error_usage.
@@ -86,6 +87,7 @@ FLAGS = {
     "--seed": ("seed", "random seed for model init and data shuffling"),
     "--device": ("device", "auto | cuda | cpu (cpu: the numpy reference model, small models only)"),
     "--grad-clip": ("grad_clip", "clip gradients to this global norm (0 = off)"),
+    "--attention": ("attention", "auto | cudnn (flash attention) | numba (llm.c's own kernels); auto = cuDNN if it loads"),
 }
 
 # What this build cannot do yet: (field, value that is fine, message). A user asking for more
@@ -162,6 +164,7 @@ def validate(config):
         (config.recompute in (0, 1), f"-r must be 0 or 1 (2, recompute layernorm, is not supported yet), got {config.recompute}"),
         (config.device in ("auto", "cuda", "cpu"), f"--device must be auto, cuda or cpu, got {config.device!r}"),
         (config.grad_clip >= 0, f"--grad-clip must be >= 0, got {config.grad_clip}"),
+        (config.attention in ("auto", "cudnn", "numba"), f"--attention must be auto, cudnn or numba, got {config.attention!r}"),
     ]
     for ok, message in checks:
         if not ok:

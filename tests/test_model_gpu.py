@@ -33,12 +33,19 @@ def _split(flat, config):
     return out
 
 
-def test_d12_matches_pytorch():
+@pytest.mark.parametrize("attention", ["numba", "cudnn"])
+def test_d12_matches_pytorch(attention):
     config = from_descriptor("d12")
     B, T = 4, 64
     rng = np.random.default_rng(1234)
     tokens, targets = rng.integers(0, config.vocab_size, (2, B, T))
-    model = GPT2(config, B, T, seed=1234)
+    if attention == "cudnn":
+        from nanollm.kernels import attention_cudnn
+
+        ok, reason = attention_cudnn.is_available(B, T, config.num_heads, config.head_size)
+        if not ok:
+            pytest.skip(f"cuDNN attention unavailable: {reason}")
+    model = GPT2(config, B, T, seed=1234, attention=attention)
     params = reference.ParameterTensors(config, np.float32)
     params.memory[:] = model.parameters()  # PyTorch gets the very bf16 values the GPU model holds
     torch_model = torch_model_from(params, np.float32)
