@@ -28,7 +28,9 @@ def copies_needed(bytes_per_set):
 def _spin_kernel(out, iterations):
     # One thread busy for a while, so the host can queue the timed launches behind it: the events
     # then time the GPU's work, not Python's ~20-40 us launch overhead.
-    x = 1.0
+    # x starts from memory: from a constant the compiler folded the whole loop away (1.0 is a
+    # fixed point), the spin took no time and the timings included Python's launch overhead
+    x = out[0]
     for i in range(iterations):
         x = x * 0.9999999 + 1e-7
     out[0] = x
@@ -40,7 +42,7 @@ _SPIN_OUT = None
 def _spin(iterations=2_000_000):
     global _SPIN_OUT
     if _SPIN_OUT is None:
-        _SPIN_OUT = cuda.device_array(1, dtype=np.float32)
+        _SPIN_OUT = cuda.to_device(np.ones(1, dtype=np.float32))
     _spin_kernel[1, 1](_SPIN_OUT, iterations)
 
 
@@ -55,15 +57,21 @@ def time_ms(launch, n_sets=1, warmup=5, repeat=30, per_batch=10):
     start, stop = cuda.event(), cuda.event()
     times = []
     k = 0
+    host_bound = 0
     for _ in range(repeat):
         _spin()
         start.record()
         for _ in range(per_batch):
             launch(k % n_sets)
             k += 1
+        queued_behind_spin = not start.query()  # the spin still running: the GPU waited for us
         stop.record()
         stop.synchronize()
         times.append(cuda.event_elapsed_time(start, stop) / per_batch)
+        host_bound += not queued_behind_spin
+    if host_bound > repeat // 4:
+        print(f"warning: {host_bound}/{repeat} batches were queued slower than the GPU ran them: "
+              "these timings include host launch overhead", file=sys.stderr)
     return statistics.median(times)
 
 

@@ -203,6 +203,23 @@ def main():
             bias_rows.append(dict(kernel="matmul_backward_bias", shape=f"{ROWS}x{OC}", ms=ms, gbs=gbs,
                                   pct=100 * gbs / copy, err=err))
 
+    # the bias gradient at the model's training batch, B=64 (B*T = 65536 rows)
+    big_rows = 64 * T
+    for OC in (C, 3 * C, 4 * C):
+        dout_bits = bf16_random(rng, (big_rows, OC))
+        expected = from_bf16_bits(dout_bits).sum(axis=0, dtype=np.float64)
+        n_sets = copies_needed(big_rows * OC * 2)
+        douts = [cuda.to_device(dout_bits) for _ in range(n_sets)]
+        dbias = cuda.to_device(np.zeros(OC, np.uint16))
+        matmul.matmul_backward_bias(dbias, douts[0])
+        err = relative_error(as_float(dbias.copy_to_host()), expected)
+        assert err < 4e-3, f"bias gradient {big_rows}x{OC}: rel. error {err:.1e}"
+        ms = time_ms(lambda i: matmul.matmul_backward_bias(dbias, douts[i]), n_sets)
+        gbs = (big_rows * OC * 2 + 2 * OC * 2) / ms / 1e6
+        bias_rows.append(dict(kernel="matmul_backward_bias", shape=f"{big_rows}x{OC}", ms=ms, gbs=gbs,
+                              pct=100 * gbs / copy, err=err))
+        del douts
+
     print(f"copy bandwidth (read + write): {copy:.0f} GB/s; torch: {'yes' if torch else 'not available'}")
     print_table("cuBLASLt matmuls, GPT-2 124M (B=8, T=1024); backward = dinp + dweight products; "
                 "'% direct' = direct ms / nanollm ms (target >= 95%), '% torch' likewise", rows,

@@ -14,8 +14,11 @@ separate (B,NH,T,T) preatt), and the backward keeps the permuted dout in the dq 
 softmax backward turns datt into dpreatt in place, and the softmax kernels take their rows in
 reverse order so the longest (causal) rows start first.
 
-Memory-bound kernels move uint64 words (four bf16): HS and T must be multiples of 4. On the
-simulator the batched products use matmul's numpy fallback; these kernels run as Numba code.
+Memory-bound kernels move uint64 words (four bf16): HS and T must be multiples of 4. The permutes
+are pure data movement, coalesced on both sides: a block is a tile of (positions x one head row of
+words) on a (tiles, NH, B) grid, so no thread divides, and each thread keeps four loads in flight
+(see the comment above them). On the simulator the batched products use matmul's numpy fallback;
+these kernels run as Numba code.
 """
 
 import math
@@ -34,56 +37,91 @@ NEG_FLT_MAX = -3.4028234663852886e38
 
 # ---- CUDA kernels --------------------------------------------------------------------------------
 
-# The permutes run on a grid of (positions x words of one head) by (B*NH heads): blockIdx.y is
-# the head, so a thread needs two integer divisions, not six (no hardware integer divide).
+# The permutes are pure data movement: (B, T, 3, NH, HS) or (B, T, NH, HS) <-> (B, NH, T, HS), as
+# uint64 words (four bf16 along HS), so their speed is coalescing and the bytes kept in flight.
+# - Block (HS4, rows): x is the word d within a head's row of HS4 words, y a position t; the grid is
+#   (tiles of positions, NH, B), so a thread finds (b, h, t, d) with no integer division at all.
+#   A warp covers 32 consecutive words of the head-major side (256 contiguous bytes) and whole
+#   head rows of the token-major side (HS4 * 8 = 128 contiguous bytes at HS = 64): every 32-byte
+#   sector is used whole, on the load side and the store side.
+# - Each thread moves PERMUTE_WORDS_PER_THREAD words (positions t, t + rows, ...), all loads before
+#   any store: a store waits for its loaded word, so load-store pairs would keep one 8-byte load per
+#   thread in flight (16 KB per SM); four keep 64 KB per SM, what HBM3 needs. (The compiler cannot
+#   move a load above a store itself: it does not know the arrays do not overlap.)
+PERMUTE_WORDS_PER_THREAD = 4  # the unrolled body of move_words
+
 
 @device_function
-def head_position(T, NH, HS4):
-    """This thread's word: (index in the (B, NH, T, HS4) layout, batch b, head h, position t,
-    word d of the head), and whether it is in range."""
-    j = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x  # word within the head's (T, HS4) block
-    bh = cuda.blockIdx.y
-    b = bh // NH
-    t = j // HS4
-    return bh * T * HS4 + j, b, bh - b * NH, t, j - t * HS4, j < T * HS4
+def permute_place(T):
+    """This thread's word d, head h, batch b, first position t, the step between its positions
+    and how many of its PERMUTE_WORDS_PER_THREAD positions are < T (0 to 4)."""
+    step = cuda.blockDim.y
+    t = cuda.blockIdx.x * (PERMUTE_WORDS_PER_THREAD * step) + cuda.threadIdx.y
+    count = 0
+    for u in range(PERMUTE_WORDS_PER_THREAD):
+        if t + u * step < T:
+            count += 1
+    return cuda.threadIdx.x, cuda.blockIdx.y, cuda.blockIdx.z, t, step, count
+
+
+@device_function
+def move_words(dst, dst_index, dst_step, src, src_index, src_step, count):
+    """dst[dst_index + u * dst_step] = src[src_index + u * src_step] for u < count (at most 4),
+    loading all before storing any, so the four loads are in flight together."""
+    w0 = src[src_index] if count > 0 else uint64(0)
+    w1 = src[src_index + src_step] if count > 1 else uint64(0)
+    w2 = src[src_index + 2 * src_step] if count > 2 else uint64(0)
+    w3 = src[src_index + 3 * src_step] if count > 3 else uint64(0)
+    if count > 0:
+        dst[dst_index] = w0
+    if count > 1:
+        dst[dst_index + dst_step] = w1
+    if count > 2:
+        dst[dst_index + 2 * dst_step] = w2
+    if count > 3:
+        dst[dst_index + 3 * dst_step] = w3
 
 
 @kernel
 def permute_kernel(q, k, v, inp, T, NH, HS4):
     # inp: (B, T, 3, NH, HS4) uint64 words (the qkv matmul's output); q, k, v: (B, NH, T, HS4)
-    idx, b, h, t, d, valid = head_position(T, NH, HS4)
-    if valid:
-        src = ((b * T + t) * 3 * NH + h) * HS4 + d
-        q[idx] = inp[src]
-        k[idx] = inp[src + NH * HS4]
-        v[idx] = inp[src + 2 * NH * HS4]
+    d, h, b, t, step, count = permute_place(T)
+    head = ((b * NH + h) * T + t) * HS4 + d
+    token = ((b * T + t) * 3 * NH + h) * HS4 + d
+    token_step = step * 3 * NH * HS4
+    move_words(q, head, step * HS4, inp, token, token_step, count)
+    move_words(k, head, step * HS4, inp, token + NH * HS4, token_step, count)
+    move_words(v, head, step * HS4, inp, token + 2 * NH * HS4, token_step, count)
 
 
 @kernel
 def permute_backward_kernel(dinp, dq, dk, dv, T, NH, HS4):
     # the inverse of permute_kernel: dq, dk, dv (B, NH, T, HS4) -> dinp (B, T, 3, NH, HS4)
-    idx, b, h, t, d, valid = head_position(T, NH, HS4)
-    if valid:
-        dst = ((b * T + t) * 3 * NH + h) * HS4 + d
-        dinp[dst] = dq[idx]
-        dinp[dst + NH * HS4] = dk[idx]
-        dinp[dst + 2 * NH * HS4] = dv[idx]
+    d, h, b, t, step, count = permute_place(T)
+    head = ((b * NH + h) * T + t) * HS4 + d
+    token = ((b * T + t) * 3 * NH + h) * HS4 + d
+    token_step = step * 3 * NH * HS4
+    move_words(dinp, token, token_step, dq, head, step * HS4, count)
+    move_words(dinp, token + NH * HS4, token_step, dk, head, step * HS4, count)
+    move_words(dinp, token + 2 * NH * HS4, token_step, dv, head, step * HS4, count)
 
 
 @kernel
 def unpermute_kernel(out, inp, T, NH, HS4):
     # inp: (B, NH, T, HS4) words (att @ v per head) -> out: (B, T, NH, HS4), i.e. (B, T, C)
-    idx, b, h, t, d, valid = head_position(T, NH, HS4)
-    if valid:
-        out[((b * T + t) * NH + h) * HS4 + d] = inp[idx]
+    d, h, b, t, step, count = permute_place(T)
+    head = ((b * NH + h) * T + t) * HS4 + d
+    token = ((b * T + t) * NH + h) * HS4 + d
+    move_words(out, token, step * NH * HS4, inp, head, step * HS4, count)
 
 
 @kernel
 def unpermute_backward_kernel(dinp, dout, T, NH, HS4):
     # dout: (B, T, NH, HS4) words -> dinp: (B, NH, T, HS4)
-    idx, b, h, t, d, valid = head_position(T, NH, HS4)
-    if valid:
-        dinp[idx] = dout[((b * T + t) * NH + h) * HS4 + d]
+    d, h, b, t, step, count = permute_place(T)
+    head = ((b * NH + h) * T + t) * HS4 + d
+    token = ((b * T + t) * NH + h) * HS4 + d
+    move_words(dinp, head, step * HS4, dout, token, step * NH * HS4, count)
 
 
 @device_function
@@ -219,6 +257,8 @@ def _dimensions(name, array, NH):
     HS = C // NH
     if HS % 4 or T % 4:
         raise ValueError(f"head size HS={HS} and T={T} must be multiples of 4 (kernels move four bf16 per word)")
+    if HS > 4096:
+        raise ValueError(f"head size HS={HS}: at most 4096 (a block row holds one head row of HS/4 words)")
     return B, T, C, HS
 
 
@@ -235,9 +275,11 @@ def _heads(buffer, B, NH, T, HS):
     return heads[0], heads[1], heads[2]
 
 
-def _permute_grid(B, T, NH, HS4):
-    block = min(BLOCK_SIZE, T * HS4)
-    return (ceil_div(T * HS4, block), B * NH), block
+def _permute_grid(B, T, NH, HS4, threads=BLOCK_SIZE):
+    """(grid, block) of the permute kernels: blocks of HS4 words x `rows` positions (about
+    `threads` threads; no more rows than T needs), each thread PERMUTE_WORDS_PER_THREAD positions."""
+    rows = max(1, min(threads // HS4, ceil_div(T, PERMUTE_WORDS_PER_THREAD)))
+    return (ceil_div(T, PERMUTE_WORDS_PER_THREAD * rows), NH, B), (HS4, rows)
 
 
 def _softmax_grid(n_rows):

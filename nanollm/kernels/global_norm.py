@@ -6,10 +6,16 @@ own slot of a fixed-size scratch buffer (the first tensor overwrites the slots, 
 needs no zeroing); a second kernel, one block, sums the slots in a fixed order into one fp32 value
 on the device. Same grid, same order, same bits on every run.
 
-The partial kernel streams bf16 as uint64 words (four values per load) and keeps two loads in
-flight per thread: it is a pure read, and the card needs ~2 MB in flight to reach its bandwidth.
-The grid is one wave of resident blocks (llm.c's choice: a second, nearly empty wave would
-double the time of a tensor); the scratch holds one slot per block, so its size sets the grid.
+The partial kernel is a pure read, so its speed is the number of bytes it keeps in flight: HBM3
+needs ~40-64 KB outstanding per SM (~8 MB on an H100) to stream at full bandwidth. Each thread
+reads bf16 as uint64 words (four values per load) and issues four independent loads before it
+adds anything (a thread stalls at the first use of a load, so loads written one per iteration
+would keep only 16 KB per SM in flight); at 2048 resident threads per SM that is 64 KB.
+The grid is exactly one wave of resident blocks (llm.c's choice: a grid-stride loop over one
+wave keeps every SM busy to the end, while a second, partly filled wave would run on its own
+after the first and double the time of a tensor); max_registers=32 keeps the kernel at full
+occupancy, which the wave count assumes. The scratch holds one slot per block, so its size sets
+the grid, and with it the summation order.
 
 Also here: block-wide sum and max (warp shuffles, then one value per warp through shared memory),
 used by the classifier too.
@@ -61,24 +67,33 @@ def sum_of_squares_bf16x4(word):
     return (a * a + b * b) + (c * c + d * d)
 
 
-@kernel
+@kernel(max_registers=32)
 def global_norm_squared_kernel(partials, words, values, accumulate):
     # partials: (gridDim.x,) fp32, one slot per block; words: the first len(values)//4 * 4 values
     # as uint64 words (four bf16 each); values: the whole tensor, for its last 0-3 elements.
     # accumulate: 0 for the first tensor (overwrite the slot), 1 for the rest (add to it).
+    # max_registers=32: 2048 threads per SM stay resident, so a grid of global_norm_scratch_size()
+    # blocks is exactly one wave (a block that had to wait for a second wave would double the time).
     shared = cuda.shared.array(32, float32)
     i = cuda.grid(1)
     stride = cuda.gridsize(1)
+    n = words.shape[0]
     accumulator = float32(0.0)
-    while i + stride < words.shape[0]:  # two independent loads in flight
-        first = words[i]
-        second = words[i + stride]
-        accumulator += sum_of_squares_bf16x4(first) + sum_of_squares_bf16x4(second)
-        i += 2 * stride
-    if i < words.shape[0]:
+    # Four independent loads before any arithmetic: a thread stalls at the first use of a load, so
+    # this keeps 4 x 8 B x 2048 threads = 64 KB in flight per SM, what HBM3 needs to stream.
+    while i + 3 * stride < n:
+        w0 = words[i]
+        w1 = words[i + stride]
+        w2 = words[i + 2 * stride]
+        w3 = words[i + 3 * stride]
+        accumulator += (sum_of_squares_bf16x4(w0) + sum_of_squares_bf16x4(w1)) \
+            + (sum_of_squares_bf16x4(w2) + sum_of_squares_bf16x4(w3))
+        i += 4 * stride
+    while i < n:  # the last 0-3 words of this thread
         accumulator += sum_of_squares_bf16x4(words[i])
+        i += stride
     if cuda.grid(1) == 0:
-        for j in range(4 * words.shape[0], values.shape[0]):
+        for j in range(4 * n, values.shape[0]):
             x = bf16_to_float(values[j])
             accumulator += x * x
     block_sum = block_reduce_sum(accumulator, shared)
@@ -117,7 +132,10 @@ def global_norm_scratch_size(block_size=BLOCK_SIZE):
     if SIMULATOR:
         return 4
     device = cuda.get_current_device()
-    return device.MULTIPROCESSOR_COUNT * (device.MAX_THREADS_PER_MULTIPROCESSOR // block_size)
+    # an SM also holds at most MAX_BLOCKS_PER_MULTIPROCESSOR blocks (32 on Hopper): small blocks
+    # must not be counted past it, or the grid would need a second wave
+    blocks_per_sm = min(device.MAX_THREADS_PER_MULTIPROCESSOR // block_size, device.MAX_BLOCKS_PER_MULTIPROCESSOR)
+    return device.MULTIPROCESSOR_COUNT * blocks_per_sm
 
 
 def device_address(array):

@@ -34,27 +34,50 @@ from nvmath.bindings import cublasLt
 from .. import reference
 from .bf16 import (bf16_to_float, bf16x2_high, bf16x2_low, float_to_bf16, from_bf16_bits, high_half, low_half,
                    to_bf16_bits)
-from .cuda_common import SIMULATOR, ceil_div, check_contiguous, kernel
+from .cuda_common import SIMULATOR, ceil_div, check_contiguous, device_function, kernel
 
 # ---- CUDA kernels: the bias gradient ----------------------------------------------------------
 
-# The block is (BIAS_BLOCK_WORDS, BIAS_BLOCK_ROWS) threads at most: x runs over uint64 words (four
-# bf16 columns each) so a half-warp reads 128 contiguous bytes of a row, y over rows. The shared
-# array needs compile-time dimensions, so these are the maxima; smaller blocks use a corner of it.
-BIAS_BLOCK_WORDS = 16
-BIAS_BLOCK_ROWS = 16
-# Most row-slices (partial sums per column) the first kernel writes; dbias_scratch must hold
-# MAX_BIAS_PARTIALS * OC float32 values.
+# dbias += column sums of dout (rows, OC): a pure read of dout, so the speed is the number of bytes
+# in flight (HBM3 needs ~40-64 KB outstanding per SM). Two kernels, fixed summation order:
+# 1. matmul_backward_bias_kernel: block (BIAS_BLOCK_WORDS, BIAS_BLOCK_ROWS) threads owns 4 *
+#    BIAS_BLOCK_WORDS columns of one slice of rows. x runs over uint64 words (four bf16 columns), so
+#    a warp reads 256 contiguous bytes of a row; y over rows. Each thread issues BIAS_LOADS_IN_FLIGHT
+#    independent row loads before it adds any (a thread stalls at the first use of a load: one load
+#    per iteration keeps only 8 B per thread in flight), 64 B per thread, so a few hundred threads
+#    per SM saturate the memory. The block then adds its row-lanes in shared memory and writes one
+#    fp32 row of partial sums per slice of rows.
+# 2. matmul_bias_add_partials_kernel: block (BIAS_ADD_COLUMNS, BIAS_ADD_LANES) sums the partial
+#    rows of 32 columns, the lanes splitting the rows and loading four each at once, adds the lanes
+#    in order and rounds into dbias once. Its input is small (MAX_BIAS_PARTIALS x OC fp32, in L2).
+# The slices of rows depend on the shape only (not on the GPU): the same bits on every card.
+# The shared arrays need compile-time dimensions, so the block sizes below are maxima.
+BIAS_BLOCK_WORDS = 32
+BIAS_BLOCK_COLUMNS = 4 * BIAS_BLOCK_WORDS  # a shared-array shape must be one constant
+BIAS_BLOCK_ROWS = 8
+BIAS_LOADS_IN_FLIGHT = 8  # rows a thread loads before adding (the unrolled body below)
+# Most slices of rows (partial sums per column) the first kernel writes; dbias_scratch must hold
+# MAX_BIAS_PARTIALS * OC float32 values. At B*T = 8192 every slice is 64 rows (8 per thread, one
+# round of loads) and OC = 768 gets 6 x 128 = 768 blocks; more rows make the slices longer.
 MAX_BIAS_PARTIALS = 128
+BIAS_ADD_COLUMNS = 32
+BIAS_ADD_LANES = 32
+
+
+@device_function
+def add_bf16x4(acc0, acc1, acc2, acc3, word):
+    """The four bf16 of a uint64 word (columns 4w .. 4w+3) added to four fp32 sums."""
+    return (acc0 + bf16x2_low(low_half(word)), acc1 + bf16x2_high(low_half(word)),
+            acc2 + bf16x2_low(high_half(word)), acc3 + bf16x2_high(high_half(word)))
 
 
 @kernel
-def matmul_backward_bias_kernel(partial, dout, rows, n_words):
+def matmul_backward_bias_kernel(partial, dout, rows, n_words, rows_per_block):
     # dout: (rows * n_words,) uint64 words: (rows, OC) bf16 with OC = 4 * n_words
-    # partial: (gridDim.y, OC) fp32; row p = column sums over this block-row's slice of the rows.
-    # Every thread sums 4 columns over a strided set of rows in fp32, then the block adds its
-    # BIAS_BLOCK_ROWS row-lanes in a fixed order: deterministic, no atomics.
-    sums = cuda.shared.array((BIAS_BLOCK_ROWS, BIAS_BLOCK_WORDS, 4), float32)
+    # partial: (>= gridDim.y * OC,) fp32; row p (OC values from p * OC) = the column sums over rows
+    # [p * rows_per_block, (p + 1) * rows_per_block). Each thread sums its 4 columns over rows
+    # ty, ty + blockDim.y, ... of the slice in order, then the block adds its row-lanes in order.
+    sums = cuda.shared.array((BIAS_BLOCK_ROWS, BIAS_BLOCK_COLUMNS), float32)
     tx = cuda.threadIdx.x
     ty = cuda.threadIdx.y
     word = cuda.blockIdx.x * cuda.blockDim.x + tx
@@ -63,43 +86,89 @@ def matmul_backward_bias_kernel(partial, dout, rows, n_words):
     acc2 = float32(0.0)
     acc3 = float32(0.0)
     if word < n_words:
-        row = cuda.blockIdx.y * cuda.blockDim.y + ty
-        row_stride = cuda.gridDim.y * cuda.blockDim.y
-        while row < rows:
-            w = dout[row * n_words + word]
-            acc0 += bf16x2_low(low_half(w))
-            acc1 += bf16x2_high(low_half(w))
-            acc2 += bf16x2_low(high_half(w))
-            acc3 += bf16x2_high(high_half(w))
-            row += row_stride
-    sums[ty, tx, 0] = acc0
-    sums[ty, tx, 1] = acc1
-    sums[ty, tx, 2] = acc2
-    sums[ty, tx, 3] = acc3
+        row = cuda.blockIdx.y * rows_per_block + ty
+        row_end = min(rows, (cuda.blockIdx.y + 1) * rows_per_block)
+        step = cuda.blockDim.y
+        index = row * n_words + word
+        index_step = step * n_words
+        while row + 7 * step < row_end:  # BIAS_LOADS_IN_FLIGHT = 8 rows: all loads, then the adds
+            w0 = dout[index]
+            w1 = dout[index + index_step]
+            w2 = dout[index + 2 * index_step]
+            w3 = dout[index + 3 * index_step]
+            w4 = dout[index + 4 * index_step]
+            w5 = dout[index + 5 * index_step]
+            w6 = dout[index + 6 * index_step]
+            w7 = dout[index + 7 * index_step]
+            acc0, acc1, acc2, acc3 = add_bf16x4(acc0, acc1, acc2, acc3, w0)
+            acc0, acc1, acc2, acc3 = add_bf16x4(acc0, acc1, acc2, acc3, w1)
+            acc0, acc1, acc2, acc3 = add_bf16x4(acc0, acc1, acc2, acc3, w2)
+            acc0, acc1, acc2, acc3 = add_bf16x4(acc0, acc1, acc2, acc3, w3)
+            acc0, acc1, acc2, acc3 = add_bf16x4(acc0, acc1, acc2, acc3, w4)
+            acc0, acc1, acc2, acc3 = add_bf16x4(acc0, acc1, acc2, acc3, w5)
+            acc0, acc1, acc2, acc3 = add_bf16x4(acc0, acc1, acc2, acc3, w6)
+            acc0, acc1, acc2, acc3 = add_bf16x4(acc0, acc1, acc2, acc3, w7)
+            row += 8 * step
+            index += 8 * index_step
+        while row < row_end:  # the slice's last rows (a slice shorter than a full round)
+            acc0, acc1, acc2, acc3 = add_bf16x4(acc0, acc1, acc2, acc3, dout[index])
+            row += step
+            index += index_step
+    # sums[ty, 4 * tx + k]: column 4 * word + k of row-lane ty (zeros past the last column)
+    sums[ty, 4 * tx] = acc0
+    sums[ty, 4 * tx + 1] = acc1
+    sums[ty, 4 * tx + 2] = acc2
+    sums[ty, 4 * tx + 3] = acc3
     cuda.syncthreads()
-    # thread (tx, ty) finishes column 4*word + k for k = ty, ty + blockDim.y, ... < 4
-    if word < n_words:
-        for k in range(ty, 4, cuda.blockDim.y):
-            total = float32(0.0)
-            for r in range(cuda.blockDim.y):
-                total += sums[r, tx, k]
-            partial[cuda.blockIdx.y, 4 * word + k] = total
+    # the block's 4 * blockDim.x columns, one per thread (consecutive threads: consecutive columns,
+    # so the writes are coalesced), each the sum of the row-lanes in order
+    block_columns = 4 * cuda.blockDim.x
+    first_column = cuda.blockIdx.x * block_columns
+    OC = 4 * n_words
+    out = cuda.blockIdx.y * OC + first_column
+    for c in range(ty * cuda.blockDim.x + tx, block_columns, cuda.blockDim.x * cuda.blockDim.y):
+        if first_column + c < OC:
+            total = sums[0, c]
+            for r in range(1, cuda.blockDim.y):
+                total += sums[r, c]
+            partial[out + c] = total
 
 
 @kernel
 def matmul_bias_add_partials_kernel(dbias, partial, n_partials):
-    # dbias: (OC,) bf16, accumulated into (+=, one rounding); partial: (>= n_partials, OC) fp32
-    col = cuda.grid(1)
-    if col < dbias.shape[0]:
-        total = float32(0.0)
-        for p in range(n_partials):
-            total += partial[p, col]
+    # dbias: (OC,) bf16, accumulated into (+=, one rounding); partial: (>= n_partials * OC,) fp32,
+    # n_partials rows of OC. Block (columns, lanes): lane ty sums rows ty, ty + blockDim.y, ... of
+    # its column in order (four loads at once), then lane 0 adds the lanes in order.
+    lane_sums = cuda.shared.array((BIAS_ADD_LANES, BIAS_ADD_COLUMNS), float32)
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    OC = dbias.shape[0]
+    col = cuda.blockIdx.x * cuda.blockDim.x + tx
+    lanes = cuda.blockDim.y
+    total = float32(0.0)
+    if col < OC:
+        p = ty
+        while p + 3 * lanes < n_partials:
+            a = partial[p * OC + col]
+            b = partial[(p + lanes) * OC + col]
+            c = partial[(p + 2 * lanes) * OC + col]
+            d = partial[(p + 3 * lanes) * OC + col]
+            total = (((total + a) + b) + c) + d
+            p += 4 * lanes
+        while p < n_partials:
+            total += partial[p * OC + col]
+            p += lanes
+    lane_sums[ty, tx] = total
+    cuda.syncthreads()
+    if ty == 0 and col < OC:
+        for r in range(1, lanes):
+            total += lane_sums[r, tx]
         dbias[col] = float_to_bf16(bf16_to_float(dbias[col]) + total)
 
 
 PTX_SIGNATURES = {
-    matmul_backward_bias_kernel: "void(float32[:, ::1], uint64[::1], int64, int64)",
-    matmul_bias_add_partials_kernel: "void(uint16[::1], float32[:, ::1], int64)",
+    matmul_backward_bias_kernel: "void(float32[::1], uint64[::1], int64, int64, int64)",
+    matmul_bias_add_partials_kernel: "void(uint16[::1], float32[::1], int64)",
 }
 
 # ---- cuBLASLt set-up ---------------------------------------------------------------------------
@@ -365,28 +434,20 @@ _bias_scratch = None
 
 
 def _bias_grid(rows, OC, block_words, block_rows):
-    grid_x = ceil_div(OC // 4, block_words)
-    if SIMULATOR:
-        target_blocks = 4
-    else:
-        target_blocks = _sm_count() * (2048 // (block_words * block_rows))  # fill every SM
-    grid_y = max(1, min(MAX_BIAS_PARTIALS, target_blocks // grid_x, ceil_div(rows, block_rows)))
-    return grid_x, grid_y
-
-
-_SM_COUNT = None
-
-
-def _sm_count():
-    global _SM_COUNT
-    if _SM_COUNT is None:
-        _SM_COUNT = cuda.get_current_device().MULTIPROCESSOR_COUNT
-    return _SM_COUNT
+    """(grid, rows_per_block) of matmul_backward_bias_kernel. From the shape only, so the summation
+    order (and the bits) are the same on every GPU: slices of rows as short as one round of loads
+    per thread (block_rows * BIAS_LOADS_IN_FLIGHT rows), so small B*T still gets many blocks, and
+    longer where MAX_BIAS_PARTIALS slices would not cover the rows."""
+    round_rows = block_rows * BIAS_LOADS_IN_FLIGHT
+    rows_per_block = max(1, ceil_div(ceil_div(rows, MAX_BIAS_PARTIALS), round_rows)) * round_rows
+    grid = (ceil_div(OC // 4, block_words), max(1, ceil_div(rows, rows_per_block)))
+    return grid, rows_per_block
 
 
 def matmul_backward_bias(dbias, dout, dbias_scratch=None, stream=0, block=None):
     """dbias (OC,) += dout summed over rows; dout (B,T,OC) bf16 with OC a multiple of 4.
-    Deterministic: each column is summed in fp32 in a fixed order and rounded to bf16 once.
+    Deterministic: each column is summed in fp32 in a fixed order (set by the shape and block) and
+    rounded to bf16 once. dbias_scratch: float32, at least MAX_BIAS_PARTIALS * OC elements.
     block: (words, rows) threads, at most (BIAS_BLOCK_WORDS, BIAS_BLOCK_ROWS) (the default on a GPU)."""
     global _bias_scratch
     check_contiguous("dbias", dbias, np.uint16)
@@ -398,12 +459,12 @@ def matmul_backward_bias(dbias, dout, dbias_scratch=None, stream=0, block=None):
         raise ValueError(f"dbias: OC={OC} must be a multiple of 4 (the kernel reads four bf16 per word)")
     if not SIMULATOR and _pointer(dout) % 8:
         raise ValueError("dout: device pointer must be 8-byte aligned (the bias kernel reads uint64 words)")
-    if block is None:
+    if block is None:  # the simulator runs a Python thread per GPU thread: small blocks there
         block = (min(BIAS_BLOCK_WORDS, OC // 4), 4 if SIMULATOR else BIAS_BLOCK_ROWS)
     block_words, block_rows = block
     if not (0 < block_words <= BIAS_BLOCK_WORDS and 0 < block_rows <= BIAS_BLOCK_ROWS):
         raise ValueError(f"block {block}: at most ({BIAS_BLOCK_WORDS}, {BIAS_BLOCK_ROWS})")
-    grid = _bias_grid(rows, OC, block_words, block_rows)
+    grid, rows_per_block = _bias_grid(rows, OC, block_words, block_rows)
     if dbias_scratch is None:
         if _bias_scratch is None or _bias_scratch.size < MAX_BIAS_PARTIALS * OC:
             _bias_scratch = cuda.device_array(MAX_BIAS_PARTIALS * OC, dtype=np.float32)
@@ -411,11 +472,12 @@ def matmul_backward_bias(dbias, dout, dbias_scratch=None, stream=0, block=None):
     check_contiguous("dbias_scratch", dbias_scratch, np.float32)
     if dbias_scratch.size < grid[1] * OC:
         raise ValueError(f"dbias_scratch: {dbias_scratch.size} floats, needs {grid[1] * OC}")
-    partial = dbias_scratch.reshape(dbias_scratch.size)[:grid[1] * OC].reshape(grid[1], OC)
+    # the kernels index the scratch as flat rows of OC: no per-call slicing of device arrays (host time)
+    partial = dbias_scratch if len(dbias_scratch.shape) == 1 else dbias_scratch.reshape(dbias_scratch.size)
     dout_words = dout.reshape(dout.size).view(np.uint64)
-    matmul_backward_bias_kernel[grid, block, stream](partial, dout_words, rows, OC // 4)
-    threads = min(256, OC)
-    matmul_bias_add_partials_kernel[ceil_div(OC, threads), threads, stream](dbias, partial, grid[1])
+    matmul_backward_bias_kernel[grid, block, stream](partial, dout_words, rows, OC // 4, rows_per_block)
+    add_block = (min(BIAS_ADD_COLUMNS, OC), min(4 if SIMULATOR else BIAS_ADD_LANES, grid[1]))
+    matmul_bias_add_partials_kernel[ceil_div(OC, add_block[0]), add_block, stream](dbias, partial, grid[1])
 
 
 def matmul_batched(out, a, b, transa=False, transb=False, alpha=1.0, beta=0.0, stream=0):

@@ -110,6 +110,42 @@ def test_softmax_kernels_long_rows(rng):
     assert relative_error(result, expected) < BF16_ONE_ROUNDING
 
 
+@pytest.mark.parametrize("B, T, NH, HS, threads", [
+    # HS4 = 3 words a head row, blocks of 3 x 2 threads (8 positions): the second tile of T = 12 is
+    # half empty, so threads move 2 of their 4 words
+    pytest.param(2, 12, 3, 12, 8, id="partial-tiles"),
+    pytest.param(1, 8, 2, 8, 128, id="one-tile"),
+])
+def test_permute_kernels(rng, B, T, NH, HS, threads):
+    """The four permutes move bits: exact against numpy transposes, every output word written."""
+    C, HS4 = NH * HS, HS // 4
+    grid, block = attention._permute_grid(B, T, NH, HS4, threads)
+    words = attention._words
+
+    def random_bits(shape):  # any bits but the poison
+        return rng.integers(0, 0xFFFF, size=shape, dtype=np.uint16)
+
+    def thirds(buffer):
+        n = B * T * C // 4
+        return words(buffer)[:n], words(buffer)[n:2 * n], words(buffer)[2 * n:]
+
+    inp = random_bits((B, T, 3 * C))
+    qkvr = poisoned_bf16((3, B, NH, T, HS))
+    attention.permute_kernel[grid, block](*thirds(qkvr), words(cuda.to_device(inp)), T, NH, HS4)
+    np.testing.assert_array_equal(qkvr.copy_to_host(), inp.reshape(B, T, 3, NH, HS).transpose(2, 0, 3, 1, 4))
+    dinp = poisoned_bf16((B, T, 3 * C))
+    attention.permute_backward_kernel[grid, block](words(dinp), *thirds(qkvr), T, NH, HS4)
+    np.testing.assert_array_equal(dinp.copy_to_host(), inp)
+
+    heads = random_bits((B, NH, T, HS))
+    out = poisoned_bf16((B, T, C))
+    attention.unpermute_kernel[grid, block](words(out), words(cuda.to_device(heads)), T, NH, HS4)
+    np.testing.assert_array_equal(out.copy_to_host(), heads.transpose(0, 2, 1, 3).reshape(B, T, C))
+    dheads = poisoned_bf16((B, NH, T, HS))
+    attention.unpermute_backward_kernel[grid, block](words(dheads), words(out), T, NH, HS4)
+    np.testing.assert_array_equal(dheads.copy_to_host(), heads)
+
+
 @pytest.mark.gpu
 def test_attention_backward_is_deterministic(rng):
     B, T, NH, HS = 2, 256, 4, 64
@@ -158,6 +194,8 @@ def test_forward_rejects_bad_shapes():
         attention.attention_forward(**args)
     with pytest.raises(ValueError, match="multiples of 4"):
         attention.attention_forward(**_forward_args(T=6))
+    with pytest.raises(ValueError, match="at most 4096"):  # a head row must fit in one block row
+        attention.attention_forward(**_forward_args(NH=1, HS=4100))
 
 
 def test_forward_rejects_wrong_dtype():

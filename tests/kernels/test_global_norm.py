@@ -20,6 +20,8 @@ CASES = [  # tensor shapes, scratch slots (blocks per tensor), block size
     pytest.param([(5, 7, 33)], 3, 64, id="single"),
     pytest.param([(37,), (3,), (4, 65), (1,), (2, 2, 128)], 4, 32, id="list-with-tails"),
     pytest.param([(32,)], 5, 32, id="fewer-words-than-threads"),
+    # 1027 words over 128 threads: two rounds of four loads each, then 3 leftover words, 3 values
+    pytest.param([(4111,)], 4, 32, id="four-load-rounds"),
     pytest.param(gpt2_gradient_shapes(), None, 512, id="gpt2-124M", marks=pytest.mark.gpu),
 ]
 

@@ -120,9 +120,13 @@ def test_matmul_backward(rng, shape, bias, gelu):
 @pytest.mark.parametrize("rows, OC, block", [
     pytest.param(5, 8, (2, 2), id="rows-tail"),
     pytest.param(37, 44, (4, 4), id="column-tail"),  # 11 words: a partial block of columns
-    pytest.param(64, 32, (8, 3), id="odd-block-rows"),
+    pytest.param(64, 32, (8, 3), id="odd-block-rows"),  # slices of 24 rows: 8 per thread, then a short slice
+    # slices of 16 rows (two rounds of 8 loads per thread), a short last slice, and 69 partial rows:
+    # the add kernel's lanes take four rows at a time, then the rest
+    pytest.param(1100, 8, (2, 1), id="long-slices-many-partials"),
     pytest.param(8192, 768, None, id="gpt2-768", marks=pytest.mark.gpu),
     pytest.param(8192, 3072, None, id="gpt2-3072", marks=pytest.mark.gpu),
+    pytest.param(65536, 768, None, id="gpt2-B64-768", marks=pytest.mark.gpu),
 ])
 def test_matmul_backward_bias(rng, rows, OC, block):
     dout, dout_ref = random_bf16(rng, (rows, OC))
@@ -348,7 +352,6 @@ def fake_cublaslt(monkeypatch):
     monkeypatch.setattr(matmul, "SIMULATOR", False)
     monkeypatch.setattr(matmul, "_plans", {})
     monkeypatch.setattr(matmul, "_handle", 1)
-    monkeypatch.setattr(matmul, "_SM_COUNT", 2)
     return fake
 
 
