@@ -218,7 +218,6 @@ def main():
         gbs = (big_rows * OC * 2 + 2 * OC * 2) / ms / 1e6
         bias_rows.append(dict(kernel="matmul_backward_bias", shape=f"{big_rows}x{OC}", ms=ms, gbs=gbs,
                               pct=100 * gbs / copy, err=err))
-        del douts
 
     print(f"copy bandwidth (read + write): {copy:.0f} GB/s; torch: {'yes' if torch else 'not available'}")
     print_table("cuBLASLt matmuls, GPT-2 124M (B=8, T=1024); backward = dinp + dweight products; "

@@ -6,7 +6,7 @@ defaults), so a user can move a command between llm.c and nanollm either way.
 
 import dataclasses
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .schedulers import SCHEDULES
 

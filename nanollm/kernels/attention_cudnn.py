@@ -47,6 +47,7 @@ import numpy as np
 from numba import cuda
 
 from .cuda_common import SIMULATOR, check_contiguous
+from .cuda_common import device_pointer as _pointer, stream_handle as _stream_handle
 
 CUDNN_SONAME = "libcudnn.so.9"
 # where pip packages put the libraries, relative to a site-packages folder
@@ -351,25 +352,6 @@ def is_available(B=None, T=None, NH=None, HS=None):
 
 
 # ---- launchers -------------------------------------------------------------------------------
-
-def _pointer(array):
-    try:
-        # a plain int: the frontend passes ints through as pointers and tries anything else as
-        # a torch tensor or a DLPack capsule
-        return int(array.__cuda_array_interface__["data"][0])
-    except AttributeError:
-        raise TypeError(f"expected a device array (__cuda_array_interface__), got {type(array).__name__}") from None
-
-
-def _stream_handle(stream):
-    """0 / an int handle / a Numba Stream -> the integer cudaStream_t cuDNN wants."""
-    if isinstance(stream, int):
-        return stream
-    handle = stream.handle
-    if isinstance(handle, ctypes.c_void_p):  # Numba without the NVIDIA binding
-        return handle.value or 0
-    return int(handle)
-
 
 def _dimensions(inp, NH):
     """B, T, C, HS from inp (B,T,3C); the shape rules both launchers share."""

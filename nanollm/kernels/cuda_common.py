@@ -7,10 +7,11 @@ drop the options there, and tests/sim_shim.py supplies the rest. Everything is c
 `cuda.xxx` because the simulator swaps the `cuda` module object inside a running kernel.
 """
 
+import ctypes
 import math
 
 import numpy as np
-from numba import cuda, float32
+from numba import cuda
 from numba.core import config
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)
@@ -55,6 +56,25 @@ def warp_reduce_max(value):
         value = max(value, cuda.shfl_xor_sync(FULL_MASK, value, offset))
         offset //= 2
     return value
+
+
+def device_pointer(array):
+    """The integer device address of a Numba (or any __cuda_array_interface__) array: what
+    cuBLASLt and cuDNN take."""
+    try:
+        return int(array.__cuda_array_interface__["data"][0])
+    except AttributeError:
+        raise TypeError(f"expected a device array (__cuda_array_interface__), got {type(array).__name__}") from None
+
+
+def stream_handle(stream):
+    """0 / an int handle / a Numba Stream -> the integer cudaStream_t the libraries want."""
+    if isinstance(stream, int):
+        return stream
+    handle = stream.handle
+    if isinstance(handle, ctypes.c_void_p):  # Numba without the NVIDIA binding
+        return handle.value or 0
+    return int(handle)
 
 
 def ceil_div(a, b):

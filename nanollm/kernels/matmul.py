@@ -25,7 +25,6 @@ semantics, and written back into the (fake) device arrays. The bias-gradient ker
 simulated Numba code.
 """
 
-import ctypes
 
 import numpy as np
 from numba import cuda, float32
@@ -35,6 +34,7 @@ from .. import reference
 from .bf16 import (bf16_to_float, bf16x2_high, bf16x2_low, float_to_bf16, from_bf16_bits, high_half, low_half,
                    to_bf16_bits)
 from .cuda_common import SIMULATOR, ceil_div, check_contiguous, device_function, kernel
+from .cuda_common import device_pointer as _pointer, stream_handle as _stream_handle
 
 # ---- CUDA kernels: the bias gradient ----------------------------------------------------------
 
@@ -200,23 +200,6 @@ def _cublaslt_handle():
         _workspace_ptr = _pointer(_workspace)
         _handle = cublasLt.create()
     return _handle
-
-
-def _pointer(array):
-    try:
-        return array.__cuda_array_interface__["data"][0]
-    except AttributeError:
-        raise TypeError(f"expected a device array (__cuda_array_interface__), got {type(array).__name__}") from None
-
-
-def _stream_handle(stream):
-    """0 / an int handle / a Numba Stream -> the integer cudaStream_t cuBLASLt wants."""
-    if isinstance(stream, int):
-        return stream
-    handle = stream.handle
-    if isinstance(handle, ctypes.c_void_p):  # Numba without the NVIDIA binding
-        return handle.value or 0
-    return int(handle)
 
 
 def _alignment(pointer):

@@ -1,7 +1,6 @@
 """bf16 conversions and warp reductions: device helpers against numpy, on awkward values too."""
 
 import numpy as np
-import pytest
 from numba import cuda
 
 from nanollm.kernels.bf16 import (float_to_bf16, float_to_bf16_stochastic, from_bf16_bits, pack_bf16x2,
