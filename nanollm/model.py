@@ -178,6 +178,31 @@ class GPT2:
     def master_weights(self):
         return self._download(self.master)
 
+    def optimizer_state(self):
+        """Everything a bit-exact resume needs, as host arrays in llm.c's flat order:
+        params_bf16 (uint16 bits), master, m, v (float32), AdamW's step and the stochastic-rounding
+        base seed (with the step it fixes every later update's rounding)."""
+        cuda.synchronize()
+        return {"params_bf16": self._download(self.params), "master": self._download(self.master),
+                "m": self._download(self.m), "v": self._download(self.v), "step": self.step, "seed": self.seed}
+
+    def load_optimizer_state(self, state):
+        """Restore optimizer_state()'s output exactly (bit for bit); "seed" is optional."""
+        n = self.num_parameters
+        for name, dtype in (("params_bf16", np.uint16), ("master", np.float32), ("m", np.float32), ("v", np.float32)):
+            array = np.asarray(state[name]).reshape(-1)
+            if array.dtype != dtype or array.size != n:
+                raise ValueError(f"optimizer state {name}: expected ({n},) {np.dtype(dtype)}, "
+                                 f"got {array.shape} {array.dtype}")
+        self._upload(self.params, state["params_bf16"].reshape(-1))
+        self._upload(self.master, state["master"].reshape(-1))
+        self._upload(self.m, state["m"].reshape(-1))
+        self._upload(self.v, state["v"].reshape(-1))
+        self.step = int(state["step"])
+        if "seed" in state:
+            self.seed = int(state["seed"])
+        cuda.synchronize()
+
     # ---- forward ------------------------------------------------------------------------------
 
     def forward(self, tokens, targets=None, micro_step=0, B=None):

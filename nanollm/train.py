@@ -11,6 +11,7 @@ On a GPU the model is nanollm.model.GPT2 (bf16, Numba kernels, cuBLASLt); with -
 no GPU) it is the numpy reference in float32, for small models.
 """
 
+import importlib.util
 import math
 import os
 import sys
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import reference
+from . import checkpoint, reference
 from .config import flops_per_token, from_descriptor, num_parameters
 from .data import DataLoader, EvalLoader, ShardError
 from .mfu import mfu
@@ -35,6 +36,9 @@ class TrainResult:
     val_losses: dict = field(default_factory=dict)    # step -> val loss
     samples: dict = field(default_factory=dict)       # step -> generated text
     log_path: str = ""                                # OUT/main.log, "" without -o
+    first_step: int = 0                               # 0, or the step resumed from (-y 1)
+    resumed_from: str = ""                            # the checkpoint resumed from, "" if none
+    checkpoints: list = field(default_factory=list)   # checkpoint files written (-n), in order
     tokens_per_second: float = 0.0                    # median over the steps after the first
     ms_per_step: float = 0.0
     device: str = ""
@@ -53,7 +57,7 @@ class TrainResult:
 class GpuBackend:
     """nanollm.model.GPT2: bf16 on the GPU."""
 
-    def __init__(self, config, cfg, grad_accum):
+    def __init__(self, config, cfg, grad_accum, init_params=None):
         from numba import cuda
 
         from .model import GPT2
@@ -63,6 +67,8 @@ class GpuBackend:
             gelu_fusion = 2 if cuda.get_current_device().compute_capability >= (9, 0) else 0
         self.model = GPT2(config, cfg.batch_size, cfg.seq_len, seed=cfg.seed, gelu_fusion=gelu_fusion,
                           recompute=cfg.recompute, grad_accum_steps=grad_accum, attention=cfg.attention)
+        if init_params is not None:
+            self.model.load_parameters(init_params)
         name = cuda.get_current_device().name
         self.device_name = name.decode() if isinstance(name, bytes) else str(name)
         free, total = cuda.current_context().get_memory_info()
@@ -102,14 +108,23 @@ class GpuBackend:
 
         cuda.synchronize()
 
+    def optimizer_state(self):
+        return self.model.optimizer_state()
+
+    def load_optimizer_state(self, state):
+        self.model.load_optimizer_state(state)
+
 
 class CpuBackend:
     """The numpy reference model in float32: exact, slow, for small models without a GPU."""
 
-    def __init__(self, config, cfg, grad_accum):
+    def __init__(self, config, cfg, grad_accum, init_params=None):
         self.config = config
         self.grad_accum = grad_accum
+        self.seed = cfg.seed
         self.params = reference.init_parameters(config, cfg.seed, np.float32)
+        if init_params is not None:
+            self.params.memory[:] = init_params
         self.grads = reference.ParameterTensors(config, np.float32)
         self.m = reference.ParameterTensors(config, np.float32)
         self.v = reference.ParameterTensors(config, np.float32)
@@ -148,6 +163,26 @@ class CpuBackend:
 
     def synchronize(self):
         pass
+
+    def optimizer_state(self):
+        """As GPT2.optimizer_state: the float32 parameters are the master weights; params_bf16 is
+        their round-to-nearest bf16 image (what a GPU resuming from this file would hold)."""
+        from .kernels.bf16 import to_bf16_bits
+
+        return {"params_bf16": to_bf16_bits(self.params.memory), "master": self.params.memory.copy(),
+                "m": self.m.memory.copy(), "v": self.v.memory.copy(), "step": self.step, "seed": self.seed}
+
+    def load_optimizer_state(self, state):
+        n = self.params.memory.size
+        for name in ("master", "m", "v"):
+            array = np.asarray(state[name]).reshape(-1)
+            if array.dtype != np.float32 or array.size != n:
+                raise ValueError(f"optimizer state {name}: expected ({n},) float32, got {array.shape} {array.dtype}")
+        self.params.memory[:] = state["master"].reshape(-1)
+        self.m.memory[:] = state["m"].reshape(-1)
+        self.v.memory[:] = state["v"].reshape(-1)
+        self.step = int(state["step"])
+        self.seed = int(state.get("seed", self.seed))
 
 
 def gpu_available():
@@ -189,13 +224,13 @@ def sample(backend, tokenizer, num_tokens, rng):
 class Logger:
     """stdout, and llm.c's main.log in the output directory (appending, as llm.c with -y 1)."""
 
-    def __init__(self, output_dir):
+    def __init__(self, output_dir, append=False):
         self.path = ""
         self.file = None
         if output_dir:
             os.makedirs(output_dir, exist_ok=True)
             self.path = os.path.join(output_dir, "main.log")
-            self.file = open(self.path, "w")
+            self.file = open(self.path, "a" if append else "w")
 
     def print(self, text):
         print(text, flush=True)
@@ -218,9 +253,7 @@ def train(cfg=None, **overrides):
         cfg = TrainConfig(**{**cfg.__dict__, **overrides})
     validate(cfg)
     start_time = time.perf_counter()
-    if cfg.model.endswith(".bin"):
-        raise UsageError(f"-e {cfg.model}: loading llm.c model files is not supported yet (use a descriptor like d12)")
-    config = from_descriptor(cfg.model)
+    config, init_params = _model_config(cfg)
     B, T = cfg.batch_size, cfg.seq_len
     if T > config.max_seq_len:
         raise UsageError(f"-t {T} exceeds the model's context of {config.max_seq_len}")
@@ -237,14 +270,24 @@ def train(cfg=None, **overrides):
     max_steps = cfg.max_steps if cfg.max_steps != -1 else max(1, train_loader.num_tokens // total_batch)
 
     device = _choose_device(cfg)
-    log = Logger(cfg.output_dir)
+    log = Logger(cfg.output_dir, append=bool(cfg.resume))  # llm.c appends to main.log with -y 1
     if device == "cpu" and cfg.device == "auto":
         log.print("No CUDA GPU found: training on the CPU with the numpy reference model (slow; small models only).")
-    backend = (GpuBackend if device == "cuda" else CpuBackend)(config, cfg, grad_accum)
+    backend = (GpuBackend if device == "cuda" else CpuBackend)(config, cfg, grad_accum, init_params)
     from .tokenizer import get_tokenizer
 
     tokenizer = get_tokenizer() if cfg.sample_every > 0 else None
     sample_rng = np.random.default_rng(1337)
+    start_step, resumed = 0, None
+    if cfg.resume:
+        resumed = checkpoint.latest_checkpoint(cfg.output_dir, world_size, warn=log.print)
+        if resumed is None:
+            log.print(f"-y 1: no checkpoint in {cfg.output_dir}; starting from step 0")
+        else:
+            start_step = _resume(resumed, cfg, config, backend, train_loader, sample_rng, log)
+            if cfg.overfit_single_batch:  # the one batch: the first a fresh loader serves
+                first = DataLoader(cfg.input_bin, B, T, rank, world_size, shuffle=True, seed=cfg.seed)
+                train_loader.inputs, train_loader.targets = first.next_batch()
     step_flops = flops_per_token(config, T) * total_batch
 
     log.print(f"model {cfg.model}: L={config.num_layers} C={config.channels} NH={config.num_heads} "
@@ -254,20 +297,26 @@ def train(cfg=None, **overrides):
               f"train {train_loader.num_tokens:,} tokens in {len(train_loader.files)} shard(s)"
               + (f", val {len(val_loader)} batch(es)" if val_loader else ""))
 
-    result = TrainResult(steps=0, log_path=log.path, device=backend.device_name)
+    result = TrainResult(steps=start_step, log_path=log.path, device=backend.device_name, first_step=start_step,
+                         resumed_from=resumed.path if resumed else "")
     step_times = []
     try:
-        for step in range(max_steps + 1):
+        for step in range(start_step, max_steps + 1):
             last = step == max_steps
+            resuming = resumed is not None and step == start_step
             if val_loader is not None and (step % cfg.val_loss_every == 0 or last):
                 val_loss = float(np.mean([backend.evaluate(x, y) for x, y in val_loader]))
                 result.val_losses[step] = val_loss
                 log.print(f"val loss {val_loss:.6f}")
                 log.record(f"s:{step} tel:{val_loss:.6f}")
-            if cfg.sample_every > 0 and step > 0 and (step % cfg.sample_every == 0 or last):
+            # on resume, this step's sample was drawn before the save (its generator state is saved)
+            if cfg.sample_every > 0 and step > 0 and (step % cfg.sample_every == 0 or last) and not resuming:
                 text = sample(backend, tokenizer, cfg.gen_tokens, sample_rng)
                 result.samples[step] = text
                 log.print(f"generating:\n---\n{text}\n---")
+            if cfg.checkpoint_every > 0 and not resuming and step > 0 and (step % cfg.checkpoint_every == 0 or last):
+                path = _save(step, cfg, config, backend, train_loader, sample_rng, log)
+                result.checkpoints.append(path)
             if last:
                 break
             backend.synchronize()
@@ -310,11 +359,70 @@ def train(cfg=None, **overrides):
     return result
 
 
+# ---- model files and checkpoints --------------------------------------------------------------------
+
+def _model_config(cfg):
+    """-e: a descriptor dN (fresh GPT-2 init) or an llm.c model file (its weights)."""
+    if not cfg.model.endswith(".bin"):
+        return from_descriptor(cfg.model), None
+    if importlib.util.find_spec(f"{__package__}.interop") is None:
+        raise UsageError(f"-e {cfg.model}: loading llm.c model files is not supported yet (use a descriptor like d12)")
+    from .interop import read_llmc_model
+
+    try:
+        config, params = read_llmc_model(cfg.model)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as error:
+        raise UsageError(f"-e: {error}") from None
+    return config, params
+
+
+def _save(step, cfg, config, backend, train_loader, sample_rng, log):
+    state = backend.optimizer_state()
+    ckpt = checkpoint.Checkpoint(
+        step=step, model_config=config, params_bf16=state["params_bf16"], master=state["master"], m=state["m"],
+        v=state["v"], adamw_step=state["step"], seed=state["seed"], sampling_rng=sample_rng.bit_generator.state,
+        loader_state=train_loader.state(), train_config=dict(cfg.__dict__))
+    t0 = time.perf_counter()
+    path = checkpoint.save_checkpoint(checkpoint.checkpoint_path(cfg.output_dir, step), ckpt)
+    log.print(f"saved checkpoint {path} ({os.path.getsize(path) / 2**20:.1f} MiB, {time.perf_counter() - t0:.2f} s)")
+    for old in checkpoint.prune_checkpoints(cfg.output_dir, cfg.checkpoints_keep, cfg.major_checkpoint_every):
+        log.print(f"deleted checkpoint {old} (-nk {cfg.checkpoints_keep})")
+    return path
+
+
+# What a resumed run must share with the checkpoint: the model's shape (checked here) and the data
+# layout (B, T, processes, seed, shards: DataLoader.load_state checks them). Everything else (-x,
+# -l, -n, -v, ...) may change between runs, as in llm.c; a changed setting is reported.
+NOTED_ON_RESUME = ("total_batch_size", "learning_rate", "lr_scheduler", "warmup_iters", "final_lr_frac",
+                   "weight_decay", "max_steps", "grad_clip", "input_bin")
+
+
+def _resume(ckpt, cfg, config, backend, train_loader, sample_rng, log):
+    if ckpt.model_config != config:
+        raise checkpoint.CheckpointError(
+            f"{ckpt.path}: /model/@config: the checkpoint holds {ckpt.model_config}, but -e {cfg.model} is {config}")
+    try:
+        train_loader.load_state(ckpt.loader_state)
+    except (ValueError, KeyError, TypeError) as error:
+        raise checkpoint.CheckpointError(f"{ckpt.path}: /data/train_loader/@state: {error}") from None
+    try:
+        sample_rng.bit_generator.state = ckpt.sampling_rng
+    except (ValueError, KeyError, TypeError) as error:
+        raise checkpoint.CheckpointError(f"{ckpt.path}: /rng/@sampling: {error}") from None
+    backend.load_optimizer_state(ckpt.optimizer_state())
+    changed = [f"{name} {ckpt.train_config[name]!r} -> {getattr(cfg, name)!r}" for name in NOTED_ON_RESUME
+               if name in ckpt.train_config and ckpt.train_config[name] != getattr(cfg, name)]
+    log.print(f"resuming from {ckpt.path} at step {ckpt.step}" + (f" (changed: {'; '.join(changed)})" if changed else ""))
+    return ckpt.step
+
+
 def main(argv=None):
     cfg = main_parse(argv)
     try:
         train(cfg)
-    except (UsageError, FileNotFoundError, ShardError) as error:
+    except (UsageError, FileNotFoundError, ShardError, checkpoint.CheckpointError) as error:
         # bad settings or data: a clear message and exit code 2, as for a bad flag
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -16,7 +16,7 @@ class TrainConfig:
     input_bin: str = "data/shakespeare_train_*.bin"  # -i  (python -m nanollm.prepare writes these)
     input_val_bin: str = "data/shakespeare_val_*.bin"  # -j
     model: str = "d12"               # -e  descriptor dN, or an llm.c gpt2_*.bin model file
-    output_dir: str = ""             # -o  log (and later checkpoint) directory; "" = none
+    output_dir: str = ""             # -o  log and checkpoint directory; "" = none
     log_gpu_every: int = -1          # -lg
     checkpoint_every: int = 0        # -n
     checkpoints_keep: int = 0        # -nk
@@ -56,9 +56,9 @@ FLAGS = {
     "-i": ("input_bin", "train data filename pattern (glob)"),
     "-j": ("input_val_bin", "val data filename pattern (glob)"),
     "-e": ("model", "model descriptor dN (d6 d12 d24 d36 d48 d60 d72 d84: llm.c's widths; other N: C=64N, NH=N)"),
-    "-o": ("output_dir", "output log directory (default: none, no log file)"),
+    "-o": ("output_dir", "output directory: main.log and checkpoints (default: none, no log file)"),
     "-lg": ("log_gpu_every", "log GPU info every x steps (-1 = off)"),
-    "-n": ("checkpoint_every", "write checkpoints every how many steps (0 = never)"),
+    "-n": ("checkpoint_every", "write a checkpoint (OUT/checkpoint_%08d.h5) every how many steps, and at the end (0 = never)"),
     "-nk": ("checkpoints_keep", "how many recent checkpoints to keep (0 = all)"),
     "-nm": ("major_checkpoint_every", "every how many steps a checkpoint is major (never deleted)"),
     "-y": ("resume", "resume from the newest checkpoint in -o (0 = restart, 1 = resume)"),
@@ -94,10 +94,6 @@ FLAGS = {
 # gets told, instead of a silent no-op.
 NOT_YET = [
     ("log_gpu_every", -1, "-lg (GPU info logging) is not supported yet"),
-    ("checkpoint_every", 0, "-n (checkpoints) is not supported yet: it lands with HDF5 checkpoints"),
-    ("checkpoints_keep", 0, "-nk (checkpoint history) is not supported yet"),
-    ("major_checkpoint_every", 0, "-nm (major checkpoints) is not supported yet"),
-    ("resume", 0, "-y (resume) is not supported yet: it lands with HDF5 checkpoints"),
     ("skip_update_lossz", 0.0, "-sl (outlier skipping) is not supported yet"),
     ("skip_update_gradz", 0.0, "-sg (outlier skipping) is not supported yet"),
     ("hellaswag", 0, "-h (HellaSwag eval) is not supported yet"),
@@ -164,6 +160,12 @@ def validate(config):
         (config.recompute in (0, 1), f"-r must be 0 or 1 (2, recompute layernorm, is not supported yet), got {config.recompute}"),
         (config.device in ("auto", "cuda", "cpu"), f"--device must be auto, cuda or cpu, got {config.device!r}"),
         (config.grad_clip >= 0, f"--grad-clip must be >= 0, got {config.grad_clip}"),
+        (config.checkpoint_every >= 0, f"-n must be >= 0, got {config.checkpoint_every}"),
+        (config.checkpoints_keep >= 0, f"-nk must be >= 0, got {config.checkpoints_keep}"),
+        (config.major_checkpoint_every >= 0, f"-nm must be >= 0, got {config.major_checkpoint_every}"),
+        (config.resume in (0, 1), f"-y must be 0 or 1, got {config.resume}"),
+        (config.output_dir or (config.checkpoint_every == 0 and config.resume == 0),
+         "-n and -y need an output directory -o for the checkpoints"),
         (config.attention in ("auto", "cudnn", "numba"), f"--attention must be auto, cudnn or numba, got {config.attention!r}"),
     ]
     for ok, message in checks:

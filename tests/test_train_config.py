@@ -32,7 +32,8 @@ def test_defaults_are_llmc_defaults():
     (["-zz", "1"], "unknown option '-zz'"),
     (["-b"], "needs a value"),
     (["-r", "2"], "-r must be 0 or 1"),
-    (["-n", "100"], "-n (checkpoints) is not supported yet"),
+    (["-n", "100"], "-n and -y need an output directory -o"),
+    (["-y", "2", "-o", "out"], "-y must be 0 or 1"),
     (["-z", "1"], "-z (ZeRO) is not supported yet"),
 ])
 def test_bad_values_are_clear_errors(argv, message):
