@@ -53,8 +53,8 @@ def test_one_step_matches_reference(rng):
 
 
 def test_training_steps_follow_reference(rng):
-    """Three AdamW steps on one batch: the losses track the float64 reference's within 0.05 (llm.c's
-    test_gpt2 bf16 bound), and fall."""
+    """Two AdamW steps on one batch (the simulator takes ~1 min a step): the losses and gradient
+    norms track the float64 reference's, within llm.c's test_gpt2 bf16 bound of 0.05, and fall."""
     B, T = 2, 8
     model = GPT2(TINY, B, T, seed=int(rng.integers(1000)))
     tokens, targets = rng.integers(0, TINY.vocab_size, (2, B, T))
@@ -62,7 +62,7 @@ def test_training_steps_follow_reference(rng):
     params.memory[:] = model.parameters()
     m, v = reference.ParameterTensors(TINY, np.float64), reference.ParameterTensors(TINY, np.float64)
     losses, ref_losses = [], []
-    for step in range(1, 4):
+    for step in range(1, 3):
         model.zero_grad()
         model.forward(tokens, targets)
         model.backward()

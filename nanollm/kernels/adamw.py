@@ -26,7 +26,7 @@ from numba import cuda, float32, int32, uint32
 
 from .bf16 import (bf16_to_float, bf16x2_high, bf16x2_low, float_to_bf16_stochastic, high_half, join_halves,
                    low_half)
-from .cuda_common import WARP_SIZE, ceil_div, check_contiguous, device_function, kernel
+from .cuda_common import SIMULATOR, WARP_SIZE, ceil_div, check_contiguous, device_function, kernel
 from .global_norm import device_address
 
 
@@ -135,7 +135,7 @@ PTX_SIGNATURES = {
     init_master_weights_kernel: "void(float32[::1], uint16[::1], int64, int64, int64)",
 }
 
-BLOCK_SIZE = 512
+BLOCK_SIZE = 32 if SIMULATOR else 512  # the simulator runs a Python thread per GPU thread: small blocks are far quicker there
 
 
 def _flat(name, array, dtype):
