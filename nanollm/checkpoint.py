@@ -32,12 +32,12 @@ import os
 import re
 import sys
 import time
-import uuid
 import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from .atomic import atomic_write_with
 from .config import GPT2Config, num_parameters, parameter_shapes
 
 FORMAT = "nanollm-checkpoint"
@@ -164,26 +164,8 @@ def save_checkpoint(path, ckpt, num_shards=1):
     """Write ckpt to path atomically (see the module docstring). num_shards splits the optimizer
     state into that many contiguous shards (ZeRO-1's layout); one process writes 1."""
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp_path = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        _write(tmp_path, ckpt, num_shards)
-        fd = os.open(tmp_path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_with(path, lambda tmp_path: _write(tmp_path, ckpt, num_shards))
     return path
 
 

@@ -15,9 +15,10 @@ and Fisher-Yates loop: on one process the batches are the same as llm.c's, batch
 
 import glob
 import os
-import uuid
 
 import numpy as np
+
+from .atomic import atomic_write_with
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
@@ -36,31 +37,13 @@ class ShardError(ValueError):
 
 
 def atomic_write(path, chunks):
-    """Write `chunks` (bytes-like objects) to `path` so that a crash leaves the old file or the
-    whole new one: a temporary file in the same folder, fsynced, renamed over `path`, and the
-    folder fsynced. The temporary name starts with a dot, so 'data/*_train_*.bin' never sees it;
-    os.open with mode 0o666 (not mkstemp's 0o600) so the file gets the usual umask permissions."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp_name = f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    tmp_path = os.path.join(folder, tmp_name)
-    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    """Write `chunks` (bytes-like objects) to `path` atomically (nanollm.atomic)."""
+    def write(tmp_path):
+        with open(tmp_path, "wb") as f:
             for chunk in chunks:
                 f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+
+    atomic_write_with(path, write)
 
 
 def write_shard(path, tokens):

@@ -27,6 +27,7 @@ import sys
 
 import numpy as np
 
+from .atomic import atomic_write_with as _atomic_write
 from .config import GPT2Config, num_parameters, parameter_shapes
 
 MODEL_MAGIC = 20240326
@@ -73,52 +74,6 @@ def _views(config, flat):
         views[name] = flat[offset:offset + size].reshape(shape)
         offset += size
     return views
-
-
-# ---- atomic writes ---------------------------------------------------------------------------
-
-def _temp_path(path):
-    folder, base = os.path.split(os.path.abspath(path))
-    return os.path.join(folder, f".{base}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-
-
-def _fsync_dir(folder):
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path, write):
-    """write(tmp_path) fills a temp file in path's folder; then fsync and os.replace onto path,
-    so a reader sees the old file or the whole new one, never a partial one."""
-    path = os.fspath(path)
-    tmp = _temp_path(path)
-    try:
-        # create it ourselves (mode 0666 & ~umask, as open() would) so the result is not 0600
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        mode = os.stat(tmp).st_mode & 0o777
-        write(tmp)
-        os.chmod(tmp, mode)  # write() may have replaced the file (safetensors' save_file does)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 # ---- llm.c model files -----------------------------------------------------------------------
