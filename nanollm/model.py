@@ -3,8 +3,11 @@
 Parameters (bf16), gradients (bf16), fp32 master weights and AdamW's m and v are each one device
 allocation carved into named views in llm.c's order (config.parameter_shapes); activations
 likewise, per layer stacked over L. The forward and backward are the same sequence of kernel
-launches as llm.c's gpt2_forward / gpt2_backward, all on one stream with no host synchronisation
-inside, so a step can later be captured as a CUDA graph:
+launches as llm.c's gpt2_forward / gpt2_backward, all on the model's own stream with no host
+synchronisation inside (the step can be captured as a CUDA graph). The host's inputs -- tokens,
+targets and the encoder backward's token buckets -- go up in one pinned, double-buffered async
+copy per micro-step (staging.PinnedUploads). The stream is a blocking stream, so work on the
+legacy default stream (checkpoint copies, cuda.synchronize) stays ordered with it:
 
 forward: encoder -> per layer: layernorm -> qkv matmul (+bias) -> attention -> attproj matmul
 (+bias) -> residual + layernorm (fused) -> fc matmul (+bias, GELU epilogue) -> fcproj matmul
@@ -23,6 +26,8 @@ from numba import cuda
 from numba.cuda.cudadrv.driver import device_memset
 
 from . import reference
+from .cuda_graph import GraphReplayer, is_supported as cuda_graphs_supported
+from .staging import PinnedUploads
 from .config import WEIGHT_DECAY_PARAMETERS, num_parameters, parameter_shapes
 from .kernels import adamw, attention, classifier, encoder, gelu, global_norm, layernorm, matmul
 
@@ -54,10 +59,13 @@ class Buffers:
 class GPT2:
     """GPT-2 for training on one GPU at micro-batch (B, T)."""
 
-    def __init__(self, config, B, T, seed=42, gelu_fusion=2, recompute=1, grad_accum_steps=1, attention="numba"):
+    def __init__(self, config, B, T, seed=42, gelu_fusion=2, recompute=1, grad_accum_steps=1, attention="numba",
+                 cuda_graphs=None):
         """attention: "numba" (llm.c's own kernels: permute, cuBLASLt products, softmax), "cudnn"
         (flash attention through cuDNN, as llm.c's USE_CUDNN build), or "auto" (cuDNN where it
-        works for this shape, else numba; self.attention_note says why)."""
+        works for this shape, else numba; self.attention_note says why).
+        cuda_graphs: replay the forward and backward of full batches as CUDA graphs (None: where
+        supported, i.e. on a real GPU; see cuda_graph.py). The results are the same launches'."""
         if T > config.max_seq_len:
             raise ValueError(f"T={T} exceeds the model's max_seq_len {config.max_seq_len}")
         if gelu_fusion not in (0, 1, 2) or recompute not in (0, 1):
@@ -69,6 +77,13 @@ class GPT2:
         self.gelu_fusion, self.recompute = gelu_fusion, recompute
         self.grad_accum_steps = grad_accum_steps
         self.num_parameters = num_parameters(config)
+        self.stream = cuda.stream()
+        if cuda_graphs is None:
+            cuda_graphs = cuda_graphs_supported()
+        elif cuda_graphs and not cuda_graphs_supported():
+            raise RuntimeError("CUDA graphs need a real GPU and the cuda-bindings package")
+        self.graphs = GraphReplayer(self.stream) if cuda_graphs else None
+        self._adamw_launches = None
         shapes = parameter_shapes(config)
         self.params = Buffers(shapes, np.uint16)
         self.grads = Buffers(shapes, np.uint16)
@@ -135,10 +150,16 @@ class GPT2:
         }
         self.acts = Buffers(bf16, np.uint16)
         self.acts32 = Buffers(fp32, np.float32)
-        self.tokens = cuda.device_array((B, T), dtype=np.int32)
-        self.targets = cuda.device_array((B, T), dtype=np.int32)
-        self.encoder_scratch = cuda.device_array(encoder.encoder_backward_scratch_size(B, T), dtype=np.int32)
-        self.tokens_host = None
+        # the host's inputs, one device array filled by one copy per micro-step:
+        # [tokens (B*T) | targets (B*T) | the encoder backward's packed buckets]
+        BT = B * T
+        self.inputs = cuda.device_array(2 * BT + encoder.encoder_backward_scratch_size(B, T), dtype=np.int32)
+        self.tokens = self.inputs[:BT].reshape(B, T)
+        self.targets = self.inputs[BT:2 * BT].reshape(B, T)
+        self.encoder_buckets = self.inputs[2 * BT:]
+        self.num_buckets = None  # of the last forward with targets; None: no backward possible
+        self.uploads = PinnedUploads(self.inputs.size, np.int32, self.stream)
+        self.host_out = cuda.pinned_array(self.grad_accum_steps * BT + 1, dtype=np.float32)  # losses, norm
 
     def load_parameters(self, flat_params):
         """Set every parameter from a flat float array in llm.c's order (rounded to bf16), the
@@ -208,60 +229,111 @@ class GPT2:
     def forward(self, tokens, targets=None, micro_step=0, B=None):
         """tokens, targets: host (B,T) int arrays. With targets, losses[micro_step] gets the
         per-position losses and the logits buffer dloss * dlogits (dloss = 1/(B*T*accum)), ready
-        for backward. B may be smaller than the allocated batch (sampling)."""
-        c, T = self.config, self.T
+        for backward. B may be smaller than the allocated batch (sampling; no backward then).
+        Returns without waiting for the GPU."""
         B = self.B if B is None else B
+        tokens = self._check_tokens("tokens", tokens, B, self.config.padded_vocab_size)
+        if targets is not None:
+            targets = self._check_tokens("targets", targets, B, self.config.vocab_size)
+        if not 0 <= micro_step < self.grad_accum_steps:
+            raise ValueError(f"micro_step must be in [0, {self.grad_accum_steps}), got {micro_step}")
+        slot = self._upload_inputs(tokens, targets)
+        self.num_buckets = None
+        if targets is None:
+            self._forward_layers(B)  # sampling: B varies, so never a graph
+            return
+        dloss = 1.0 / (B * self.T * self.grad_accum_steps)
+
+        def queue():
+            self._forward_layers(B)
+            classifier.fused_classifier(self.acts.logits[:B], self.acts32.losses[micro_step][:B], dloss,
+                                        self.targets[:B], self.config.vocab_size, write_dlogits=True,
+                                        stream=self.stream)
+
+        if B == self.B:
+            self._replay(("forward", micro_step), queue)
+            # the encoder backward's buckets: built while the GPU runs the forward, sent from the
+            # same pinned slot as the tokens
+            self.num_buckets = self._upload_buckets(slot, tokens)
+        else:
+            queue()
+
+    def _replay(self, key, queue):
+        """queue()'s launches, through a CUDA graph where enabled (the same launches either way)."""
+        if self.graphs is None:
+            queue()
+        else:
+            self.graphs.run(key, queue)
+
+    def _check_tokens(self, name, array, B, limit):
+        array = np.ascontiguousarray(array, dtype=np.int32)
+        if array.shape != (B, self.T):
+            raise ValueError(f"{name} must be ({B}, {self.T}), got {array.shape}")
+        if array.size and (array.min() < 0 or array.max() >= limit):
+            raise ValueError(f"{name} must lie in [0, {limit}), got values in [{array.min()}, {array.max()}]")
+        return array
+
+    def _upload_inputs(self, tokens, targets):
+        """tokens (and targets) into the next pinned slot and up to self.inputs in one async copy."""
+        BT, n = self.B * self.T, tokens.size
+        slot = self.uploads.next_slot()
+        slot[:n] = tokens.reshape(-1)
+        stop = n
+        if targets is not None:
+            slot[BT:BT + n] = targets.reshape(-1)
+            stop = BT + n
+        self.uploads.send(slot, self.inputs, 0, stop)
+        return slot
+
+    def _upload_buckets(self, slot, tokens):
+        packed, num_buckets = encoder.encoder_backward_pack(tokens)
+        start = 2 * self.B * self.T
+        slot[start:start + packed.size] = packed
+        self.uploads.send(slot, self.inputs, start, start + packed.size)
+        return num_buckets
+
+    def _forward_layers(self, B):
+        """Encoder to logits for the first B rows of the uploaded tokens."""
+        c, T, s = self.config, self.T, self.stream
         L, C, NH = c.num_layers, c.channels, c.num_heads
-        tokens = np.ascontiguousarray(tokens, dtype=np.int32)
-        if tokens.shape != (B, T):
-            raise ValueError(f"tokens must be ({B}, {T}), got {tokens.shape}")
         a, a32, p = self.acts, self.acts32, self.params
-        self.tokens[:B].copy_to_device(tokens)
-        self.tokens_host = tokens
-        encoder.encoder_forward(a.encoded[:B], self.tokens[:B], p.wte, p.wpe)
+        encoder.encoder_forward(a.encoded[:B], self.tokens[:B], p.wte, p.wpe, stream=s)
         layernorm.layernorm_forward(a.ln1[0][:B], a32.ln1_mean[0][:B], a32.ln1_rstd[0][:B], a.encoded[:B],
-                                    p.ln1w[0], p.ln1b[0])
+                                    p.ln1w[0], p.ln1b[0], stream=s)
         scratch = a.dbt4c.reshape(-1)  # the forward's (B,T,3C) / (B,T,C) temporaries
         for l in range(L):
             residual = a.encoded[:B] if l == 0 else a.residual3[l - 1][:B]
             if self.attention == "cudnn":
                 qkv = a.qkvr[l][:B]  # kept: cuDNN's backward reads q, k, v from it
-                matmul.matmul_forward(qkv, a.ln1[l][:B], p.qkvw[l], p.qkvb[l])
-                attention_cudnn.attention_forward_cudnn(a.atty[l][:B], a32.att_stats[l][:B], qkv, NH)
+                matmul.matmul_forward(qkv, a.ln1[l][:B], p.qkvw[l], p.qkvb[l], stream=s)
+                attention_cudnn.attention_forward_cudnn(a.atty[l][:B], a32.att_stats[l][:B], qkv, NH, stream=s)
             else:
                 qkv = scratch[:B * T * 3 * C].reshape(B, T, 3 * C)
-                matmul.matmul_forward(qkv, a.ln1[l][:B], p.qkvw[l], p.qkvb[l])
-                attention.attention_forward(a.atty[l][:B], self._qkvr(a.qkvr[l], B), a.att[l][:B], qkv, qkv, NH)
+                matmul.matmul_forward(qkv, a.ln1[l][:B], p.qkvw[l], p.qkvb[l], stream=s)
+                attention.attention_forward(a.atty[l][:B], self._qkvr(a.qkvr[l], B), a.att[l][:B], qkv, qkv, NH,
+                                            stream=s)
             proj = scratch[:B * T * C].reshape(B, T, C)
-            matmul.matmul_forward(proj, a.atty[l][:B], p.attprojw[l], p.attprojb[l])
+            matmul.matmul_forward(proj, a.atty[l][:B], p.attprojw[l], p.attprojb[l], stream=s)
             layernorm.fused_residual_layernorm_forward(a.residual2[l][:B], a.ln2[l][:B], a32.ln2_mean[l][:B],
-                                                       a32.ln2_rstd[l][:B], residual, proj, p.ln2w[l], p.ln2b[l])
+                                                       a32.ln2_rstd[l][:B], residual, proj, p.ln2w[l], p.ln2b[l],
+                                                       stream=s)
             fch_gelu = a.fch_gelu[0 if self.recompute else l][:B]
             if self.gelu_fusion >= 1:
-                matmul.matmul_forward(fch_gelu, a.ln2[l][:B], p.fcw[l], p.fcb[l], pre_gelu=a.fch[l][:B])
+                matmul.matmul_forward(fch_gelu, a.ln2[l][:B], p.fcw[l], p.fcb[l], pre_gelu=a.fch[l][:B], stream=s)
             else:
-                matmul.matmul_forward(a.fch[l][:B], a.ln2[l][:B], p.fcw[l], p.fcb[l])
-                gelu.gelu_forward(fch_gelu, a.fch[l][:B])
-            matmul.matmul_forward(proj, fch_gelu, p.fcprojw[l], p.fcprojb[l])
+                matmul.matmul_forward(a.fch[l][:B], a.ln2[l][:B], p.fcw[l], p.fcb[l], stream=s)
+                gelu.gelu_forward(fch_gelu, a.fch[l][:B], stream=s)
+            matmul.matmul_forward(proj, fch_gelu, p.fcprojw[l], p.fcprojb[l], stream=s)
             if l + 1 < L:
                 layernorm.fused_residual_layernorm_forward(a.residual3[l][:B], a.ln1[l + 1][:B],
                                                            a32.ln1_mean[l + 1][:B], a32.ln1_rstd[l + 1][:B],
-                                                           a.residual2[l][:B], proj, p.ln1w[l + 1], p.ln1b[l + 1])
+                                                           a.residual2[l][:B], proj, p.ln1w[l + 1], p.ln1b[l + 1],
+                                                           stream=s)
             else:
                 layernorm.fused_residual_layernorm_forward(a.residual3[l][:B], a.lnf[:B], a32.lnf_mean[:B],
                                                            a32.lnf_rstd[:B], a.residual2[l][:B], proj,
-                                                           p.lnfw, p.lnfb)
-        matmul.matmul_forward(a.logits[:B], a.lnf[:B], p.wte)
-        if targets is not None:
-            targets = np.ascontiguousarray(targets, dtype=np.int32)
-            if targets.shape != (B, T):
-                raise ValueError(f"targets must be ({B}, {T}), got {targets.shape}")
-            if targets.min() < 0 or targets.max() >= c.vocab_size:
-                raise ValueError(f"targets must lie in [0, {c.vocab_size})")
-            self.targets[:B].copy_to_device(targets)
-            dloss = 1.0 / (B * T * self.grad_accum_steps)
-            classifier.fused_classifier(a.logits[:B], a32.losses[micro_step][:B], dloss, self.targets[:B],
-                                        c.vocab_size, write_dlogits=True)
+                                                           p.lnfw, p.lnfb, stream=s)
+        matmul.matmul_forward(a.logits[:B], a.lnf[:B], p.wte, stream=s)
 
     @staticmethod
     def _qkvr(qkvr_layer, B):
@@ -270,82 +342,111 @@ class GPT2:
             return qkvr_layer.reshape(-1)
         return qkvr_layer.reshape(-1)[:3 * B * math.prod(qkvr_layer.shape[2:])]
 
+    def _read(self, device, count):
+        """device[:count] (fp32) to the host once the stream has run (a host synchronisation)."""
+        host = self.host_out[:count]
+        device.reshape(-1)[:count].copy_to_host(host, stream=self.stream)
+        self.stream.synchronize()
+        return host
+
     def losses(self):
         """Mean loss over the micro-steps of the last step (one host synchronisation)."""
-        return float(self.acts32.losses.copy_to_host().astype(np.float64).mean())
+        losses = self.acts32.losses
+        return float(self._read(losses, losses.size).astype(np.float64).mean())
 
     def evaluate(self, tokens, targets):
-        """Mean loss of one batch, without touching the gradients."""
-        self.forward(tokens, None)
+        """Mean loss of one batch, without touching the gradients (one host synchronisation)."""
+        tokens = self._check_tokens("tokens", tokens, self.B, self.config.padded_vocab_size)
+        targets = self._check_tokens("targets", targets, self.B, self.config.vocab_size)
+        self._upload_inputs(tokens, targets)
+        self.num_buckets = None
         a, a32 = self.acts, self.acts32
-        self.targets.copy_to_device(np.ascontiguousarray(targets, dtype=np.int32))
-        classifier.fused_classifier(a.logits, a32.losses[0], 1.0, self.targets, self.config.vocab_size,
-                                    write_dlogits=False)
-        return float(a32.losses[0].copy_to_host().astype(np.float64).mean())
+
+        def queue():
+            self._forward_layers(self.B)
+            classifier.fused_classifier(a.logits, a32.losses[0], 1.0, self.targets, self.config.vocab_size,
+                                        write_dlogits=False, stream=self.stream)
+
+        self._replay("evaluate", queue)
+        return float(self._read(a32.losses[0], self.B * self.T).astype(np.float64).mean())
 
     def logits_host(self):
         """Host float32 logits (B, T, V) of the last forward without targets."""
+        self.stream.synchronize()
         return from_bf16_bits(self.acts.logits.copy_to_host())[..., :self.config.vocab_size]
 
     def logits_at(self, b, t):
         """Host float32 logits (V,) of row b, position t of the last forward (for sampling)."""
         row = self.acts.logits[b, t]
+        self.stream.synchronize()
         return from_bf16_bits(row.copy_to_host())[:self.config.vocab_size]
 
     # ---- backward -----------------------------------------------------------------------------
 
     def zero_grad(self):
-        device_memset(self.grads.memory, 0, self.grads.memory.nbytes)
+        device_memset(self.grads.memory, 0, self.grads.memory.nbytes, stream=self.stream)
 
     def backward(self):
-        """Gradients of the last forward's loss, added (+=) into self.grads."""
-        c, B, T = self.config, self.B, self.T
+        """Gradients of the last forward's loss, added (+=) into self.grads. Returns without
+        waiting for the GPU."""
+        if self.num_buckets is None:
+            raise RuntimeError("backward() needs a forward(tokens, targets) of the full batch before it")
+        self._replay("backward", self._backward_layers)
+        # eager: its grid is the batch's number of distinct tokens
+        encoder.encoder_backward_packed(self.grads.wte, self.grads.wpe, self.acts.dresidual, self.encoder_buckets,
+                                        self.num_buckets, stream=self.stream)
+
+    def _backward_layers(self):
+        """backward() up to the encoder: lm head, the layers in reverse, d encoded in dresidual."""
+        c, B, T, s = self.config, self.B, self.T, self.stream
         L, C, NH = c.num_layers, c.channels, c.num_heads
         a, a32, p, g = self.acts, self.acts32, self.params, self.grads
         bias_scratch, ln_scratch = a32.bias_scratch, a32.layernorm_scratch
-        device_memset(a.dresidual, 0, a.dresidual.nbytes)  # layernorm_backward adds into it
+        device_memset(a.dresidual, 0, a.dresidual.nbytes, stream=s)  # layernorm_backward adds into it
         # lm head: logits = lnf . wte^T (no bias); the logits buffer holds dlogits
-        matmul.matmul_backward(a.dbtc, g.wte, None, a.logits, a.lnf, p.wte)
+        matmul.matmul_backward(a.dbtc, g.wte, None, a.logits, a.lnf, p.wte, stream=s)
         layernorm.layernorm_backward(a.dresidual, g.lnfw, g.lnfb, ln_scratch, a.dbtc, a.residual3[L - 1],
-                                     p.lnfw, a32.lnf_mean, a32.lnf_rstd)
+                                     p.lnfw, a32.lnf_mean, a32.lnf_rstd, stream=s)
         dbt4c = a.dbt4c
         dqkv = dbt4c.reshape(-1)[:B * T * 3 * C].reshape(B, T, 3 * C)
         for l in reversed(range(L)):
             residual = a.encoded if l == 0 else a.residual3[l - 1]
             fch_gelu = a.fch_gelu[0 if self.recompute else l]
             if self.recompute:
-                gelu.gelu_forward(fch_gelu, a.fch[l])
+                gelu.gelu_forward(fch_gelu, a.fch[l], stream=s)
             # fcproj: dresidual is d residual3; with gelu_fusion 2 the DGELU epilogue gives d fch
             if self.gelu_fusion >= 2:
                 matmul.matmul_backward(dbt4c, g.fcprojw[l], g.fcprojb[l], a.dresidual, fch_gelu, p.fcprojw[l],
-                                       pre_gelu=a.fch[l], dbias_scratch=bias_scratch)
+                                       pre_gelu=a.fch[l], dbias_scratch=bias_scratch, stream=s)
             else:
                 matmul.matmul_backward(dbt4c, g.fcprojw[l], g.fcprojb[l], a.dresidual, fch_gelu, p.fcprojw[l],
-                                       dbias_scratch=bias_scratch)
-                gelu.gelu_backward_inplace(dbt4c, a.fch[l])
-            matmul.matmul_backward(a.dbtc, g.fcw[l], g.fcb[l], dbt4c, a.ln2[l], p.fcw[l], dbias_scratch=bias_scratch)
+                                       dbias_scratch=bias_scratch, stream=s)
+                gelu.gelu_backward_inplace(dbt4c, a.fch[l], stream=s)
+            matmul.matmul_backward(a.dbtc, g.fcw[l], g.fcb[l], dbt4c, a.ln2[l], p.fcw[l], dbias_scratch=bias_scratch,
+                                   stream=s)
             layernorm.layernorm_backward(a.dresidual, g.ln2w[l], g.ln2b[l], ln_scratch, a.dbtc, a.residual2[l],
-                                         p.ln2w[l], a32.ln2_mean[l], a32.ln2_rstd[l])
+                                         p.ln2w[l], a32.ln2_mean[l], a32.ln2_rstd[l], stream=s)
             # dresidual is now d residual2
             matmul.matmul_backward(a.dbtc, g.attprojw[l], g.attprojb[l], a.dresidual, a.atty[l], p.attprojw[l],
-                                   dbias_scratch=bias_scratch)
+                                   dbias_scratch=bias_scratch, stream=s)
             if self.attention == "cudnn":
-                attention_cudnn.attention_backward_cudnn(dqkv, a.dbtc, a.qkvr[l], a.atty[l], a32.att_stats[l], NH)
+                attention_cudnn.attention_backward_cudnn(dqkv, a.dbtc, a.qkvr[l], a.atty[l], a32.att_stats[l], NH,
+                                                         stream=s)
             else:
                 attention.attention_backward(dqkv, a.dqkvr.reshape(-1), a.datt, a.dbtc, a.qkvr[l].reshape(-1),
-                                             a.att[l], NH)
-            matmul.matmul_backward(a.dbtc, g.qkvw[l], g.qkvb[l], dqkv, a.ln1[l], p.qkvw[l], dbias_scratch=bias_scratch)
+                                             a.att[l], NH, stream=s)
+            matmul.matmul_backward(a.dbtc, g.qkvw[l], g.qkvb[l], dqkv, a.ln1[l], p.qkvw[l], dbias_scratch=bias_scratch,
+                                   stream=s)
             layernorm.layernorm_backward(a.dresidual, g.ln1w[l], g.ln1b[l], ln_scratch, a.dbtc, residual,
-                                         p.ln1w[l], a32.ln1_mean[l], a32.ln1_rstd[l])
-        encoder.encoder_backward(g.wte, g.wpe, a.dresidual, self.tokens_host, scratch=self.encoder_scratch)
+                                         p.ln1w[l], a32.ln1_mean[l], a32.ln1_rstd[l], stream=s)
 
     # ---- update -------------------------------------------------------------------------------
 
     def grad_norm(self):
         """Global L2 norm of all gradients (one host synchronisation)."""
         global_norm.global_norm_squared(self.acts32.norm, self.acts32.norm_scratch,
-                                        self.grads.memory[:self._flat_size()])
-        return math.sqrt(float(self.acts32.norm.copy_to_host()[0]))
+                                        self.grads.memory[:self._flat_size()], stream=self.stream)
+        return math.sqrt(float(self._read(self.acts32.norm, 1)[0]))
 
     def _flat_size(self):
         last = list(self.grads.shapes)[-1]
@@ -353,13 +454,16 @@ class GPT2:
 
     def update(self, learning_rate, weight_decay=0.0, grad_scale=1.0, beta1=0.9, beta2=0.95, eps=1e-8):
         """One AdamW step; weight decay only on the 2-D tensors (WEIGHT_DECAY_PARAMETERS)."""
+        if self._adamw_launches is None:  # one prepared launch per tensor, built once
+            self._adamw_launches = [
+                (name in WEIGHT_DECAY_PARAMETERS,
+                 adamw.prepare_adamw_update(self.params.memory, self.grads.memory, self.master.memory, self.m.memory,
+                                            self.v.memory, offset=self.params.offsets[name],
+                                            count=math.prod(shape)))
+                for name, shape in self.params.shapes.items()]
         self.step += 1
-        for index, name in enumerate(self.params.shapes):
-            offset = self.params.offsets[name]
-            count = math.prod(self.params.shapes[name])
-            wd = weight_decay if name in WEIGHT_DECAY_PARAMETERS else 0.0
+        for index, (decayed, launch) in enumerate(self._adamw_launches):
             # a fresh stochastic-rounding seed per step; keyed on the element index within it
             seed = (self.seed * 1_000_003 + self.step * 7919 + index) & 0xFFFFFFFF
-            adamw.adamw_update(self.params.memory, self.grads.memory, self.master.memory, self.m.memory,
-                               self.v.memory, self.step, learning_rate, beta1, beta2, eps, wd, grad_scale,
-                               seed=seed, offset=offset, count=count)
+            launch(self.step, learning_rate, beta1, beta2, eps, weight_decay if decayed else 0.0, grad_scale, seed,
+                   self.stream)

@@ -66,14 +66,16 @@ class GpuBackend:
         if gelu_fusion == -1:  # llm.c: 2 on sm_90 and newer
             gelu_fusion = 2 if cuda.get_current_device().compute_capability >= (9, 0) else 0
         self.model = GPT2(config, cfg.batch_size, cfg.seq_len, seed=cfg.seed, gelu_fusion=gelu_fusion,
-                          recompute=cfg.recompute, grad_accum_steps=grad_accum, attention=cfg.attention)
+                          recompute=cfg.recompute, grad_accum_steps=grad_accum, attention=cfg.attention,
+                          cuda_graphs=None if cfg.cuda_graphs else False)  # 1: where supported
         if init_params is not None:
             self.model.load_parameters(init_params)
         name = cuda.get_current_device().name
         self.device_name = name.decode() if isinstance(name, bytes) else str(name)
         free, total = cuda.current_context().get_memory_info()
         self.description = (f"{self.device_name}, {(total - free) / 2**30:.1f} GiB in use after allocation; "
-                            f"attention: {self.model.attention_note}")
+                            f"attention: {self.model.attention_note}; "
+                            f"CUDA graphs {'on' if self.model.graphs else 'off'}")
 
     def train_micro_step(self, x, y, micro_step):
         self.model.forward(x, y, micro_step)

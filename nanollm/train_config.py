@@ -49,6 +49,7 @@ class TrainConfig:
     device: str = "auto"             # --device: auto | cuda | cpu (cpu = the numpy reference path)
     grad_clip: float = 1.0           # --grad-clip: clip by global norm (llm.c: 1.0)
     attention: str = "auto"          # --attention: auto | cudnn | numba (llm.c: USE_CUDNN at build time)
+    cuda_graphs: int = 1             # --cuda-graphs: replay forward/backward as CUDA graphs (1) or launch eagerly (0)
 
 
 # flag -> (field, help). Order is the --help order, as llm.c's error_usage.
@@ -88,6 +89,7 @@ FLAGS = {
     "--device": ("device", "auto | cuda | cpu (cpu: the numpy reference model, small models only)"),
     "--grad-clip": ("grad_clip", "clip gradients to this global norm (0 = off)"),
     "--attention": ("attention", "auto | cudnn (flash attention) | numba (llm.c's own kernels); auto = cuDNN if it loads"),
+    "--cuda-graphs": ("cuda_graphs", "1: replay forward and backward as CUDA graphs on a real GPU; 0: eager launches"),
 }
 
 # What this build cannot do yet: (field, value that is fine, message). A user asking for more
@@ -167,6 +169,7 @@ def validate(config):
         (config.output_dir or (config.checkpoint_every == 0 and config.resume == 0),
          "-n and -y need an output directory -o for the checkpoints"),
         (config.attention in ("auto", "cudnn", "numba"), f"--attention must be auto, cudnn or numba, got {config.attention!r}"),
+        (config.cuda_graphs in (0, 1), f"--cuda-graphs must be 0 or 1, got {config.cuda_graphs}"),
     ]
     for ok, message in checks:
         if not ok:

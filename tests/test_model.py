@@ -80,5 +80,12 @@ def test_bad_inputs_are_clear_errors(rng):
         model.forward(np.zeros((2, 4), np.int32))
     with pytest.raises(ValueError, match="targets must lie"):
         model.forward(np.zeros((2, 8), np.int32), np.full((2, 8), TINY.vocab_size))
+    with pytest.raises(ValueError, match="tokens must lie"):
+        model.forward(np.full((2, 8), TINY.padded_vocab_size))
+    with pytest.raises(RuntimeError, match="needs a forward"):
+        model.backward()  # nothing to differentiate yet
+    model.forward(np.zeros((1, 8), np.int32), B=1)  # sampling: no backward after it either
+    with pytest.raises(RuntimeError, match="needs a forward"):
+        model.backward()
     with pytest.raises(ValueError, match="exceeds"):
         GPT2(TINY, 2, 32)

@@ -172,25 +172,30 @@ def adamw_update(params, grads, master, m, v, step, lr, beta1=0.9, beta2=0.95, e
     grad_scale multiplies the gradient first (clipping). weight_decay is for the whole range: the
     caller decays 2-D weights only, one call per tensor.
     """
+    launch = prepare_adamw_update(params, grads, master, m, v, offset, count, state_offset, block_size)
+    launch(step, lr, beta1, beta2, eps, weight_decay, grad_scale, seed, stream)
+
+
+def prepare_adamw_update(params, grads, master, m, v, offset=0, count=None, state_offset=None, block_size=BLOCK_SIZE):
+    """adamw_update's checks and array views, done once: returns
+    launch(step, lr, beta1, beta2, eps, weight_decay, grad_scale, seed, stream), which only
+    launches. (Building the views costs ~0.5 ms of host time per call; a training step updates
+    16 tensors.)"""
     params, grads = _flat("params", params, np.uint16), _flat("grads", grads, np.uint16)
     master, m, v = (_flat(name, a, np.float32) for name, a in (("master", master), ("m", m), ("v", v)))
     if grads.size != params.size:
         raise ValueError(f"grads has {grads.size} elements, params {params.size}")
     if not master.size == m.size == v.size:
         raise ValueError(f"master {master.size}, m {m.size}, v {v.size}: optimizer state sizes differ")
-    if step < 1:
-        raise ValueError(f"step counts from 1, got {step}")
     if block_size % WARP_SIZE or not WARP_SIZE <= block_size <= 1024:
         raise ValueError(f"block_size must be a multiple of 32 in [32, 1024], got {block_size}")
     offset, count, state_offset = _range(params, master, offset, count, state_offset)
-    hyper = (np.float32(lr), np.float32(beta1), np.float32(beta2),
-             np.float32(1.0 - beta1 ** step), np.float32(1.0 - beta2 ** step),
-             np.float32(eps), np.float32(weight_decay), np.float32(grad_scale), np.uint32(seed))
+    launches = []  # (kernel, grid, leading arguments)
 
     def scalar(start, state_start, n):
         if n > 0:
-            adamw_scalar_kernel[ceil_div(n, block_size), block_size, stream](
-                params, grads, master, m, v, np.int64(start), np.int64(state_start), np.int64(n), *hyper)
+            launches.append((adamw_scalar_kernel, ceil_div(n, block_size),
+                             (params, grads, master, m, v, np.int64(start), np.int64(state_start), np.int64(n))))
 
     head = min(count, -offset % 4)  # elements before the first whole uint64 word of params
     n_words = (count - head) // 4
@@ -198,13 +203,24 @@ def adamw_update(params, grads, master, m, v, step, lr, beta1=0.9, beta2=0.95, e
                and all(device_address(a) % 8 == 0 for a in (params, grads, master, m, v)))
     if not aligned or n_words == 0:
         scalar(offset, state_offset, count)
-        return
-    scalar(offset, state_offset, head)
-    adamw_kernel[ceil_div(n_words, block_size), block_size, stream](
-        _words(params, 4), _words(grads, 4), _words(master, 2), _words(m, 2), _words(v, 2),
-        np.int64((offset + head) // 4), np.int64((state_offset + head) // 2), np.int64(n_words), *hyper)
-    done = head + 4 * n_words
-    scalar(offset + done, state_offset + done, count - done)
+    else:
+        scalar(offset, state_offset, head)
+        launches.append((adamw_kernel, ceil_div(n_words, block_size),
+                         (_words(params, 4), _words(grads, 4), _words(master, 2), _words(m, 2), _words(v, 2),
+                          np.int64((offset + head) // 4), np.int64((state_offset + head) // 2), np.int64(n_words))))
+        done = head + 4 * n_words
+        scalar(offset + done, state_offset + done, count - done)
+
+    def launch(step, lr, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, grad_scale=1.0, seed=0, stream=0):
+        if step < 1:
+            raise ValueError(f"step counts from 1, got {step}")
+        hyper = (np.float32(lr), np.float32(beta1), np.float32(beta2),
+                 np.float32(1.0 - beta1 ** step), np.float32(1.0 - beta2 ** step),
+                 np.float32(eps), np.float32(weight_decay), np.float32(grad_scale), np.uint32(seed))
+        for kernel, grid, arguments in launches:
+            kernel[grid, block_size, stream](*arguments, *hyper)
+
+    return launch
 
 
 def init_master_weights(master, params, offset=0, count=None, state_offset=None, block_size=BLOCK_SIZE, stream=0):

@@ -136,36 +136,38 @@ def encoder_backward_scratch_size(B, T):
     return 4 * B * T
 
 
+def encoder_backward_pack(tokens):
+    """encoder_backward_buckets packed for one upload: int32 [positions (B*T) | buckets (nb*3)],
+    and nb. The training loop builds this when the tokens arrive (in the forward) and uploads it
+    with them, so the backward launches without waiting for the host."""
+    buckets, positions = encoder_backward_buckets(tokens)
+    return np.concatenate([positions, buckets.reshape(-1)]), buckets.shape[0]
+
+
+def _check_backward_shapes(dwte, dwpe, dout):
+    B, T, C = dout.shape
+    _check_channels(C)
+    if dwte.ndim != 2 or dwte.shape[1] != C or dwpe.ndim != 2 or dwpe.shape[1] != C or dwpe.shape[0] < T:
+        raise ValueError(f"encoder_backward: dwte {tuple(dwte.shape)} and dwpe {tuple(dwpe.shape)} must be "
+                         f"(Vp, {C}) and (maxT >= {T}, {C})")
+    return B, T, C
+
+
 def encoder_backward(dwte, dwpe, dout, tokens, scratch=None, stream=0, warps_per_block=WTE_BACKWARD_WARPS):
     """dwte += and dwpe += the encoder's gradients, deterministically.
     dwte (Vp,C) and dwpe (maxT,C) bf16; dout (B,T,C) bf16; tokens: the (B,T) tokens as a HOST numpy
     array (bucketed on the CPU, as llm.c). scratch: optional int32 device array of at least
     encoder_backward_scratch_size(B, T) elements for the buckets (else allocated per call).
-    The buckets' copy to the GPU is a host-to-device copy from pageable memory: on the default
-    stream the host waits there for the work queued before it (as in llm.c)."""
-    B, T, C = dout.shape
-    _check_channels(C)
+    The buckets' copy to the GPU here is from pageable memory, so the host waits for the stream;
+    the model avoids that with encoder_backward_pack + encoder_backward_packed."""
+    B, T, C = _check_backward_shapes(dwte, dwpe, dout)
     if not isinstance(tokens, np.ndarray) or tokens.shape != (B, T) or tokens.dtype.kind not in "iu":
         raise TypeError(f"encoder_backward: tokens must be a host numpy integer array of shape {(B, T)} "
                         f"(the buckets are built on the CPU), got {type(tokens).__name__} "
                         f"{getattr(tokens, 'shape', '')}")
-    if dwte.ndim != 2 or dwte.shape[1] != C or dwpe.ndim != 2 or dwpe.shape[1] != C or dwpe.shape[0] < T:
-        raise ValueError(f"encoder_backward: dwte {tuple(dwte.shape)} and dwpe {tuple(dwpe.shape)} must be "
-                         f"(Vp, {C}) and (maxT >= {T}, {C})")
     if tokens.size and (tokens.min() < 0 or tokens.max() >= dwte.shape[0]):
         raise ValueError(f"encoder_backward: tokens must lie in 0..{dwte.shape[0] - 1}")
-    if not 1 <= warps_per_block <= 32:
-        raise ValueError(f"warps_per_block must be 1..32, got {warps_per_block}")
-    dout_words = as_words("dout", dout, (B, T, C))
-    dwte_words, dwpe_words = as_words("dwte", dwte, dwte.shape), as_words("dwpe", dwpe, dwpe.shape)
-    C4 = C // 4
-
-    # dwpe first: the GPU runs it while the CPU builds the buckets
-    wpe_backward_kernel[ceil_div(T * C4, WPE_BACKWARD_BLOCK), WPE_BACKWARD_BLOCK, stream](
-        dwpe_words, dout_words, B, T * C4)
-
-    buckets, positions = encoder_backward_buckets(tokens)
-    packed = np.concatenate([positions, buckets.reshape(-1)])
+    packed, num_buckets = encoder_backward_pack(tokens)
     if scratch is None:
         device_packed = cuda.to_device(packed, stream=stream)
     else:
@@ -174,7 +176,26 @@ def encoder_backward(dwte, dwpe, dout, tokens, scratch=None, stream=0, warps_per
                              f"(encoder_backward_scratch_size), got {scratch.dtype} {tuple(scratch.shape)}")
         device_packed = scratch[:packed.size]
         device_packed.copy_to_device(packed, stream=stream)
-    n = positions.size
-    grid = (buckets.shape[0], ceil_div(C4, WARP_SIZE))
-    wte_backward_kernel[grid, (WARP_SIZE, warps_per_block), stream, warps_per_block * 4 * WARP_SIZE * 4](
-        dwte_words, dout_words, device_packed[n:], device_packed[:n], C4)
+    encoder_backward_packed(dwte, dwpe, dout, device_packed, num_buckets, stream, warps_per_block)
+
+
+def encoder_backward_packed(dwte, dwpe, dout, packed, num_buckets, stream=0, warps_per_block=WTE_BACKWARD_WARPS):
+    """encoder_backward with the buckets already on the device: packed is encoder_backward_pack's
+    array (int32, positions then num_buckets buckets) in device memory. Nothing is checked on the
+    device: the tokens were checked when the buckets were built."""
+    B, T, C = _check_backward_shapes(dwte, dwpe, dout)
+    n = B * T
+    if packed.dtype != np.int32 or packed.ndim != 1 or packed.size < n + 3 * num_buckets:
+        raise ValueError(f"packed: expected a 1-D int32 device array of at least {n + 3 * num_buckets} "
+                         f"elements, got {packed.dtype} {tuple(packed.shape)}")
+    if not 1 <= warps_per_block <= 32:
+        raise ValueError(f"warps_per_block must be 1..32, got {warps_per_block}")
+    dout_words = as_words("dout", dout, (B, T, C))
+    dwte_words, dwpe_words = as_words("dwte", dwte, dwte.shape), as_words("dwpe", dwpe, dwpe.shape)
+    C4 = C // 4
+    wpe_backward_kernel[ceil_div(T * C4, WPE_BACKWARD_BLOCK), WPE_BACKWARD_BLOCK, stream](
+        dwpe_words, dout_words, B, T * C4)
+    if num_buckets:
+        grid = (num_buckets, ceil_div(C4, WARP_SIZE))
+        wte_backward_kernel[grid, (WARP_SIZE, warps_per_block), stream, warps_per_block * 4 * WARP_SIZE * 4](
+            dwte_words, dout_words, packed[n:n + 3 * num_buckets], packed[:n], C4)

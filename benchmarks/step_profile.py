@@ -1,0 +1,95 @@
+"""Where a training step's time goes: GPU time per kernel (CUPTI, through torch.profiler, which
+sees every kernel in the process -- Numba's, cuBLASLt's and cuDNN's) and the host's time to
+queue the step. If queuing takes longer than the GPU runs, the step is host-bound.
+
+    python benchmarks/step_profile.py -e d12 -b 64 -t 1024 --attention cudnn
+"""
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def _name(device):
+    name = device.name
+    return name.decode() if isinstance(name, bytes) else name
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-e", default="d12")
+    parser.add_argument("-b", type=int, default=64)
+    parser.add_argument("-t", type=int, default=1024)
+    parser.add_argument("--attention", default="cudnn", choices=("numba", "cudnn", "auto"))
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args()
+
+    import torch
+    from numba import cuda
+
+    from nanollm.config import from_descriptor
+    from nanollm.model import GPT2
+
+    torch.cuda.init()
+    config = from_descriptor(args.e)
+    model = GPT2(config, args.b, args.t, attention=args.attention)
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, config.vocab_size, (2, args.b, args.t)) for _ in range(2)]
+
+    queue_ms = defaultdict(list)
+
+    def step(i):
+        tokens, targets = batches[i % 2]
+        t0 = time.perf_counter()
+        model.zero_grad()
+        model.forward(tokens, targets)
+        t1 = time.perf_counter()
+        model.backward()
+        t2 = time.perf_counter()
+        norm = model.grad_norm()  # synchronises
+        t3 = time.perf_counter()
+        model.update(1e-4, 0.1, min(1.0, 1.0 / max(norm, 1e-6)))
+        t4 = time.perf_counter()
+        model.losses()  # synchronises
+        t5 = time.perf_counter()
+        for name, ms in (("forward (queue)", t1 - t0), ("backward (queue)", t2 - t1),
+                         ("grad norm (queue + wait)", t3 - t2), ("update (queue)", t4 - t3),
+                         ("loss read (wait)", t5 - t4), ("whole step (wall)", t5 - t0)):
+            queue_ms[name].append(1e3 * ms)
+
+    for i in range(3):
+        step(i)
+    queue_ms.clear()
+    cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities, acc_events=True) as prof:
+        for i in range(args.steps):
+            step(i)
+        cuda.synchronize()
+
+    per_kernel = defaultdict(lambda: [0.0, 0])
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            entry = per_kernel[event.name]
+            entry[0] += event.device_time / 1e3 / args.steps  # ms per step
+            entry[1] += 1
+    total = sum(ms for ms, _ in per_kernel.values())
+    print(f"\n{args.e} B={args.b} T={args.t} attention={model.attention} on {_name(cuda.get_current_device())}")
+    print(f"GPU busy per step: {total:.1f} ms (sum of kernel and copy times)")
+    print(f"{'ms/step':>8} {'%':>5} {'calls':>6}  kernel")
+    for name, (ms, calls) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:args.top]:
+        print(f"{ms:8.2f} {100 * ms / total:5.1f} {calls // args.steps:6d}  {name[:110]}")
+    print("\nhost side, ms per step (median):")
+    for name, values in queue_ms.items():
+        print(f"{np.median(values):8.2f}  {name}")
+
+
+if __name__ == "__main__":
+    main()
