@@ -21,7 +21,8 @@ checkpoint written by another number of ranks is refused.
 
 Writes are atomic: the file is written under a temporary name in the same folder (a dot name
 ending .tmp, which no checkpoint pattern matches), flushed and fsynced, renamed over the final name
-with os.replace, and the folder fsynced. A crash mid-save leaves every earlier checkpoint intact.
+with os.replace, and the folder fsynced. A crash mid-save leaves every earlier checkpoint intact;
+its temp file is removed when that checkpoint is saved again (nanollm/atomic.py).
 
     python -m nanollm.checkpoint info OUT/checkpoint_00000100.h5
 """

@@ -4,7 +4,8 @@ Parameters (bf16), gradients (bf16), fp32 master weights and AdamW's m and v are
 allocation carved into named views in llm.c's order (config.parameter_shapes); activations
 likewise, per layer stacked over L. The forward and backward are the same sequence of kernel
 launches as llm.c's gpt2_forward / gpt2_backward, all on the model's own stream with no host
-synchronisation inside (the step can be captured as a CUDA graph). The host's inputs -- tokens,
+synchronisation inside; on a real GPU the forward and backward of full batches replay as CUDA
+graphs (cuda_graph.py), which takes Python's launch overhead off the step. The host's inputs -- tokens,
 targets and the encoder backward's token buckets -- go up in one pinned, double-buffered async
 copy per micro-step (staging.PinnedUploads). The stream is a blocking stream, so work on the
 legacy default stream (checkpoint copies, cuda.synchronize) stays ordered with it:

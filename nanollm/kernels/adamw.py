@@ -26,8 +26,7 @@ from numba import cuda, float32, int32, uint32
 
 from .bf16 import (bf16_to_float, bf16x2_high, bf16x2_low, float_to_bf16_stochastic, high_half, join_halves,
                    low_half)
-from .cuda_common import SIMULATOR, WARP_SIZE, ceil_div, check_contiguous, device_function, kernel
-from .global_norm import device_address
+from .cuda_common import SIMULATOR, WARP_SIZE, ceil_div, check_contiguous, device_address, device_function, kernel
 
 
 @device_function
@@ -217,8 +216,8 @@ def prepare_adamw_update(params, grads, master, m, v, offset=0, count=None, stat
         hyper = (np.float32(lr), np.float32(beta1), np.float32(beta2),
                  np.float32(1.0 - beta1 ** step), np.float32(1.0 - beta2 ** step),
                  np.float32(eps), np.float32(weight_decay), np.float32(grad_scale), np.uint32(seed))
-        for kernel, grid, arguments in launches:
-            kernel[grid, block_size, stream](*arguments, *hyper)
+        for adamw_kernel_variant, grid, arguments in launches:
+            adamw_kernel_variant[grid, block_size, stream](*arguments, *hyper)
 
     return launch
 

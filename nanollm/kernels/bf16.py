@@ -9,7 +9,7 @@ float -> bf16 rounds to nearest even, as __float2bfloat16 does; NaN stays NaN.
 import numpy as np
 from numba import cuda, float32, int32, uint16, uint32, uint64
 
-from .cuda_common import device_function
+from .cuda_common import check_contiguous, device_function
 
 BF16_QUIET_NAN = 0x7FC0
 
@@ -92,6 +92,38 @@ def float_to_bf16_stochastic(x, position, seed):
     return float_to_bf16(cuda.libdevice.int_as_float(int32(u & uint32(0xFFFF0000))))
 
 
+# ---- four bf16 in a uint64 word --------------------------------------------------------------
+
+@device_function
+def bf16x4_get(word, j):
+    """bf16 element j (0..3, lowest address first) of a uint64 word, as float."""
+    return cuda.libdevice.int_as_float(int32(uint32(word >> uint64(16 * j)) << uint32(16)))
+
+
+@device_function
+def bf16x4_put(value, j):
+    """value rounded to bf16 (nearest even), placed as element j of a uint64 word."""
+    return uint64(float_to_bf16(value)) << uint64(16 * j)
+
+
+@device_function
+def add_bf16x4(a, b):
+    """Elementwise a + b of two words of four bf16: fp32 add, one rounding."""
+    out = uint64(0)
+    for j in range(4):
+        out |= bf16x4_put(bf16x4_get(a, j) + bf16x4_get(b, j), j)
+    return out
+
+
+@device_function
+def add_fp32_to_bf16x4(word, acc):
+    """word + acc[0..3] (fp32 sums), rounded once: how accumulated gradients are written back."""
+    out = uint64(0)
+    for j in range(4):
+        out |= bf16x4_put(bf16x4_get(word, j) + acc[j], j)
+    return out
+
+
 # ---- host side -------------------------------------------------------------------------------
 
 def to_bf16_bits(array):
@@ -114,3 +146,14 @@ def from_bf16_bits(bits):
 def round_to_bf16(array):
     """The float32 value nearest-even rounding to bf16 would store."""
     return from_bf16_bits(to_bf16_bits(array))
+
+
+def as_words(name, array, shape):
+    """A bf16 (uint16) device array as a flat array of uint64 words (four bf16 each)."""
+    check_contiguous(name, array, np.uint16, shape)
+    if array.size % 4:
+        raise ValueError(f"{name}: element count must be a multiple of 4 (kernels move four bf16 per word)")
+    interface = getattr(array, "__cuda_array_interface__", None)  # absent on the simulator
+    if interface is not None and interface["data"][0] % 8:
+        raise ValueError(f"{name}: device pointer must be 8-byte aligned (kernels load uint64 words)")
+    return array.reshape(array.size).view(np.uint64)

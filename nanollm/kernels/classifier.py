@@ -26,8 +26,8 @@ import numpy as np
 from numba import cuda, float32, uint32, uint64
 
 from .bf16 import bf16_to_float, bf16x2_high, bf16x2_low, high_half, join_halves, low_half, pack_bf16x2
-from .cuda_common import SIMULATOR, WARP_SIZE, check_contiguous, device_function, kernel
-from .global_norm import block_reduce_max, block_reduce_sum, device_address
+from .cuda_common import SIMULATOR, WARP_SIZE, block_reduce_max, block_reduce_sum, check_contiguous, device_address, \
+    device_function, kernel
 
 # below any logit, yet exp(NEG_BIG - max) is a plain 0 and NEG_BIG - max does not overflow
 NEG_BIG = -1e30

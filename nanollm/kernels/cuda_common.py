@@ -58,6 +58,43 @@ def warp_reduce_max(value):
     return value
 
 
+@device_function
+def block_reduce_sum(value, shared):
+    """Sum over the block; every thread gets the result, added in the same fixed order.
+    shared: a (32,) fp32 shared array. blockDim.x a multiple of 32; every thread must call."""
+    warp = cuda.threadIdx.x // WARP_SIZE
+    value = warp_reduce_sum(value)
+    if cuda.threadIdx.x % WARP_SIZE == 0:
+        shared[warp] = value
+    cuda.syncthreads()
+    total = shared[0]
+    for w in range(1, cuda.blockDim.x // WARP_SIZE):
+        total += shared[w]
+    cuda.syncthreads()  # the caller may reuse shared at once
+    return total
+
+
+@device_function
+def block_reduce_max(value, shared):
+    """Max over the block, as block_reduce_sum."""
+    warp = cuda.threadIdx.x // WARP_SIZE
+    value = warp_reduce_max(value)
+    if cuda.threadIdx.x % WARP_SIZE == 0:
+        shared[warp] = value
+    cuda.syncthreads()
+    biggest = shared[0]
+    for w in range(1, cuda.blockDim.x // WARP_SIZE):
+        biggest = max(biggest, shared[w])
+    cuda.syncthreads()
+    return biggest
+
+
+def device_address(array):
+    """Where an array's data starts (host address under the simulator): wide loads need alignment."""
+    interface = getattr(array, "__cuda_array_interface__", None) or array.__array_interface__
+    return interface["data"][0]
+
+
 def device_pointer(array):
     """The integer device address of a Numba (or any __cuda_array_interface__) array: what
     cuBLASLt and cuDNN take."""

@@ -19,7 +19,7 @@ import numpy as np
 from numba import cuda, float32
 
 from .cuda_common import SIMULATOR, WARP_SIZE, ceil_div, check_contiguous, kernel
-from .layernorm import add_bf16x4, add_fp32_to_bf16x4, as_words, bf16x4_get
+from .bf16 import add_bf16x4, add_fp32_to_bf16x4, as_words, bf16x4_get
 
 FORWARD_BLOCK = 256
 WPE_BACKWARD_BLOCK = 256

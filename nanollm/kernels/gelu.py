@@ -10,11 +10,10 @@ are the stand-alone versions llm.c also keeps, and the reference for that fusion
 
 import math
 
-import numpy as np
 from numba import cuda, float32
 
-from .bf16 import bf16x2_high, bf16x2_low, high_half, join_halves, low_half, pack_bf16x2
-from .cuda_common import GELU_SCALING_FACTOR, ceil_div, check_contiguous, device_function, kernel
+from .bf16 import as_words, bf16x2_high, bf16x2_low, high_half, join_halves, low_half, pack_bf16x2
+from .cuda_common import GELU_SCALING_FACTOR, ceil_div, device_function, kernel
 
 
 @device_function
@@ -85,18 +84,11 @@ PTX_SIGNATURES = {
 BLOCK_SIZE = 256
 
 
-def _as_words(name, array):
-    check_contiguous(name, array, np.uint16)
-    if array.size % 4:
-        raise ValueError(f"{name}: element count must be a multiple of 4 (kernels move four bf16 per word)")
-    return array.reshape(array.size).view(np.uint64)
-
-
 def gelu_forward(out, inp, stream=0):
     """out = gelu(inp); both bf16 (uint16) arrays of the same shape, e.g. (B, T, 4C)."""
     if out.shape != inp.shape:
         raise ValueError(f"gelu_forward: out {out.shape} and inp {inp.shape} differ")
-    out_words, inp_words = _as_words("out", out), _as_words("inp", inp)
+    out_words, inp_words = as_words("out", out, out.shape), as_words("inp", inp, inp.shape)
     grid = ceil_div(inp_words.shape[0], BLOCK_SIZE)
     gelu_forward_kernel[grid, BLOCK_SIZE, stream](out_words, inp_words)
 
@@ -105,6 +97,6 @@ def gelu_backward_inplace(d_in_out, inp, stream=0):
     """d_in_out holds dL/dout on entry and dL/dinp on exit; inp is the forward's input."""
     if d_in_out.shape != inp.shape:
         raise ValueError(f"gelu_backward_inplace: d_in_out {d_in_out.shape} and inp {inp.shape} differ")
-    grad_words, inp_words = _as_words("d_in_out", d_in_out), _as_words("inp", inp)
+    grad_words, inp_words = as_words("d_in_out", d_in_out, d_in_out.shape), as_words("inp", inp, inp.shape)
     grid = ceil_div(inp_words.shape[0], BLOCK_SIZE)
     gelu_backward_inplace_kernel[grid, BLOCK_SIZE, stream](grad_words, inp_words)

@@ -25,39 +25,8 @@ import numpy as np
 from numba import cuda, float32
 
 from .bf16 import bf16_to_float, bf16x2_high, bf16x2_low, high_half, low_half
-from .cuda_common import SIMULATOR, WARP_SIZE, check_contiguous, device_function, kernel, warp_reduce_max, \
-    warp_reduce_sum
-
-
-@device_function
-def block_reduce_sum(value, shared):
-    """Sum over the block; every thread gets the result, added in the same fixed order.
-    shared: a (32,) fp32 shared array. blockDim.x a multiple of 32; every thread must call."""
-    warp = cuda.threadIdx.x // WARP_SIZE
-    value = warp_reduce_sum(value)
-    if cuda.threadIdx.x % WARP_SIZE == 0:
-        shared[warp] = value
-    cuda.syncthreads()
-    total = shared[0]
-    for w in range(1, cuda.blockDim.x // WARP_SIZE):
-        total += shared[w]
-    cuda.syncthreads()  # the caller may reuse shared at once
-    return total
-
-
-@device_function
-def block_reduce_max(value, shared):
-    """Max over the block, as block_reduce_sum."""
-    warp = cuda.threadIdx.x // WARP_SIZE
-    value = warp_reduce_max(value)
-    if cuda.threadIdx.x % WARP_SIZE == 0:
-        shared[warp] = value
-    cuda.syncthreads()
-    biggest = shared[0]
-    for w in range(1, cuda.blockDim.x // WARP_SIZE):
-        biggest = max(biggest, shared[w])
-    cuda.syncthreads()
-    return biggest
+from .cuda_common import SIMULATOR, WARP_SIZE, block_reduce_sum, check_contiguous, device_address, device_function, \
+    kernel
 
 
 @device_function
@@ -136,12 +105,6 @@ def global_norm_scratch_size(block_size=BLOCK_SIZE):
     # must not be counted past it, or the grid would need a second wave
     blocks_per_sm = min(device.MAX_THREADS_PER_MULTIPROCESSOR // block_size, device.MAX_BLOCKS_PER_MULTIPROCESSOR)
     return device.MULTIPROCESSOR_COUNT * blocks_per_sm
-
-
-def device_address(array):
-    """Where an array's data starts (host address under the simulator): wide loads need alignment."""
-    interface = getattr(array, "__cuda_array_interface__", None) or array.__array_interface__
-    return interface["data"][0]
 
 
 def _validate_block_size(name, block_size):

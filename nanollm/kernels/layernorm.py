@@ -29,9 +29,9 @@ contiguous (B*T rows of C channels); sums are fp32.
 import math
 
 import numpy as np
-from numba import cuda, float32, int32, uint32, uint64
+from numba import cuda, float32, uint64
 
-from .bf16 import float_to_bf16
+from .bf16 import add_bf16x4, add_fp32_to_bf16x4, as_words, bf16x4_get, bf16x4_put
 from .cuda_common import WARP_SIZE, ceil_div, check_contiguous, device_function, kernel, warp_reduce_sum
 
 LAYERNORM_EPS = 1e-5
@@ -41,38 +41,6 @@ FORWARD_WARPS = 8  # rows (warps) per block of the forward kernels: 256 threads
 BACKWARD_BLOCKS = 256  # most blocks (fp32 partial rows in scratch) of layernorm_backward
 PARAM_GRAD_ROWS = 16  # threads summing partials per channel word in layernorm_param_grad_kernel
 ELEMENTWISE_BLOCK = 256
-
-
-# ---- four bf16 in a uint64 word --------------------------------------------------------------
-
-@device_function
-def bf16x4_get(word, j):
-    """bf16 element j (0..3, lowest address first) of a uint64 word, as float."""
-    return cuda.libdevice.int_as_float(int32(uint32(word >> uint64(16 * j)) << uint32(16)))
-
-
-@device_function
-def bf16x4_put(value, j):
-    """value rounded to bf16 (nearest even), placed as element j of a uint64 word."""
-    return uint64(float_to_bf16(value)) << uint64(16 * j)
-
-
-@device_function
-def add_bf16x4(a, b):
-    """Elementwise a + b of two words of four bf16: fp32 add, one rounding."""
-    out = uint64(0)
-    for j in range(4):
-        out |= bf16x4_put(bf16x4_get(a, j) + bf16x4_get(b, j), j)
-    return out
-
-
-@device_function
-def add_fp32_to_bf16x4(word, acc):
-    """word + acc[0..3] (fp32 sums), rounded once: how accumulated gradients are written back."""
-    out = uint64(0)
-    for j in range(4):
-        out |= bf16x4_put(bf16x4_get(word, j) + acc[j], j)
-    return out
 
 
 # ---- kernels ---------------------------------------------------------------------------------
@@ -290,17 +258,6 @@ PTX_SIGNATURES = {
 
 
 # ---- launchers -------------------------------------------------------------------------------
-
-def as_words(name, array, shape):
-    """A bf16 (uint16) device array as a flat array of uint64 words (four bf16 each)."""
-    check_contiguous(name, array, np.uint16, shape)
-    if array.size % 4:
-        raise ValueError(f"{name}: element count must be a multiple of 4 (kernels move four bf16 per word)")
-    interface = getattr(array, "__cuda_array_interface__", None)  # absent on the simulator
-    if interface is not None and interface["data"][0] % 8:
-        raise ValueError(f"{name}: device pointer must be 8-byte aligned (kernels load uint64 words)")
-    return array.reshape(array.size).view(np.uint64)
-
 
 def _rows(name, array):
     """(shape, N rows, C channels) of a (..., C) activation; checks C fits the kernels."""
