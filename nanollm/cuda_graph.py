@@ -89,8 +89,13 @@ class GraphReplayer:
         return sorted(self._graphs, key=repr)
 
     def clear(self):
-        """Forget every graph (after buffers they point into were reallocated)."""
-        cuda.synchronize()
+        """Destroy every graph (e.g. before the buffers they point into are freed)."""
+        if self._graphs:
+            cuda.synchronize()
+            cu = _cu()
+            for key, executable in self._graphs.items():
+                cu.cuGraphExecDestroy(executable)
+                cu.cuGraphDestroy(self._sources[key])
         self._graphs.clear()
         self._sources.clear()
         self._seen.clear()

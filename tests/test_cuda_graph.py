@@ -31,6 +31,14 @@ class FakeDriver:
         self.calls.append(("launch", executable, stream))
         return (0,)
 
+    def cuGraphExecDestroy(self, executable):
+        self.calls.append(("destroy exec", executable))
+        return (0,)
+
+    def cuGraphDestroy(self, graph):
+        self.calls.append(("destroy", graph))
+        return (0,)
+
     def cuGetErrorName(self, error):
         return (0, b"CUDA_ERROR_FAKE")
 
@@ -62,6 +70,20 @@ def test_eager_then_capture_then_replay(driver):
     assert replayer.captured == ["step"]
     replayer.run(("forward", 1), lambda: queued.append("other key"))  # a new key starts eager
     assert queued[-1] == "other key" and replayer.captured == ["step"]
+
+
+def test_clear_destroys_graphs_and_starts_over(driver, monkeypatch):
+    monkeypatch.setattr(cuda_graph.cuda, "synchronize", lambda: None)
+    replayer = cuda_graph.GraphReplayer(FakeStream())
+    for _ in range(2):
+        replayer.run("step", lambda: None)
+    driver.calls.clear()
+    replayer.clear()
+    assert driver.calls == [("destroy exec", "exec-of-graph2"), ("destroy", "graph2")]
+    assert replayer.captured == []
+    queued = []
+    replayer.run("step", lambda: queued.append(1))  # eager again
+    assert queued == [1]
 
 
 def test_failed_capture_ends_capture_and_reraises(driver):
