@@ -267,12 +267,12 @@ class GPT2:
             self.graphs.run(key, queue)
 
     def _check_tokens(self, name, array, B, limit):
-        array = np.ascontiguousarray(array, dtype=np.int32)
+        array = np.asarray(array)  # range-checked before the int32 cast, which could wrap
         if array.shape != (B, self.T):
             raise ValueError(f"{name} must be ({B}, {self.T}), got {array.shape}")
         if array.size and (array.min() < 0 or array.max() >= limit):
             raise ValueError(f"{name} must lie in [0, {limit}), got values in [{array.min()}, {array.max()}]")
-        return array
+        return np.ascontiguousarray(array, dtype=np.int32)
 
     def _upload_inputs(self, tokens, targets):
         """tokens (and targets) into the next pinned slot and up to self.inputs in one async copy."""

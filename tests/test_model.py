@@ -82,6 +82,8 @@ def test_bad_inputs_are_clear_errors(rng):
         model.forward(np.zeros((2, 8), np.int32), np.full((2, 8), TINY.vocab_size))
     with pytest.raises(ValueError, match="tokens must lie"):
         model.forward(np.full((2, 8), TINY.padded_vocab_size))
+    with pytest.raises(ValueError, match="tokens must lie"):
+        model.forward(np.full((2, 8), 2**32 + 1, dtype=np.int64))  # would wrap to 1 as int32
     with pytest.raises(RuntimeError, match="needs a forward"):
         model.backward()  # nothing to differentiate yet
     model.forward(np.zeros((1, 8), np.int32), B=1)  # sampling: no backward after it either
