@@ -6,19 +6,12 @@ queue the step. If queuing takes longer than the GPU runs, the step is host-boun
 """
 
 import argparse
-import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-
-def _name(device):
-    name = device.name
-    return name.decode() if isinstance(name, bytes) else name
+from common import device_name, git_commit
 
 
 def main():
@@ -81,7 +74,7 @@ def main():
             entry[0] += event.device_time / 1e3 / args.steps  # ms per step
             entry[1] += 1
     total = sum(ms for ms, _ in per_kernel.values())
-    print(f"\n{args.e} B={args.b} T={args.t} attention={model.attention} on {_name(cuda.get_current_device())}")
+    print(f"\n{args.e} B={args.b} T={args.t} attention={model.attention} on {device_name()}, commit {git_commit()}")
     print(f"GPU busy per step: {total:.1f} ms (sum of kernel and copy times)")
     print(f"{'ms/step':>8} {'%':>5} {'calls':>6}  kernel")
     for name, (ms, calls) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:args.top]:

@@ -33,7 +33,7 @@ def _check(result, what):
     if int(error) != 0:
         name = _cu().cuGetErrorName(error)[1]
         raise RuntimeError(f"CUDA graph {what} failed: {name.decode() if isinstance(name, bytes) else name}")
-    return result[1:] if len(result) > 2 else (result[1] if len(result) == 2 else None)
+    return result[1] if len(result) > 1 else None  # the calls used here return (error,) or (error, value)
 
 
 def is_supported():

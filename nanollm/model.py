@@ -244,18 +244,22 @@ class GPT2:
             self._forward_layers(B)  # sampling: B varies, so never a graph
             return
         dloss = 1.0 / (B * self.T * self.grad_accum_steps)
-
-        def queue():
-            self._forward_layers(B)
-            classifier.fused_classifier(self.acts.logits[:B], self.acts32.losses[micro_step][:B], dloss,
-                                        self.targets[:B], self.config.vocab_size, write_dlogits=True,
-                                        stream=self.stream)
-
+        self._forward_loss(("forward", micro_step), B, self.acts32.losses[micro_step], dloss, write_dlogits=True)
         if B == self.B:
-            self._replay(("forward", micro_step), queue)
             # the encoder backward's buckets: built while the GPU runs the forward, sent from the
             # same pinned slot as the tokens
             self.num_buckets = self._upload_buckets(slot, tokens)
+
+    def _forward_loss(self, key, B, losses, dloss, write_dlogits):
+        """The forward and the fused classifier (losses[:B], and dlogits if asked) on the uploaded
+        inputs; replayed as graph `key` for the full batch."""
+        def queue():
+            self._forward_layers(B)
+            classifier.fused_classifier(self.acts.logits[:B], losses[:B], dloss, self.targets[:B],
+                                        self.config.vocab_size, write_dlogits=write_dlogits, stream=self.stream)
+
+        if B == self.B:
+            self._replay(key, queue)
         else:
             queue()
 
@@ -361,15 +365,9 @@ class GPT2:
         targets = self._check_tokens("targets", targets, self.B, self.config.vocab_size)
         self._upload_inputs(tokens, targets)
         self.num_buckets = None
-        a, a32 = self.acts, self.acts32
-
-        def queue():
-            self._forward_layers(self.B)
-            classifier.fused_classifier(a.logits, a32.losses[0], 1.0, self.targets, self.config.vocab_size,
-                                        write_dlogits=False, stream=self.stream)
-
-        self._replay("evaluate", queue)
-        return float(self._read(a32.losses[0], self.B * self.T).astype(np.float64).mean())
+        losses = self.acts32.losses[0]
+        self._forward_loss("evaluate", self.B, losses, 1.0, write_dlogits=False)
+        return float(self._read(losses, self.B * self.T).astype(np.float64).mean())
 
     def logits_host(self):
         """Host float32 logits (B, T, V) of the last forward without targets."""
