@@ -85,6 +85,7 @@ class GPT2:
             raise RuntimeError("CUDA graphs need a real GPU and the cuda-bindings package")
         self.graphs = GraphReplayer(self.stream) if cuda_graphs else None
         self._adamw_launches = None
+        self._adamw_multi_tensor = None
         shapes = parameter_shapes(config)
         self.params = Buffers(shapes, np.uint16)
         self.grads = Buffers(shapes, np.uint16)
@@ -147,6 +148,7 @@ class GPT2:
             "layernorm_scratch": (layernorm.layernorm_backward_scratch_size(C),),
             "norm_scratch": (global_norm.global_norm_scratch_size(),),
             "norm": (1,),
+            "grad_scale": (1,),  # the clip factor update_clipped computes on the device
             "bias_scratch": (matmul.MAX_BIAS_PARTIALS * Vp,),
         }
         self.acts = Buffers(bf16, np.uint16)
@@ -161,6 +163,10 @@ class GPT2:
         self.num_buckets = None  # of the last forward with targets; None: no backward possible
         self.uploads = PinnedUploads(self.inputs.size, np.int32, self.stream)
         self.host_out = cuda.pinned_array(self.grad_accum_steps * BT + 1, dtype=np.float32)  # losses, norm
+        # update_clipped's per-step AdamW values, uploaded before its (graphed) launches
+        self.update_hyper = cuda.device_array(adamw.HYPER_WORDS, dtype=np.uint32)
+        self.hyper_uploads = PinnedUploads(adamw.HYPER_WORDS, np.uint32, self.stream)
+        self._results_ready = None  # an event after update_clipped's copies to host_out
 
     def load_parameters(self, flat_params):
         """Set every parameter from a flat float array in llm.c's order (rounded to bf16), the
@@ -466,3 +472,47 @@ class GPT2:
             seed = (self.seed * 1_000_003 + self.step * 7919 + index) & 0xFFFFFFFF
             launch(self.step, learning_rate, beta1, beta2, eps, weight_decay if decayed else 0.0, grad_scale, seed,
                    self.stream)
+
+    # ---- update without host synchronisation --------------------------------------------------
+
+    def update_clipped(self, learning_rate, weight_decay=0.0, grad_clip=1.0, beta1=0.9, beta2=0.95, eps=1e-8):
+        """The step's end with no host synchronisation: global norm, clip scale (grad_clip / norm
+        when the norm exceeds grad_clip > 0, computed on the GPU), AdamW over every tensor in one
+        launch -- replayed as one CUDA graph where graphs are on -- then the micro-steps' losses and
+        the norm copied to pinned memory. step_results() waits for them. The same bits as
+        grad_norm() + update(learning_rate, weight_decay, grad_scale) with the host's clip scale."""
+        if self._adamw_multi_tensor is None:
+            ranges = [(self.params.offsets[name], math.prod(shape), self.master.offsets[name],
+                       name in WEIGHT_DECAY_PARAMETERS, index)
+                      for index, (name, shape) in enumerate(self.params.shapes.items())]
+            self._adamw_multi_tensor = adamw.prepare_adamw_multi_tensor(
+                self.params.memory, self.grads.memory, self.master.memory, self.m.memory, self.v.memory, ranges)
+        self.step += 1
+        slot = self.hyper_uploads.next_slot()
+        # update()'s per-tensor seed (self.seed * 1_000_003 + step * 7919 + index) is this base + index
+        adamw.adamw_hyperparameters(self.step, learning_rate, beta1, beta2, eps, weight_decay,
+                                    seed=self.seed * 1_000_003 + self.step * 7919, out=slot)
+        self.hyper_uploads.send(slot, self.update_hyper, 0, adamw.HYPER_WORDS)
+        self._replay(("update", float(grad_clip)), lambda: self._queue_update(grad_clip))
+        losses = self.acts32.losses
+        n = losses.size
+        losses.reshape(n).copy_to_host(self.host_out[:n], stream=self.stream)
+        self.acts32.norm.copy_to_host(self.host_out[n:n + 1], stream=self.stream)
+        self._results_ready = self._results_ready or cuda.event()
+        self._results_ready.record(self.stream)
+
+    def _queue_update(self, grad_clip):
+        a32, s = self.acts32, self.stream
+        global_norm.global_norm_squared(a32.norm, a32.norm_scratch, self.grads.memory[:self._flat_size()], stream=s)
+        global_norm.grad_clip_scale(a32.grad_scale, a32.norm, grad_clip, stream=s)
+        self._adamw_multi_tensor(self.update_hyper, a32.grad_scale, stream=s)
+
+    def step_results(self):
+        """(mean loss over the micro-steps, global gradient norm) of the last update_clipped step,
+        once the GPU has run it (the step's one host synchronisation); the same numbers losses()
+        and grad_norm() give."""
+        if self._results_ready is None:
+            raise RuntimeError("step_results() needs an update_clipped() before it")
+        self._results_ready.synchronize()
+        n = self.acts32.losses.size
+        return float(self.host_out[:n].astype(np.float64).mean()), math.sqrt(float(self.host_out[n]))

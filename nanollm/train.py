@@ -93,6 +93,12 @@ class GpuBackend:
     def update(self, lr, weight_decay, grad_scale):
         self.model.update(lr, weight_decay=weight_decay, grad_scale=grad_scale)
 
+    def update_clipped(self, lr, weight_decay, grad_clip):
+        self.model.update_clipped(lr, weight_decay=weight_decay, grad_clip=grad_clip)
+
+    def step_results(self):
+        return self.model.step_results()
+
     def evaluate(self, x, y):
         return self.model.evaluate(x, y)
 
@@ -132,6 +138,7 @@ class CpuBackend:
         self.v = reference.ParameterTensors(config, np.float32)
         self.step = 0
         self.losses = []
+        self.norm = None  # of the last update_clipped
         self.device_name = "cpu"
         self.description = f"CPU, numpy float32 reference model ({self.params.memory.nbytes / 2**20:.0f} MiB of parameters)"
 
@@ -154,6 +161,13 @@ class CpuBackend:
         self.step += 1
         reference.gpt2_update(self.params, self.grads, self.m, self.v, self.step, lr, weight_decay=weight_decay,
                               grad_scale=grad_scale)
+
+    def update_clipped(self, lr, weight_decay, grad_clip):
+        self.norm = self.grad_norm()
+        self.update(lr, weight_decay, clip_scale(self.norm, grad_clip))
+
+    def step_results(self):
+        return self.step_loss(), self.norm
 
     def evaluate(self, x, y):
         return reference.gpt2_forward(self.params, self.config, x, y)[1]
@@ -185,6 +199,12 @@ class CpuBackend:
         self.v.memory[:] = state["v"].reshape(-1)
         self.step = int(state["step"])
         self.seed = int(state.get("seed", self.seed))
+
+
+def clip_scale(norm, grad_clip):
+    """llm.c's clipping: scale the gradients by grad_clip / norm when the norm exceeds grad_clip
+    (grad_clip <= 0: never). The GPU computes the same in global_norm.grad_clip_scale."""
+    return grad_clip / norm if grad_clip > 0 and norm > grad_clip else 1.0
 
 
 def gpu_available():
@@ -330,12 +350,12 @@ def train(cfg=None, **overrides):
                 else:
                     x, y = train_loader.next_batch()
                 backend.train_micro_step(x, y, micro_step)
-            norm = backend.grad_norm()  # synchronises: the clip scale is needed on the host
-            grad_scale = cfg.grad_clip / norm if cfg.grad_clip > 0 and norm > cfg.grad_clip else 1.0
             lr = learning_rate(cfg.lr_scheduler, step, cfg.learning_rate, cfg.warmup_iters, max_steps,
                                cfg.final_lr_frac)
-            backend.update(lr, cfg.weight_decay, grad_scale)
-            loss = backend.step_loss()  # synchronises
+            # global norm, clipping and AdamW queued with no host synchronisation (the clip scale is
+            # computed on the GPU); then the step's one wait, for its loss and norm
+            backend.update_clipped(lr, cfg.weight_decay, cfg.grad_clip)
+            loss, norm = backend.step_results()
             dt = time.perf_counter() - t0
             if step == 0:
                 log.print(f"time to first step: {time.perf_counter() - start_time:.1f} s (start-up, compilation, step 0)")
