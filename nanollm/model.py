@@ -20,20 +20,21 @@ then AdamW per tensor (weight decay on the 2-D tensors only), stochastic roundin
 Shapes: B batch, T time, C channels, NH heads, L layers, V vocabulary, Vp padded vocabulary.
 """
 
+import concurrent.futures
 import math
 
 import numpy as np
 from numba import cuda
 from numba.cuda.cudadrv.driver import device_memset
 
-from . import reference
+from . import reference, startup
 from .cuda_graph import GraphReplayer, is_supported as cuda_graphs_supported
 from .staging import PinnedUploads
 from .config import WEIGHT_DECAY_PARAMETERS, num_parameters, parameter_shapes
 from .kernels import adamw, attention, classifier, encoder, gelu, global_norm, layernorm, matmul
 
 attention_cudnn = None  # imported only when cuDNN attention is chosen (it loads cuDNN)
-from .kernels.bf16 import from_bf16_bits, to_bf16_bits
+from .kernels.bf16 import from_bf16_bits
 
 
 class Buffers:
@@ -61,12 +62,14 @@ class GPT2:
     """GPT-2 for training on one GPU at micro-batch (B, T)."""
 
     def __init__(self, config, B, T, seed=42, gelu_fusion=2, recompute=1, grad_accum_steps=1, attention="numba",
-                 cuda_graphs=None):
+                 cuda_graphs=None, parameters=None):
         """attention: "numba" (llm.c's own kernels: permute, cuBLASLt products, softmax), "cudnn"
         (flash attention through cuDNN, as llm.c's USE_CUDNN build), or "auto" (cuDNN where it
         works for this shape, else numba; self.attention_note says why).
         cuda_graphs: replay the forward and backward of full batches as CUDA graphs (None: where
-        supported, i.e. on a real GPU; see cuda_graph.py). The results are the same launches'."""
+        supported, i.e. on a real GPU; see cuda_graph.py). The results are the same launches'.
+        parameters: flat float parameters in llm.c's order to start from (e.g. a model file's);
+        None: GPT-2's initialisation drawn from `seed` (reference.init_parameters)."""
         if T > config.max_seq_len:
             raise ValueError(f"T={T} exceeds the model's max_seq_len {config.max_seq_len}")
         if gelu_fusion not in (0, 1, 2) or recompute not in (0, 1):
@@ -74,11 +77,18 @@ class GPT2:
         if attention not in ("numba", "cudnn", "auto"):
             raise ValueError(f"attention must be numba, cudnn or auto, got {attention!r}")
         self.config, self.B, self.T = config, B, T
+        if parameters is None:  # numpy's RNG releases the GIL: the weights are drawn on a second
+            # thread while cuDNN loads, the CUDA context starts and the buffers are allocated
+            drawing = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+            parameters = drawing.submit(lambda: reference.init_parameters(config, seed).memory)
+            drawing.shutdown(wait=False)
         self.attention, self.attention_note = self._choose_attention(attention, config, B, T)
+        startup.mark("attention choice (loads cuDNN and its frontend)")
         self.gelu_fusion, self.recompute = gelu_fusion, recompute
         self.grad_accum_steps = grad_accum_steps
         self.num_parameters = num_parameters(config)
         self.stream = cuda.stream()
+        startup.mark("CUDA context, stream")
         if cuda_graphs is None:
             cuda_graphs = cuda_graphs_supported()
         elif cuda_graphs and not cuda_graphs_supported():
@@ -95,7 +105,12 @@ class GPT2:
         self._allocate_activations()
         self.step = 0  # AdamW steps taken
         self.seed = seed
-        self.load_parameters(reference.init_parameters(config, seed).memory)
+        startup.mark("GPU buffers: parameters, gradients, AdamW state, activations", cuda.synchronize)
+        if isinstance(parameters, concurrent.futures.Future):
+            parameters = parameters.result()
+            startup.mark("parameter init: the rest of numpy's RNG (float64, one core; began at the start)")
+        self.load_parameters(parameters)
+        startup.mark("parameter upload, bf16 rounding on the GPU")
 
     # ---- set-up -----------------------------------------------------------------------------
 
@@ -174,14 +189,21 @@ class GPT2:
         flat_params = np.asarray(flat_params, dtype=np.float32).reshape(-1)
         if flat_params.size != self.num_parameters:
             raise ValueError(f"expected {self.num_parameters} parameters, got {flat_params.size}")
-        self._upload(self.params, to_bf16_bits(flat_params))
-        adamw.init_master_weights(self.master.memory[:self.num_parameters], self.params.memory[:self.num_parameters])
+        # fp32 up into the master weights, rounded to bf16 on the GPU (the same bits as the host's
+        # to_bf16_bits: several numpy passes over every parameter on one core)
+        self._upload(self.master, flat_params)
+        for name, shape in self.params.shapes.items():
+            adamw.round_master_weights(self.params.memory, self.master.memory, offset=self.params.offsets[name],
+                                       count=math.prod(shape), state_offset=self.master.offsets[name])
         device_memset(self.m.memory, 0, self.m.memory.nbytes)
         device_memset(self.v.memory, 0, self.v.memory.nbytes)
         self.step = 0
         cuda.synchronize()
 
     def _upload(self, buffers, flat):
+        if flat.size == buffers.memory.size:  # no alignment gaps between the views: one copy as it is
+            buffers.memory.copy_to_device(np.ascontiguousarray(flat, dtype=buffers.memory.dtype))
+            return
         host = np.zeros(buffers.memory.size, dtype=buffers.memory.dtype)
         offset = 0
         for name, shape in buffers.shapes.items():

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import checkpoint, reference
+from . import checkpoint, reference, startup
 from .config import flops_per_token, from_descriptor, num_parameters
 from .data import DataLoader, EvalLoader, ShardError
 from .mfu import mfu
@@ -67,9 +67,8 @@ class GpuBackend:
             gelu_fusion = 2 if cuda.get_current_device().compute_capability >= (9, 0) else 0
         self.model = GPT2(config, cfg.batch_size, cfg.seq_len, seed=cfg.seed, gelu_fusion=gelu_fusion,
                           recompute=cfg.recompute, grad_accum_steps=grad_accum, attention=cfg.attention,
-                          cuda_graphs=None if cfg.cuda_graphs else False)  # 1: where supported
-        if init_params is not None:
-            self.model.load_parameters(init_params)
+                          cuda_graphs=None if cfg.cuda_graphs else False,  # 1: where supported
+                          parameters=init_params)  # None: GPT-2's initialisation from the seed
         name = cuda.get_current_device().name
         self.device_name = name.decode() if isinstance(name, bytes) else str(name)
         free, total = cuda.current_context().get_memory_info()
@@ -275,6 +274,8 @@ def train(cfg=None, **overrides):
         cfg = TrainConfig(**{**cfg.__dict__, **overrides})
     validate(cfg)
     start_time = time.perf_counter()
+    startup.mark("python start-up and imports, to train()")
+    startup.time_numba_kernels()
     config, init_params = _model_config(cfg)
     B, T = cfg.batch_size, cfg.seq_len
     if T > config.max_seq_len:
@@ -295,6 +296,7 @@ def train(cfg=None, **overrides):
     log = Logger(cfg.output_dir, append=bool(cfg.resume))  # llm.c appends to main.log with -y 1
     if device == "cpu" and cfg.device == "auto":
         log.print("No CUDA GPU found: training on the CPU with the numpy reference model (slow; small models only).")
+    startup.mark("model config, data loaders")
     backend = (GpuBackend if device == "cuda" else CpuBackend)(config, cfg, grad_accum, init_params)
     from .tokenizer import get_tokenizer
 
@@ -342,6 +344,8 @@ def train(cfg=None, **overrides):
             if last:
                 break
             backend.synchronize()
+            if step == start_step:
+                startup.mark("before the first step: tokenizer, val loss, resume")
             t0 = time.perf_counter()
             backend.zero_grad()
             for micro_step in range(grad_accum):
@@ -359,6 +363,11 @@ def train(cfg=None, **overrides):
             dt = time.perf_counter() - t0
             if step == 0:
                 log.print(f"time to first step: {time.perf_counter() - start_time:.1f} s (start-up, compilation, step 0)")
+            if step - start_step < 2:  # where the start-up went, with NANOLLM_STARTUP_TIMES=1
+                startup.mark("first step (eager: first launches)" if step == start_step else
+                             "second step (captures the CUDA graphs)", backend.synchronize)
+                if step > start_step or step + 1 == max_steps:
+                    log.print(startup.report())
             step_times.append(dt)
             result.train_losses.append(loss)
             result.steps = step + 1

@@ -125,3 +125,16 @@ def test_update_clipped_is_grad_norm_then_update_bit_for_bit(rng):
             np.testing.assert_array_equal(expected[name].view(np.uint16 if name == "params_bf16" else np.uint32),
                                           got[name].view(np.uint16 if name == "params_bf16" else np.uint32),
                                           err_msg=f"step {step + 1}: {name}")
+
+
+def test_given_parameters_or_the_seeds_initialisation(rng):
+    """GPT2(parameters=...) starts from those values (rounded to bf16, master weights equal to
+    them); without them, from reference.init_parameters(seed) (drawn on a second thread: same values)."""
+    from nanollm.kernels.bf16 import round_to_bf16
+
+    flat = rng.standard_normal(reference.ParameterTensors(MICRO).memory.size).astype(np.float32)
+    model = GPT2(MICRO, 1, 4, parameters=flat)
+    np.testing.assert_array_equal(model.parameters(), round_to_bf16(flat))
+    np.testing.assert_array_equal(model.master_weights(), round_to_bf16(flat))
+    seeded = GPT2(MICRO, 1, 4, seed=5)
+    np.testing.assert_array_equal(seeded.parameters(), round_to_bf16(reference.init_parameters(MICRO, 5).memory))

@@ -24,8 +24,8 @@ import math
 import numpy as np
 from numba import cuda, float32, int32, uint32, uint64
 
-from .bf16 import (bf16_to_float, bf16x2_high, bf16x2_low, float_to_bf16_stochastic, high_half, join_halves,
-                   low_half)
+from .bf16 import (bf16_to_float, bf16x2_high, bf16x2_low, float_to_bf16, float_to_bf16_stochastic, high_half,
+                   join_halves, low_half)
 from .cuda_common import SIMULATOR, WARP_SIZE, ceil_div, check_contiguous, device_address, device_function, kernel
 
 
@@ -195,11 +195,23 @@ def init_master_weights_kernel(master, params, start, state_start, count):
         master[state_start + i] = bf16_to_float(params[start + i])
 
 
+@kernel
+def round_master_weights_kernel(params, master, start, state_start, count):
+    # params[start + i] = master[state_start + i] rounded to bf16 (nearest even), and the master
+    # weight becomes that bf16 value (llm.c's master weights start as the bf16 parameters)
+    i = cuda.grid(1)
+    if i < count:
+        bits = float_to_bf16(master[state_start + i])
+        params[start + i] = bits
+        master[state_start + i] = bf16_to_float(bits)
+
+
 _HYPER = "float32, float32, float32, float32, float32, float32, float32, float32, uint32"
 PTX_SIGNATURES = {
     adamw_kernel: f"void(uint64[::1], uint64[::1], uint64[::1], uint64[::1], uint64[::1], int64, int64, int64, {_HYPER})",
     adamw_scalar_kernel: f"void(uint16[::1], uint16[::1], float32[::1], float32[::1], float32[::1], int64, int64, int64, {_HYPER})",
     init_master_weights_kernel: "void(float32[::1], uint16[::1], int64, int64, int64)",
+    round_master_weights_kernel: "void(uint16[::1], float32[::1], int64, int64, int64)",
     adamw_multi_tensor_kernel: "void(uint16[::1], uint16[::1], float32[::1], float32[::1], float32[::1], "
                                "uint64[::1], uint64[::1], uint64[::1], uint64[::1], uint64[::1], int64[:, ::1], "
                                "int64[::1], float32[::1], uint32[::1], float32[::1])",
@@ -314,6 +326,18 @@ def init_master_weights(master, params, offset=0, count=None, state_offset=None,
     if count > 0:
         init_master_weights_kernel[ceil_div(count, block_size), block_size, stream](
             master, params, np.int64(offset), np.int64(state_offset), np.int64(count))
+
+
+def round_master_weights(params, master, offset=0, count=None, state_offset=None, block_size=BLOCK_SIZE, stream=0):
+    """Load fp32 weights through the master copy: params[offset : offset + count] = the master
+    weights at state_offset.. rounded to bf16 (nearest even, as bf16.to_bf16_bits on the host), and
+    those master weights set to the rounded values (what init_master_weights would give from the
+    params). Ranges as adamw_update's."""
+    params, master = _flat("params", params, np.uint16), _flat("master", master, np.float32)
+    offset, count, state_offset = _range(params, master, offset, count, state_offset)
+    if count > 0:
+        round_master_weights_kernel[ceil_div(count, block_size), block_size, stream](
+            params, master, np.int64(offset), np.int64(state_offset), np.int64(count))
 
 
 # ---- every tensor in one launch, with the step's values on the device ----------------------------

@@ -30,7 +30,7 @@ import numpy as np
 from numba import cuda, float32
 from nvmath.bindings import cublasLt
 
-from .. import reference
+from .. import reference, startup
 from .bf16 import (bf16_to_float, bf16x2_high, bf16x2_low, float_to_bf16, from_bf16_bits, high_half, low_half,
                    to_bf16_bits)
 from .cuda_common import SIMULATOR, ceil_div, check_contiguous, device_function, kernel
@@ -312,7 +312,8 @@ def _gemm(out, a, b, M, N, K, batch, transa, transb, epilogue=Epilogue.DEFAULT, 
     key = (M, N, K, batch, transa, transb, int(epilogue), _alignment(a_ptr), _alignment(b_ptr), _alignment(out_ptr))
     plan = _plans.get(key)
     if plan is None:
-        plan = _plans[key] = _Plan(key, bias_ptr, aux_ptr)
+        with startup.accumulate("cuBLASLt plans: descriptors, layouts, heuristic"):
+            plan = _plans[key] = _Plan(key, bias_ptr, aux_ptr)
     alpha_buf = _ONE if alpha == 1.0 else np.array([alpha], dtype=np.float32)
     beta_buf = _ZERO if beta == 0.0 else (_ONE if beta == 1.0 else np.array([beta], dtype=np.float32))
     try:

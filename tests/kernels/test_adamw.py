@@ -185,3 +185,19 @@ def test_multi_tensor_rejects_unaligned_ranges(rng):
     with pytest.raises(ValueError, match="no ranges"):
         adamw.prepare_adamw_multi_tensor(*state.device, [])
 
+
+def test_round_master_weights_is_host_rounding_then_init_master_weights(rng):
+    """Loading fp32 weights through the master copy gives the bf16 bits of the host's to_bf16_bits
+    (nearest even; inf and NaN included) and master weights equal to those bf16 values, only in range."""
+    values = rng.standard_normal(1030).astype(np.float32) * np.float32(3)
+    values[[3, 500, 700]] = np.inf, -np.inf, np.nan
+    values[[4, 5]] = np.float32(3.4e38), np.float32(-1e-40)  # rounds up to inf; a denormal
+    params = cuda.to_device(np.full(1030, 0xFFFF, np.uint16))
+    master = cuda.to_device(values)
+    adamw.round_master_weights(params, master, offset=2, count=1020, state_offset=2, block_size=64)
+    expected = to_bf16_bits(values[2:1022])
+    got_params, got_master = params.copy_to_host(), master.copy_to_host()
+    np.testing.assert_array_equal(got_params[2:1022], expected)
+    np.testing.assert_array_equal(got_master[2:1022].view(np.uint32), from_bf16_bits(expected).view(np.uint32))
+    assert (got_params[[0, 1, 1022, 1029]] == 0xFFFF).all()  # outside the range: untouched
+    np.testing.assert_array_equal(got_master[[0, 1, 1022]], values[[0, 1, 1022]])
