@@ -259,6 +259,10 @@ def main():
     parser.add_argument("--deadline", type=float, default=560, help="start no run after this many seconds")
     parser.add_argument("--timeout", type=float, default=180, help="kill a run after this many seconds")
     parser.add_argument("--no-llmc", action="store_true", help="nanollm trees only (no build, no llm.c runs)")
+    parser.add_argument("--variant", action="append", default=[], metavar="LABEL:VAR=VALUE[,VAR=VALUE]",
+                        help="also run this tree with these environment settings (e.g. "
+                             "'autotune off:NANOLLM_MATMUL_AUTOTUNE=0'), in the rows of --variant-runs")
+    parser.add_argument("--variant-runs", default="d12", help="comma-separated rows the variants run in")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = parser.parse_args()
     t_start = time.perf_counter()
@@ -275,6 +279,14 @@ def main():
         if not (base / "nanollm/train.py").exists():
             raise SystemExit(f"error: NANOLLM_BASE_DIR={args.base_dir}: no nanollm/train.py there")
         trees.append(("nanollm base", base))
+    variants = []
+    for text in args.variant:
+        label, _, settings = text.partition(":")
+        pairs = [item.partition("=") for item in settings.split(",") if item]
+        if not label or not pairs or any(not name or not eq for name, eq, _ in pairs):
+            raise SystemExit(f"error: --variant {text!r}: expected LABEL:VAR=VALUE[,VAR=VALUE]")
+        variants.append((label, {name: value for name, _, value in pairs}))
+    variant_runs = set(args.variant_runs.split(","))
     llmc_dir = Path(args.llmc_dir).resolve()
     want_llmc = not args.no_llmc
     if want_llmc and not (llmc_dir / "train_gpt2.cu").exists():
@@ -310,15 +322,27 @@ def main():
                                     logs / "prepare.log", timeout=300)
         if rc != 0:
             raise SystemExit(f"error: nanollm.prepare failed (exit {rc}); see {logs}/prepare.log\n{text[-2000:]}")
-    def warm_up(label, tree):  # tiny runs fill the tree's Numba cache: every kernel the timed runs use
-        for extra in ("--attention cudnn -r 1", "--attention numba -r 0 -ge 1"):
-            flags = f"-e d2 -b 2 -t 64 -x 3 -v 2 -m 1 -s 0 {extra} {data_flags}"
-            name = f"warmup_{label.replace(' ', '_')}_{extra.split()[1]}"
+    one_at_a_time = threading.Lock()  # real-shape warm-ups need real memory: never two at once
+
+    def warm_up(label, tree):
+        # tiny runs fill the tree's Numba cache with every kernel the timed runs use; then this tree
+        # takes one step at each timed shape, which leaves its cuBLASLt choices in the choice cache
+        # (matmul_tuning), so the timed runs' start-up is that of a warm machine
+        tiny = [f"-e d2 -b 2 -t 64 -x 3 -v 2 -m 1 -s 0 {extra}"
+                for extra in ("--attention cudnn -r 1", "--attention numba -r 0 -ge 1")]
+        shaped = [f"{ROWS[row][1]} {ROWS[row][3]} -x 1 -v 0 -s 0" for row in runs if row != "d12r0"] \
+            if tree == REPO else []
+        for k, flags in enumerate(tiny + shaped):
+            name = f"warmup_{label.replace(' ', '_')}_{k}"
+            command = [python, "-m", "nanollm.train", *flags.split(), *data_flags.split()]
             if args.dry_run:
-                print(f"[dry run] warm-up: (cd {tree} && {python} -m nanollm.train {flags})")
+                print(f"[dry run] warm-up: (cd {tree} && {' '.join(command)})")
+                continue
+            if flags in shaped:
+                with one_at_a_time:
+                    run_logged(command, tree, nanollm_env(tree), logs / f"{name}.log", 300, gpu)
             else:
-                run_logged([python, "-m", "nanollm.train", *flags.split()], tree, nanollm_env(tree),
-                           logs / f"{name}.log", 300, gpu)
+                run_logged(command, tree, nanollm_env(tree), logs / f"{name}.log", 300, gpu)
 
     warm = [threading.Thread(target=warm_up, args=tree) for tree in trees]  # trees in parallel, each in turn
     for thread in warm:
@@ -352,11 +376,15 @@ def main():
         for label, tree in trees:
             programs.append((label, [python, "-m", "nanollm.train", *flags.split(), *nano_flags.split()], tree,
                              nanollm_env(tree), True))
+        for label, settings in variants if row in variant_runs else []:
+            programs.append((f"nanollm, {label}", [python, "-m", "nanollm.train", *flags.split(),
+                                                   *nano_flags.split()], REPO, {**nanollm_env(REPO), **settings},
+                             True))
         llmc_tok_s = None
         for program, command, cwd, env, available in programs:
             result = dict(row=description, program=program, ms=None, tok_s=None, mem_gib=None, first_s=None,
                           loss=None, ratio=None, note="")
-            name = f"{row}_{program.split()[0].replace('.', '')}{'_base' if program.endswith('base') else ''}"
+            name = f"{row}_" + re.sub(r"[^A-Za-z0-9]+", "_", program.replace(".", "")).strip("_")
             if args.dry_run:
                 print(f"[dry run] {row}: (cd {cwd} && {' '.join(command)})")
                 continue
