@@ -22,6 +22,7 @@ Shapes: B batch, T time, C channels, NH heads, L layers, V vocabulary, Vp padded
 
 import concurrent.futures
 import math
+import os
 
 import numpy as np
 from numba import cuda
@@ -34,6 +35,11 @@ from .config import WEIGHT_DECAY_PARAMETERS, num_parameters, parameter_shapes
 from .kernels import adamw, attention, classifier, encoder, gelu, global_norm, layernorm, matmul
 
 attention_cudnn = None  # imported only when cuDNN attention is chosen (it loads cuDNN)
+# NANOLLM_FC_GELU=unfused: the fc forward as a BIAS matmul and nanollm's GELU kernel instead of
+# cuBLASLt's GELU_AUX_BIAS epilogue (measured slower than the pair at B=8 on an H100), whatever -ge
+# says; the backward keeps -ge's fusion. For measuring (benchmarks/matmul_tuning.py, vs_llmc.py
+# --variant); the GELU values then come from nanollm's kernel, as -r 1's recompute does.
+FC_GELU_UNFUSED = os.environ.get("NANOLLM_FC_GELU", "fused") == "unfused"
 from .kernels.bf16 import from_bf16_bits
 
 
@@ -351,7 +357,7 @@ class GPT2:
                                                        a32.ln2_rstd[l][:B], residual, proj, p.ln2w[l], p.ln2b[l],
                                                        stream=s)
             fch_gelu = a.fch_gelu[0 if self.recompute else l][:B]
-            if self.gelu_fusion >= 1:
+            if self.gelu_fusion >= 1 and not FC_GELU_UNFUSED:
                 matmul.matmul_forward(fch_gelu, a.ln2[l][:B], p.fcw[l], p.fcb[l], pre_gelu=a.fch[l][:B], stream=s)
             else:
                 matmul.matmul_forward(a.fch[l][:B], a.ln2[l][:B], p.fcw[l], p.fcb[l], stream=s)
