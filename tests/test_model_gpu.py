@@ -24,6 +24,14 @@ LOGIT_THRESHOLD = 25.0   # llm.c's bf16 bound on any logit's absolute difference
 LOSS_THRESHOLD = 0.05    # llm.c's bf16 bound on each step's loss
 
 
+def _skip_without_cudnn(config, B, T):
+    from nanollm.kernels import attention_cudnn
+
+    ok, reason = attention_cudnn.is_available(B, T, config.num_heads, config.head_size)
+    if not ok:
+        pytest.skip(f"cuDNN attention unavailable: {reason}")
+
+
 @pytest.mark.parametrize("attention", ["numba", "cudnn"])
 def test_d12_matches_pytorch(attention):
     config = from_descriptor("d12")
@@ -31,11 +39,7 @@ def test_d12_matches_pytorch(attention):
     rng = np.random.default_rng(1234)
     tokens, targets = rng.integers(0, config.vocab_size, (2, B, T))
     if attention == "cudnn":
-        from nanollm.kernels import attention_cudnn
-
-        ok, reason = attention_cudnn.is_available(B, T, config.num_heads, config.head_size)
-        if not ok:
-            pytest.skip(f"cuDNN attention unavailable: {reason}")
+        _skip_without_cudnn(config, B, T)
     model = GPT2(config, B, T, seed=1234, attention=attention)
     params = reference.ParameterTensors(config, np.float32)
     params.memory[:] = model.parameters()  # PyTorch gets the very bf16 values the GPU model holds
@@ -93,11 +97,7 @@ def test_cuda_graphs_replay_the_eager_step_exactly(attention):
     config = from_descriptor("d12")
     B, T = 4, 64
     if attention == "cudnn":
-        from nanollm.kernels import attention_cudnn
-
-        ok, reason = attention_cudnn.is_available(B, T, config.num_heads, config.head_size)
-        if not ok:
-            pytest.skip(f"cuDNN attention unavailable: {reason}")
+        _skip_without_cudnn(config, B, T)
     rng = np.random.default_rng()
     batches = rng.integers(0, config.vocab_size, (3, 2, 2, B, T))  # step, micro-step, tokens/targets
     results = []
@@ -133,11 +133,7 @@ def test_update_clipped_in_a_graph_matches_host_clipping(attention):
 
     config = from_descriptor("d12")
     B, T = 4, 64
-    from nanollm.kernels import attention_cudnn
-
-    ok, reason = attention_cudnn.is_available(B, T, config.num_heads, config.head_size)
-    if not ok:
-        pytest.skip(f"cuDNN attention unavailable: {reason}")
+    _skip_without_cudnn(config, B, T)
     rng = np.random.default_rng()
     batches = rng.integers(0, config.vocab_size, (4, 2, 2, B, T))  # step, micro-step, tokens/targets
     results = []
