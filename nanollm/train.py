@@ -363,9 +363,9 @@ def train(cfg=None, **overrides):
             dt = time.perf_counter() - t0
             if step == 0:
                 log.print(f"time to first step: {time.perf_counter() - start_time:.1f} s (start-up, compilation, step 0)")
-            if step - start_step < 2:  # where the start-up went, with NANOLLM_STARTUP_TIMES=1
+            if startup.ENABLED and step - start_step < 2:  # where the start-up went
                 startup.mark("first step (eager: first launches)" if step == start_step else
-                             "second step (captures the CUDA graphs)", backend.synchronize)
+                             "second step (captures the CUDA graphs on a GPU)", backend.synchronize)
                 if step > start_step or step + 1 == max_steps:
                     log.print(startup.report())
             step_times.append(dt)

@@ -17,6 +17,11 @@ so one call per tensor, or per shard), and where the range starts in the optimiz
 (state_offset; ZeRO-1 keeps only a shard of master, m and v). The few elements before the first
 aligned word and after the last go through a one-element-per-thread kernel, as does a range that
 cannot be aligned (offset and state_offset of different parity).
+
+adamw_multi_tensor_kernel updates many such ranges in one launch (a table of ranges, each with its
+weight decay on or off and its seed), reading the step's values (learning rate, bias corrections,
+seed) and the clip scale from device memory: the launch never changes, so the whole update can be
+captured once in a CUDA graph. Per element it runs the same device functions, so the same bits.
 """
 
 import math
