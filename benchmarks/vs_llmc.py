@@ -26,12 +26,15 @@ sampling; llm.c checks -s > 0 before dividing). Per run: the median ms of
 steps 3..N as printed by each program, tokens/s from it, peak GPU memory (nvidia-smi sampled every
 100 ms: the whole process, context included, for both), time to the first printed step (wall, from
 launch), and the last step's loss (the base and new nanollm trees must agree where a change keeps
-the numerics). Logs: OUT/vs_llmc/logs/*.log; the table also goes to OUT/vs_llmc/table.md.
+the numerics). Logs: OUT/vs_llmc/logs/*.log; the table also goes to OUT/vs_llmc/table.md; llm.c is
+built under --work (/tmp/vs_llmc), outside OUT.
 
-Expected time on one H200 with a fresh Numba cache: ~2.5 min of llm.c builds (the cuDNN one is the
-long one; warm-ups and data preparation overlap them), then ~40 s per d12 row per program and ~1 min
-per d48 program: ~7 min with NANOLLM_BASE_DIR, ~5.5 without. --runs and --steps trim it; a run
-that would start past --deadline seconds is skipped (and says so) so the table always prints.
+Expected time on one H200 with a fresh Numba cache (an estimate, not yet run): ~2.5-3 min of llm.c
+builds (the cuDNN one is the long one; warm-ups and data preparation overlap them), then ~15 s per
+program in a d12 row and ~30 s per program in the d48 row: ~7 min with NANOLLM_BASE_DIR and two
+--variant runs, ~5.5 without. Rows run in --runs order (d12, d48, own, d12r0: the issue's targets
+first); --runs and --steps trim it; a run that would start past --deadline seconds is skipped (and
+says so), so the table always prints.
 """
 
 import argparse
@@ -253,8 +256,11 @@ def main():
     parser.add_argument("--llmc-dir", default=os.environ.get("LLMC_DIR", str(REPO / ".scratch/llm.c")))
     parser.add_argument("--base-dir", default=os.environ.get("NANOLLM_BASE_DIR", ""),
                         help="a second nanollm tree (e.g. main) run beside this one")
-    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", str(REPO / "out")), "vs_llmc"))
-    parser.add_argument("--runs", default="d12,d12r0,own,d48", help=f"comma-separated, of {', '.join(ROWS)}")
+    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", str(REPO / "out")), "vs_llmc"),
+                        help="logs and the table (default: $OUT/vs_llmc)")
+    parser.add_argument("--work", default="/tmp/vs_llmc", help="llm.c's build copies (kept out of --out)")
+    parser.add_argument("--runs", default="d12,d48,own,d12r0",
+                        help=f"comma-separated, in the order to run, of {', '.join(ROWS)}")
     parser.add_argument("--steps", type=int, default=30, help="-x of the d12 rows")
     parser.add_argument("--d48-steps", type=int, default=10, help="-x of the d48 row")
     parser.add_argument("--deadline", type=float, default=560, help="start no run after this many seconds")
@@ -306,10 +312,12 @@ def main():
         nvcc = find_nvcc()
         if nvcc is None:
             raise SystemExit("error: nvcc not found (PATH, /usr/local/cuda/bin)")
-        env = build_env(out, nvcc)
+        work = Path(args.work)
+        work.mkdir(parents=True, exist_ok=True)
+        env = build_env(work, nvcc)
         kinds = sorted({ROWS[r][2] for r in runs})
         for kind in kinds:
-            copy = out / f"llmc_{kind}"
+            copy = work / f"llmc_{kind}"
             binaries[kind] = copy / "train_gpt2cu"
             if args.dry_run:
                 print(f"[dry run] build llm.c ({kind}) in {copy}")
@@ -407,7 +415,7 @@ def main():
                     result["note"] = f"(exit {rc}; see logs/{name}.log)"
                 startup = re.search(r"time to first step: ([0-9.]+) s", text)
                 if startup:
-                    result["note"] += f" (own count {startup.group(1)} s)"
+                    result["note"] = f"{result['note']} (own count {startup.group(1)} s)".strip()
             if program.startswith("llm.c"):
                 llmc_tok_s = result["tok_s"]
             elif llmc_tok_s and result["tok_s"]:
@@ -421,8 +429,14 @@ def main():
     startup_tables = [p for p in sorted(logs.glob("d12_nanollm*.log"))
                       if "start-up times" in p.read_text()]
     for path in startup_tables:
-        text = path.read_text()
-        print(f"\n{path.name}: " + text[text.index("start-up times"):].split("\n\n")[0])
+        lines = path.read_text().splitlines()
+        first = next(i for i, line in enumerate(lines) if line.startswith("start-up times"))
+        table_lines = [lines[first]]
+        for line in lines[first + 1:]:
+            if not (re.match(r"^\s+[0-9.]+\s", line) or line.startswith("of which")):
+                break
+            table_lines.append(line)
+        print(f"\n{path.name}: " + "\n".join(table_lines))
     print(f"\nnanollm vs llm.c on one GPU, {time.perf_counter() - t_start:.0f} s in all; logs in {logs}")
     print("ratio: nanollm tokens/s over llm.c's in the same row (llm.c's tok/s here are from its printed ms, "
           "not its EMA)")
