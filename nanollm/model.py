@@ -20,20 +20,29 @@ then AdamW per tensor (weight decay on the 2-D tensors only), stochastic roundin
 Shapes: B batch, T time, C channels, NH heads, L layers, V vocabulary, Vp padded vocabulary.
 """
 
+import concurrent.futures
 import math
+import os
 
 import numpy as np
 from numba import cuda
 from numba.cuda.cudadrv.driver import device_memset
 
-from . import reference
+from . import reference, startup
 from .cuda_graph import GraphReplayer, is_supported as cuda_graphs_supported
 from .staging import PinnedUploads
 from .config import WEIGHT_DECAY_PARAMETERS, num_parameters, parameter_shapes
 from .kernels import adamw, attention, classifier, encoder, gelu, global_norm, layernorm, matmul
 
 attention_cudnn = None  # imported only when cuDNN attention is chosen (it loads cuDNN)
-from .kernels.bf16 import from_bf16_bits, to_bf16_bits
+from .kernels.bf16 import from_bf16_bits
+
+# NANOLLM_FC_GELU=unfused: the fc forward as a BIAS matmul and nanollm's GELU kernel instead of
+# cuBLASLt's GELU_AUX_BIAS epilogue (which took longer than PyTorch's matmul + GELU at B=8 on an
+# H100, benchmarks/RESULTS.md), whatever -ge says; the backward keeps -ge's fusion. For measuring
+# (benchmarks/matmul_tuning.py, vs_llmc.py --variant); the GELU values then come from nanollm's
+# kernel, as -r 1's recompute does.
+FC_GELU_UNFUSED = os.environ.get("NANOLLM_FC_GELU", "fused") == "unfused"
 
 
 class Buffers:
@@ -61,12 +70,14 @@ class GPT2:
     """GPT-2 for training on one GPU at micro-batch (B, T)."""
 
     def __init__(self, config, B, T, seed=42, gelu_fusion=2, recompute=1, grad_accum_steps=1, attention="numba",
-                 cuda_graphs=None):
+                 cuda_graphs=None, parameters=None):
         """attention: "numba" (llm.c's own kernels: permute, cuBLASLt products, softmax), "cudnn"
         (flash attention through cuDNN, as llm.c's USE_CUDNN build), or "auto" (cuDNN where it
         works for this shape, else numba; self.attention_note says why).
         cuda_graphs: replay the forward and backward of full batches as CUDA graphs (None: where
-        supported, i.e. on a real GPU; see cuda_graph.py). The results are the same launches'."""
+        supported, i.e. on a real GPU; see cuda_graph.py). The results are the same launches'.
+        parameters: flat float parameters in llm.c's order to start from (e.g. a model file's);
+        None: GPT-2's initialisation drawn from `seed` (reference.init_parameters)."""
         if T > config.max_seq_len:
             raise ValueError(f"T={T} exceeds the model's max_seq_len {config.max_seq_len}")
         if gelu_fusion not in (0, 1, 2) or recompute not in (0, 1):
@@ -74,17 +85,25 @@ class GPT2:
         if attention not in ("numba", "cudnn", "auto"):
             raise ValueError(f"attention must be numba, cudnn or auto, got {attention!r}")
         self.config, self.B, self.T = config, B, T
+        if parameters is None:  # numpy's RNG releases the GIL: the weights are drawn on a second
+            # thread while cuDNN loads, the CUDA context starts and the buffers are allocated
+            drawing = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+            parameters = drawing.submit(lambda: reference.init_parameters(config, seed).memory)
+            drawing.shutdown(wait=False)
         self.attention, self.attention_note = self._choose_attention(attention, config, B, T)
+        startup.mark("attention choice (loads cuDNN and its frontend)")
         self.gelu_fusion, self.recompute = gelu_fusion, recompute
         self.grad_accum_steps = grad_accum_steps
         self.num_parameters = num_parameters(config)
         self.stream = cuda.stream()
+        startup.mark("CUDA context, stream")
         if cuda_graphs is None:
             cuda_graphs = cuda_graphs_supported()
         elif cuda_graphs and not cuda_graphs_supported():
             raise RuntimeError("CUDA graphs need a real GPU and the cuda-bindings package")
         self.graphs = GraphReplayer(self.stream) if cuda_graphs else None
         self._adamw_launches = None
+        self._adamw_multi_tensor = None
         shapes = parameter_shapes(config)
         self.params = Buffers(shapes, np.uint16)
         self.grads = Buffers(shapes, np.uint16)
@@ -94,7 +113,12 @@ class GPT2:
         self._allocate_activations()
         self.step = 0  # AdamW steps taken
         self.seed = seed
-        self.load_parameters(reference.init_parameters(config, seed).memory)
+        startup.mark("GPU buffers: parameters, gradients, AdamW state, activations", cuda.synchronize)
+        if isinstance(parameters, concurrent.futures.Future):
+            parameters = parameters.result()
+            startup.mark("parameter init: the rest of numpy's RNG (float64, one core; began at the start)")
+        self.load_parameters(parameters)
+        startup.mark("parameter upload, bf16 rounding on the GPU")
 
     # ---- set-up -----------------------------------------------------------------------------
 
@@ -147,6 +171,7 @@ class GPT2:
             "layernorm_scratch": (layernorm.layernorm_backward_scratch_size(C),),
             "norm_scratch": (global_norm.global_norm_scratch_size(),),
             "norm": (1,),
+            "grad_scale": (1,),  # the clip factor update_clipped computes on the device
             "bias_scratch": (matmul.MAX_BIAS_PARTIALS * Vp,),
         }
         self.acts = Buffers(bf16, np.uint16)
@@ -161,6 +186,10 @@ class GPT2:
         self.num_buckets = None  # of the last forward with targets; None: no backward possible
         self.uploads = PinnedUploads(self.inputs.size, np.int32, self.stream)
         self.host_out = cuda.pinned_array(self.grad_accum_steps * BT + 1, dtype=np.float32)  # losses, norm
+        # update_clipped's per-step AdamW values, uploaded before its (graphed) launches
+        self.update_hyper = cuda.device_array(adamw.HYPER_WORDS, dtype=np.uint32)
+        self.hyper_uploads = PinnedUploads(adamw.HYPER_WORDS, np.uint32, self.stream)
+        self._results_ready = None  # an event after update_clipped's copies to host_out
 
     def load_parameters(self, flat_params):
         """Set every parameter from a flat float array in llm.c's order (rounded to bf16), the
@@ -168,14 +197,21 @@ class GPT2:
         flat_params = np.asarray(flat_params, dtype=np.float32).reshape(-1)
         if flat_params.size != self.num_parameters:
             raise ValueError(f"expected {self.num_parameters} parameters, got {flat_params.size}")
-        self._upload(self.params, to_bf16_bits(flat_params))
-        adamw.init_master_weights(self.master.memory[:self.num_parameters], self.params.memory[:self.num_parameters])
+        # fp32 up into the master weights, rounded to bf16 on the GPU (the same bits as the host's
+        # to_bf16_bits: several numpy passes over every parameter on one core)
+        self._upload(self.master, flat_params)
+        for name, shape in self.params.shapes.items():
+            adamw.round_master_weights(self.params.memory, self.master.memory, offset=self.params.offsets[name],
+                                       count=math.prod(shape), state_offset=self.master.offsets[name])
         device_memset(self.m.memory, 0, self.m.memory.nbytes)
         device_memset(self.v.memory, 0, self.v.memory.nbytes)
         self.step = 0
         cuda.synchronize()
 
     def _upload(self, buffers, flat):
+        if flat.size == buffers.memory.size:  # no alignment gaps between the views: one copy as it is
+            buffers.memory.copy_to_device(np.ascontiguousarray(flat, dtype=buffers.memory.dtype))
+            return
         host = np.zeros(buffers.memory.size, dtype=buffers.memory.dtype)
         offset = 0
         for name, shape in buffers.shapes.items():
@@ -323,7 +359,7 @@ class GPT2:
                                                        a32.ln2_rstd[l][:B], residual, proj, p.ln2w[l], p.ln2b[l],
                                                        stream=s)
             fch_gelu = a.fch_gelu[0 if self.recompute else l][:B]
-            if self.gelu_fusion >= 1:
+            if self.gelu_fusion >= 1 and not FC_GELU_UNFUSED:
                 matmul.matmul_forward(fch_gelu, a.ln2[l][:B], p.fcw[l], p.fcb[l], pre_gelu=a.fch[l][:B], stream=s)
             else:
                 matmul.matmul_forward(a.fch[l][:B], a.ln2[l][:B], p.fcw[l], p.fcb[l], stream=s)
@@ -466,3 +502,47 @@ class GPT2:
             seed = (self.seed * 1_000_003 + self.step * 7919 + index) & 0xFFFFFFFF
             launch(self.step, learning_rate, beta1, beta2, eps, weight_decay if decayed else 0.0, grad_scale, seed,
                    self.stream)
+
+    # ---- update without host synchronisation --------------------------------------------------
+
+    def update_clipped(self, learning_rate, weight_decay=0.0, grad_clip=1.0, beta1=0.9, beta2=0.95, eps=1e-8):
+        """The step's end with no host synchronisation: global norm, clip scale (grad_clip / norm
+        when the norm exceeds grad_clip > 0, computed on the GPU), AdamW over every tensor in one
+        launch -- replayed as one CUDA graph where graphs are on -- then the micro-steps' losses and
+        the norm copied to pinned memory. step_results() waits for them. The same bits as
+        grad_norm() + update(learning_rate, weight_decay, grad_scale) with the host's clip scale."""
+        if self._adamw_multi_tensor is None:
+            ranges = [(self.params.offsets[name], math.prod(shape), self.master.offsets[name],
+                       name in WEIGHT_DECAY_PARAMETERS, index)
+                      for index, (name, shape) in enumerate(self.params.shapes.items())]
+            self._adamw_multi_tensor = adamw.prepare_adamw_multi_tensor(
+                self.params.memory, self.grads.memory, self.master.memory, self.m.memory, self.v.memory, ranges)
+        self.step += 1
+        slot = self.hyper_uploads.next_slot()
+        # update()'s per-tensor seed (self.seed * 1_000_003 + step * 7919 + index) is this base + index
+        adamw.adamw_hyperparameters(self.step, learning_rate, beta1, beta2, eps, weight_decay,
+                                    seed=self.seed * 1_000_003 + self.step * 7919, out=slot)
+        self.hyper_uploads.send(slot, self.update_hyper, 0, adamw.HYPER_WORDS)
+        self._replay(("update", float(grad_clip)), lambda: self._queue_update(grad_clip))
+        losses = self.acts32.losses
+        n = losses.size
+        losses.reshape(n).copy_to_host(self.host_out[:n], stream=self.stream)
+        self.acts32.norm.copy_to_host(self.host_out[n:n + 1], stream=self.stream)
+        self._results_ready = self._results_ready or cuda.event()
+        self._results_ready.record(self.stream)
+
+    def _queue_update(self, grad_clip):
+        a32, s = self.acts32, self.stream
+        global_norm.global_norm_squared(a32.norm, a32.norm_scratch, self.grads.memory[:self._flat_size()], stream=s)
+        global_norm.grad_clip_scale(a32.grad_scale, a32.norm, grad_clip, stream=s)
+        self._adamw_multi_tensor(self.update_hyper, a32.grad_scale, stream=s)
+
+    def step_results(self):
+        """(mean loss over the micro-steps, global gradient norm) of the last update_clipped step,
+        once the GPU has run it (the step's one host synchronisation); the same numbers losses()
+        and grad_norm() give."""
+        if self._results_ready is None:
+            raise RuntimeError("step_results() needs an update_clipped() before it")
+        self._results_ready.synchronize()
+        n = self.acts32.losses.size
+        return float(self.host_out[:n].astype(np.float64).mean()), math.sqrt(float(self.host_out[n]))

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import checkpoint, reference
+from . import checkpoint, reference, startup
 from .config import flops_per_token, from_descriptor, num_parameters
 from .cuda_libraries import MissingCudaLibrary
 from .data import DataLoader, EvalLoader, ShardError
@@ -70,9 +70,8 @@ class GpuBackend:
             gelu_fusion = 2 if cuda.get_current_device().compute_capability >= (9, 0) else 0
         self.model = GPT2(config, cfg.batch_size, cfg.seq_len, seed=cfg.seed, gelu_fusion=gelu_fusion,
                           recompute=cfg.recompute, grad_accum_steps=grad_accum, attention=cfg.attention,
-                          cuda_graphs=None if cfg.cuda_graphs else False)  # 1: where supported
-        if init_params is not None:
-            self.model.load_parameters(init_params)
+                          cuda_graphs=None if cfg.cuda_graphs else False,  # 1: where supported
+                          parameters=init_params)  # None: GPT-2's initialisation from the seed
         name = cuda.get_current_device().name
         self.device_name = name.decode() if isinstance(name, bytes) else str(name)
         free, total = cuda.current_context().get_memory_info()
@@ -95,6 +94,12 @@ class GpuBackend:
 
     def update(self, lr, weight_decay, grad_scale):
         self.model.update(lr, weight_decay=weight_decay, grad_scale=grad_scale)
+
+    def update_clipped(self, lr, weight_decay, grad_clip):
+        self.model.update_clipped(lr, weight_decay=weight_decay, grad_clip=grad_clip)
+
+    def step_results(self):
+        return self.model.step_results()
 
     def evaluate(self, x, y):
         return self.model.evaluate(x, y)
@@ -135,6 +140,7 @@ class CpuBackend:
         self.v = reference.ParameterTensors(config, np.float32)
         self.step = 0
         self.losses = []
+        self.norm = None  # of the last update_clipped
         self.device_name = "cpu"
         self.description = f"CPU, numpy float32 reference model ({self.params.memory.nbytes / 2**20:.0f} MiB of parameters)"
 
@@ -157,6 +163,13 @@ class CpuBackend:
         self.step += 1
         reference.gpt2_update(self.params, self.grads, self.m, self.v, self.step, lr, weight_decay=weight_decay,
                               grad_scale=grad_scale)
+
+    def update_clipped(self, lr, weight_decay, grad_clip):
+        self.norm = self.grad_norm()
+        self.update(lr, weight_decay, clip_scale(self.norm, grad_clip))
+
+    def step_results(self):
+        return self.step_loss(), self.norm
 
     def evaluate(self, x, y):
         return reference.gpt2_forward(self.params, self.config, x, y)[1]
@@ -188,6 +201,12 @@ class CpuBackend:
         self.v.memory[:] = state["v"].reshape(-1)
         self.step = int(state["step"])
         self.seed = int(state.get("seed", self.seed))
+
+
+def clip_scale(norm, grad_clip):
+    """llm.c's clipping: scale the gradients by grad_clip / norm when the norm exceeds grad_clip
+    (grad_clip <= 0: never). The GPU computes the same in global_norm.grad_clip_scale."""
+    return grad_clip / norm if grad_clip > 0 and norm > grad_clip else 1.0
 
 
 def gpu_available():
@@ -258,6 +277,8 @@ def train(cfg=None, **overrides):
         cfg = TrainConfig(**{**cfg.__dict__, **overrides})
     validate(cfg)
     start_time = time.perf_counter()
+    startup.mark("python start-up and imports, to train()")
+    startup.time_numba_kernels()
     config, init_params = _model_config(cfg)
     B, T = cfg.batch_size, cfg.seq_len
     if T > config.max_seq_len:
@@ -278,6 +299,7 @@ def train(cfg=None, **overrides):
     log = Logger(cfg.output_dir, append=bool(cfg.resume))  # llm.c appends to main.log with -y 1
     if device == "cpu" and cfg.device == "auto":
         log.print("No CUDA GPU found: training on the CPU with the numpy reference model (slow; small models only).")
+    startup.mark("model config, data loaders")
     backend = (GpuBackend if device == "cuda" else CpuBackend)(config, cfg, grad_accum, init_params)
     from .tokenizer import get_tokenizer
 
@@ -325,6 +347,8 @@ def train(cfg=None, **overrides):
             if last:
                 break
             backend.synchronize()
+            if step == start_step:
+                startup.mark("before the first step: tokenizer, val loss, resume")
             t0 = time.perf_counter()
             backend.zero_grad()
             for micro_step in range(grad_accum):
@@ -333,15 +357,20 @@ def train(cfg=None, **overrides):
                 else:
                     x, y = train_loader.next_batch()
                 backend.train_micro_step(x, y, micro_step)
-            norm = backend.grad_norm()  # synchronises: the clip scale is needed on the host
-            grad_scale = cfg.grad_clip / norm if cfg.grad_clip > 0 and norm > cfg.grad_clip else 1.0
             lr = learning_rate(cfg.lr_scheduler, step, cfg.learning_rate, cfg.warmup_iters, max_steps,
                                cfg.final_lr_frac)
-            backend.update(lr, cfg.weight_decay, grad_scale)
-            loss = backend.step_loss()  # synchronises
+            # global norm, clipping and AdamW queued with no host synchronisation (the clip scale is
+            # computed on the GPU); then the step's one wait, for its loss and norm
+            backend.update_clipped(lr, cfg.weight_decay, cfg.grad_clip)
+            loss, norm = backend.step_results()
             dt = time.perf_counter() - t0
             if step == 0:
                 log.print(f"time to first step: {time.perf_counter() - start_time:.1f} s (start-up, compilation, step 0)")
+            if startup.ENABLED and step - start_step < 2:  # where the start-up went
+                startup.mark("first step (eager: first launches)" if step == start_step else
+                             "second step (captures the CUDA graphs on a GPU)", backend.synchronize)
+                if step > start_step or step + 1 == max_steps:
+                    log.print(startup.report())
             step_times.append(dt)
             result.train_losses.append(loss)
             result.steps = step + 1

@@ -91,3 +91,69 @@ def test_bad_inputs_are_clear_errors(rng):
         model.backward()
     with pytest.raises(ValueError, match="exceeds"):
         GPT2(TINY, 2, 32)
+
+
+# one layer, eight channels: ~1K parameters, so an AdamW step takes about a second on the simulator
+MICRO = GPT2Config(max_seq_len=4, vocab_size=13, padded_vocab_size=16, num_layers=1, num_heads=1, channels=8)
+
+
+def test_update_clipped_is_grad_norm_then_update_bit_for_bit(rng):
+    """update_clipped (global norm, clip scale and AdamW on the device in one launch, no host
+    synchronisation) leaves the bits grad_norm() + update() with the host's clip scale leave, clipped
+    or not, and step_results() returns what losses() and grad_norm() return."""
+    from nanollm.kernels.bf16 import to_bf16_bits
+    from nanollm.train import clip_scale
+
+    seed = int(rng.integers(1000))
+    host, device = GPT2(MICRO, 1, 4, seed=seed), GPT2(MICRO, 1, 4, seed=seed)
+    n = host.grads.memory.size
+    for step, (grad_size, grad_clip, clipped) in enumerate([(0.3, 1.0, True), (0.01, 1.0, False), (0.3, 0.0, False)]):
+        grads = to_bf16_bits(rng.standard_normal(n).astype(np.float32) * np.float32(grad_size))
+        losses = rng.random(host.acts32.losses.shape).astype(np.float32) * np.float32(10)
+        for model in (host, device):
+            model.grads.memory.copy_to_device(grads)
+            model.acts32.losses.copy_to_device(losses)
+        lr, weight_decay = 1e-2 * (step + 1), 0.1
+        norm = host.grad_norm()
+        assert (clip_scale(norm, grad_clip) < 1.0) == clipped, (norm, grad_clip)
+        host.update(lr, weight_decay=weight_decay, grad_scale=clip_scale(norm, grad_clip))
+        loss = host.losses()
+        device.update_clipped(lr, weight_decay=weight_decay, grad_clip=grad_clip)
+        assert device.step_results() == (loss, norm)
+        expected, got = host.optimizer_state(), device.optimizer_state()
+        for name in ("params_bf16", "master", "m", "v"):
+            np.testing.assert_array_equal(expected[name].view(np.uint16 if name == "params_bf16" else np.uint32),
+                                          got[name].view(np.uint16 if name == "params_bf16" else np.uint32),
+                                          err_msg=f"step {step + 1}: {name}")
+
+
+def test_given_parameters_or_the_seeds_initialisation(rng):
+    """GPT2(parameters=...) starts from those values (rounded to bf16, master weights equal to
+    them); without them, from reference.init_parameters(seed) (drawn on a second thread: same values)."""
+    from nanollm.kernels.bf16 import round_to_bf16
+
+    flat = rng.standard_normal(reference.ParameterTensors(MICRO).memory.size).astype(np.float32)
+    model = GPT2(MICRO, 1, 4, parameters=flat)
+    np.testing.assert_array_equal(model.parameters(), round_to_bf16(flat))
+    np.testing.assert_array_equal(model.master_weights(), round_to_bf16(flat))
+    seeded = GPT2(MICRO, 1, 4, seed=5)
+    np.testing.assert_array_equal(seeded.parameters(), round_to_bf16(reference.init_parameters(MICRO, 5).memory))
+
+
+def test_unfused_fc_forward_gives_the_same_model(rng, monkeypatch):
+    """NANOLLM_FC_GELU=unfused (BIAS matmul + GELU kernel instead of the GELU_AUX_BIAS epilogue):
+    the same loss and gradients, to bf16 rounding."""
+    from nanollm import model as model_module
+
+    tokens, targets = rng.integers(0, MICRO.vocab_size, (2, 2, 4))
+    results = []
+    for unfused in (False, True):
+        monkeypatch.setattr(model_module, "FC_GELU_UNFUSED", unfused)
+        model = GPT2(MICRO, 2, 4, seed=3)
+        model.zero_grad()
+        model.forward(tokens, targets)
+        model.backward()
+        results.append((model.losses(), model.gradients()))
+    (loss, grads), (unfused_loss, unfused_grads) = results
+    assert abs(loss - unfused_loss) < 1e-2
+    assert np.linalg.norm(grads - unfused_grads) / np.linalg.norm(grads) < 2e-2

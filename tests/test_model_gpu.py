@@ -24,6 +24,14 @@ LOGIT_THRESHOLD = 25.0   # llm.c's bf16 bound on any logit's absolute difference
 LOSS_THRESHOLD = 0.05    # llm.c's bf16 bound on each step's loss
 
 
+def _skip_without_cudnn(config, B, T):
+    from nanollm.kernels import attention_cudnn
+
+    ok, reason = attention_cudnn.is_available(B, T, config.num_heads, config.head_size)
+    if not ok:
+        pytest.skip(f"cuDNN attention unavailable: {reason}")
+
+
 @pytest.mark.parametrize("attention", ["numba", "cudnn"])
 def test_d12_matches_pytorch(attention):
     config = from_descriptor("d12")
@@ -31,11 +39,7 @@ def test_d12_matches_pytorch(attention):
     rng = np.random.default_rng(1234)
     tokens, targets = rng.integers(0, config.vocab_size, (2, B, T))
     if attention == "cudnn":
-        from nanollm.kernels import attention_cudnn
-
-        ok, reason = attention_cudnn.is_available(B, T, config.num_heads, config.head_size)
-        if not ok:
-            pytest.skip(f"cuDNN attention unavailable: {reason}")
+        _skip_without_cudnn(config, B, T)
     model = GPT2(config, B, T, seed=1234, attention=attention)
     params = reference.ParameterTensors(config, np.float32)
     params.memory[:] = model.parameters()  # PyTorch gets the very bf16 values the GPU model holds
@@ -93,11 +97,7 @@ def test_cuda_graphs_replay_the_eager_step_exactly(attention):
     config = from_descriptor("d12")
     B, T = 4, 64
     if attention == "cudnn":
-        from nanollm.kernels import attention_cudnn
-
-        ok, reason = attention_cudnn.is_available(B, T, config.num_heads, config.head_size)
-        if not ok:
-            pytest.skip(f"cuDNN attention unavailable: {reason}")
+        _skip_without_cudnn(config, B, T)
     rng = np.random.default_rng()
     batches = rng.integers(0, config.vocab_size, (3, 2, 2, B, T))  # step, micro-step, tokens/targets
     results = []
@@ -121,3 +121,44 @@ def test_cuda_graphs_replay_the_eager_step_exactly(attention):
     assert losses == g_losses and evals == g_evals
     for name in ("params_bf16", "master", "m", "v"):
         np.testing.assert_array_equal(state[name], g_state[name], err_msg=name)
+
+
+@pytest.mark.parametrize("attention", ["cudnn"])
+def test_update_clipped_in_a_graph_matches_host_clipping(attention):
+    """The update on the device (norm, clip scale, one multi-tensor AdamW launch, replayed as a CUDA
+    graph from the third step) against the host path it replaces (grad_norm read back, clip scale on
+    the host, per-tensor AdamW launches): four steps of two micro-steps at d12, clipped at 1.0 (early
+    norms exceed it) -- losses, norms, parameters, master weights, m and v equal bit for bit."""
+    from nanollm.train import clip_scale
+
+    config = from_descriptor("d12")
+    B, T = 4, 64
+    _skip_without_cudnn(config, B, T)
+    rng = np.random.default_rng()
+    batches = rng.integers(0, config.vocab_size, (4, 2, 2, B, T))  # step, micro-step, tokens/targets
+    results = []
+    for on_device in (False, True):
+        model = GPT2(config, B, T, seed=11, attention=attention, grad_accum_steps=2)
+        reported = []
+        for step in range(4):
+            model.zero_grad()
+            for micro_step in range(2):
+                model.forward(*batches[step, micro_step], micro_step=micro_step)
+                model.backward()
+            lr = 3e-4 * (step + 1)
+            if on_device:
+                model.update_clipped(lr, weight_decay=0.1, grad_clip=1.0)
+                reported.append(model.step_results())
+            else:
+                norm = model.grad_norm()
+                model.update(lr, weight_decay=0.1, grad_scale=clip_scale(norm, 1.0))
+                reported.append((model.losses(), norm))
+        if on_device and model.graphs is not None:
+            assert ("update", 1.0) in model.graphs.captured
+        results.append((reported, model.optimizer_state()))
+    (host, host_state), (device, device_state) = results
+    print("(loss, norm) per step:", host)
+    assert host == device
+    assert any(norm > 1.0 for _, norm in host), "no step was clipped: the test would not cover clipping"
+    for name in ("params_bf16", "master", "m", "v"):
+        np.testing.assert_array_equal(host_state[name], device_state[name], err_msg=name)

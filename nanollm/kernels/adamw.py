@@ -17,15 +17,20 @@ so one call per tensor, or per shard), and where the range starts in the optimiz
 (state_offset; ZeRO-1 keeps only a shard of master, m and v). The few elements before the first
 aligned word and after the last go through a one-element-per-thread kernel, as does a range that
 cannot be aligned (offset and state_offset of different parity).
+
+adamw_multi_tensor_kernel updates many such ranges in one launch (a table of ranges, each with its
+weight decay on or off and its seed), reading the step's values (learning rate, bias corrections,
+seed) and the clip scale from device memory: the launch never changes, so the whole update can be
+captured once in a CUDA graph. Per element it runs the same device functions, so the same bits.
 """
 
 import math
 
 import numpy as np
-from numba import cuda, float32, int32, uint32
+from numba import cuda, float32, int32, uint32, uint64
 
-from .bf16 import (bf16_to_float, bf16x2_high, bf16x2_low, float_to_bf16_stochastic, high_half, join_halves,
-                   low_half)
+from .bf16 import (bf16_to_float, bf16x2_high, bf16x2_low, float_to_bf16, float_to_bf16_stochastic, high_half,
+                   join_halves, low_half)
 from .cuda_common import SIMULATOR, WARP_SIZE, ceil_div, check_contiguous, device_address, device_function, kernel
 
 
@@ -63,17 +68,11 @@ def join_f32(low, high):
     return join_halves(uint32(cuda.libdevice.float_as_int(low)), uint32(cuda.libdevice.float_as_int(high)))
 
 
-@kernel
-def adamw_kernel(params, grads, master, m, v, first_word, first_state_word, n_words, lr, beta1, beta2,
-                 beta1_correction, beta2_correction, eps, weight_decay, grad_scale, seed):
-    # params, grads: uint64 words of four bf16; master, m, v: uint64 words of two fp32.
-    # Thread i updates the four parameters in params/grads word first_word + i, whose state is in
-    # words first_state_word + 2i and + 2i + 1 of master, m, v.
-    i = cuda.grid(1)
-    if i >= n_words:
-        return
-    word = first_word + i
-    state = first_state_word + 2 * i
+@device_function
+def adamw_word(params, grads, master, m, v, word, state, lr, beta1, beta2, beta1_correction, beta2_correction, eps,
+               weight_decay, grad_scale, seed):
+    """The four parameters of params/grads word `word` (uint64 words of four bf16), whose state is
+    in words state and state + 1 of master, m, v (uint64 words of two fp32)."""
     grad_word = grads[word]
     master01, master23 = master[state], master[state + 1]
     m01, m23 = m[state], m[state + 1]
@@ -100,16 +99,10 @@ def adamw_kernel(params, grads, master, m, v, first_word, first_state_word, n_wo
     params[word] = join_halves(low, high)
 
 
-@kernel
-def adamw_scalar_kernel(params, grads, master, m, v, start, state_start, count, lr, beta1, beta2,
-                        beta1_correction, beta2_correction, eps, weight_decay, grad_scale, seed):
-    # params, grads: bf16 (uint16); master, m, v: fp32. One parameter per thread: element
-    # start + i of params/grads, start_state + i of master, m, v. For the unaligned ends of a range.
-    i = cuda.grid(1)
-    if i >= count:
-        return
-    element = start + i
-    state = state_start + i
+@device_function
+def adamw_element(params, grads, master, m, v, element, state, lr, beta1, beta2, beta1_correction,
+                  beta2_correction, eps, weight_decay, grad_scale, seed):
+    """One parameter: element `element` of params/grads (bf16), `state` of master, m, v (fp32)."""
     new_master, new_m, new_v = adamw_step(bf16_to_float(grads[element]), master[state], m[state], v[state], lr,
                                           beta1, beta2, beta1_correction, beta2_correction, eps, weight_decay,
                                           grad_scale)
@@ -120,6 +113,86 @@ def adamw_scalar_kernel(params, grads, master, m, v, start, state_start, count, 
 
 
 @kernel
+def adamw_kernel(params, grads, master, m, v, first_word, first_state_word, n_words, lr, beta1, beta2,
+                 beta1_correction, beta2_correction, eps, weight_decay, grad_scale, seed):
+    # params, grads: uint64 words of four bf16; master, m, v: uint64 words of two fp32.
+    # Thread i updates the four parameters in params/grads word first_word + i, whose state is in
+    # words first_state_word + 2i and + 2i + 1 of master, m, v.
+    i = cuda.grid(1)
+    if i < n_words:
+        adamw_word(params, grads, master, m, v, first_word + i, first_state_word + 2 * i, lr, beta1, beta2,
+                   beta1_correction, beta2_correction, eps, weight_decay, grad_scale, seed)
+
+
+@kernel
+def adamw_scalar_kernel(params, grads, master, m, v, start, state_start, count, lr, beta1, beta2,
+                        beta1_correction, beta2_correction, eps, weight_decay, grad_scale, seed):
+    # params, grads: bf16 (uint16); master, m, v: fp32. One parameter per thread: element
+    # start + i of params/grads, start_state + i of master, m, v. For the unaligned ends of a range.
+    i = cuda.grid(1)
+    if i < count:
+        adamw_element(params, grads, master, m, v, start + i, state_start + i, lr, beta1, beta2, beta1_correction,
+                      beta2_correction, eps, weight_decay, grad_scale, seed)
+
+
+# The multi-tensor update's per-step values live in a device array of HYPER_WORDS uint32 words
+# (filled by adamw_hyperparameters, uploaded before the launch), so the launch itself never
+# changes and can be replayed from a CUDA graph; the clip scale is a device fp32 computed on the
+# GPU (global_norm.grad_clip_scale). Words 0..6 are fp32 bits, word 7 the rounding seed's base.
+HYPER_LR, HYPER_BETA1, HYPER_BETA2, HYPER_BETA1_CORRECTION, HYPER_BETA2_CORRECTION, HYPER_EPS, \
+    HYPER_WEIGHT_DECAY, HYPER_SEED = range(8)
+HYPER_WORDS = 8
+# the multi-tensor table: one row per tensor
+TENSOR_OFFSET, TENSOR_STATE_OFFSET, TENSOR_WORDS, TENSOR_TAIL, TENSOR_DECAY, TENSOR_SEED_INDEX = range(6)
+TENSOR_COLUMNS = 6
+
+
+@kernel
+def adamw_multi_tensor_kernel(params, grads, master, m, v, params_words, grads_words, master_words, m_words,
+                              v_words, tensors, block_starts, hyper, seeds, grad_scale):
+    # Every tensor of `tensors` in one launch. params, grads: bf16 (uint16) and the same memory as
+    # uint64 words (four bf16); master, m, v: fp32 and as uint64 words (two fp32). tensors: int64
+    # rows (offset in params, offset in the state, whole words, tail elements, weight decay 0/1,
+    # seed index); block_starts: (n + 1,) the first block of each tensor (blocks of one tensor
+    # all update it: no divergence). hyper/seeds: the HYPER_WORDS words as fp32 / uint32;
+    # grad_scale: (1,) fp32. Thread i of a tensor's blocks updates its word i, and thread `words`
+    # its 0-3 tail elements one at a time; per element this is exactly adamw_kernel's update.
+    block = cuda.blockIdx.x
+    lo = 0
+    hi = block_starts.shape[0] - 1
+    while hi - lo > 1:  # the tensor t with block_starts[t] <= block < block_starts[t + 1]
+        mid = (lo + hi) // 2
+        if block_starts[mid] <= block:
+            lo = mid
+        else:
+            hi = mid
+    t = lo
+    i = (block - block_starts[t]) * cuda.blockDim.x + cuda.threadIdx.x
+    n_words = tensors[t, TENSOR_WORDS]
+    tail = tensors[t, TENSOR_TAIL]
+    if i > n_words or (i == n_words and tail == 0):
+        return
+    lr = hyper[HYPER_LR]
+    beta1 = hyper[HYPER_BETA1]
+    beta2 = hyper[HYPER_BETA2]
+    beta1_correction = hyper[HYPER_BETA1_CORRECTION]
+    beta2_correction = hyper[HYPER_BETA2_CORRECTION]
+    eps = hyper[HYPER_EPS]
+    weight_decay = hyper[HYPER_WEIGHT_DECAY] if tensors[t, TENSOR_DECAY] else float32(0.0)
+    scale = grad_scale[0]
+    seed = uint32((uint64(seeds[HYPER_SEED]) + uint64(tensors[t, TENSOR_SEED_INDEX])) & uint64(0xFFFFFFFF))
+    offset = tensors[t, TENSOR_OFFSET]
+    state_offset = tensors[t, TENSOR_STATE_OFFSET]
+    if i < n_words:
+        adamw_word(params_words, grads_words, master_words, m_words, v_words, offset // 4 + i, state_offset // 2 + 2 * i,
+                   lr, beta1, beta2, beta1_correction, beta2_correction, eps, weight_decay, scale, seed)
+    else:
+        for j in range(4 * n_words, 4 * n_words + tail):
+            adamw_element(params, grads, master, m, v, offset + j, state_offset + j, lr, beta1, beta2,
+                          beta1_correction, beta2_correction, eps, weight_decay, scale, seed)
+
+
+@kernel
 def init_master_weights_kernel(master, params, start, state_start, count):
     # master[state_start + i] = float(params[start + i]); once per run, so plain scalar accesses
     i = cuda.grid(1)
@@ -127,11 +200,26 @@ def init_master_weights_kernel(master, params, start, state_start, count):
         master[state_start + i] = bf16_to_float(params[start + i])
 
 
+@kernel
+def round_master_weights_kernel(params, master, start, state_start, count):
+    # params[start + i] = master[state_start + i] rounded to bf16 (nearest even), and the master
+    # weight becomes that bf16 value (llm.c's master weights start as the bf16 parameters)
+    i = cuda.grid(1)
+    if i < count:
+        bits = float_to_bf16(master[state_start + i])
+        params[start + i] = bits
+        master[state_start + i] = bf16_to_float(bits)
+
+
 _HYPER = "float32, float32, float32, float32, float32, float32, float32, float32, uint32"
 PTX_SIGNATURES = {
     adamw_kernel: f"void(uint64[::1], uint64[::1], uint64[::1], uint64[::1], uint64[::1], int64, int64, int64, {_HYPER})",
     adamw_scalar_kernel: f"void(uint16[::1], uint16[::1], float32[::1], float32[::1], float32[::1], int64, int64, int64, {_HYPER})",
     init_master_weights_kernel: "void(float32[::1], uint16[::1], int64, int64, int64)",
+    round_master_weights_kernel: "void(uint16[::1], float32[::1], int64, int64, int64)",
+    adamw_multi_tensor_kernel: "void(uint16[::1], uint16[::1], float32[::1], float32[::1], float32[::1], "
+                               "uint64[::1], uint64[::1], uint64[::1], uint64[::1], uint64[::1], int64[:, ::1], "
+                               "int64[::1], float32[::1], uint32[::1], float32[::1])",
 }
 
 BLOCK_SIZE = 32 if SIMULATOR else 512  # the simulator runs a Python thread per GPU thread: small blocks are far quicker there
@@ -153,6 +241,28 @@ def _range(params, master, offset, count, state_offset):
         raise ValueError(f"state range [{state_offset}, {state_offset + count}) lies outside the "
                          f"{master.size}-element master weights / m / v")
     return int(offset), int(count), int(state_offset)
+
+
+def _check_arrays(params, grads, master, m, v, block_size):
+    """The five arrays flat, after the checks every launcher needs."""
+    params, grads = _flat("params", params, np.uint16), _flat("grads", grads, np.uint16)
+    master, m, v = (_flat(name, a, np.float32) for name, a in (("master", master), ("m", m), ("v", v)))
+    if grads.size != params.size:
+        raise ValueError(f"grads has {grads.size} elements, params {params.size}")
+    if not master.size == m.size == v.size:
+        raise ValueError(f"master {master.size}, m {m.size}, v {v.size}: optimizer state sizes differ")
+    if block_size % WARP_SIZE or not WARP_SIZE <= block_size <= 1024:
+        raise ValueError(f"block_size must be a multiple of 32 in [32, 1024], got {block_size}")
+    return params, grads, master, m, v
+
+
+def _hyper_values(step, lr, beta1, beta2, eps, weight_decay):
+    """lr, beta1, beta2, the bias corrections 1 - beta^step (computed in float64 as llm.c's host
+    code does), eps and weight_decay, as the fp32 values the kernels get."""
+    if step < 1:
+        raise ValueError(f"step counts from 1, got {step}")
+    return (np.float32(lr), np.float32(beta1), np.float32(beta2), np.float32(1.0 - beta1 ** step),
+            np.float32(1.0 - beta2 ** step), np.float32(eps), np.float32(weight_decay))
 
 
 def _words(array, per_word):
@@ -180,14 +290,7 @@ def prepare_adamw_update(params, grads, master, m, v, offset=0, count=None, stat
     launch(step, lr, beta1, beta2, eps, weight_decay, grad_scale, seed, stream), which only
     launches. (Building the views costs ~0.5 ms of host time per call; a training step updates
     16 tensors.)"""
-    params, grads = _flat("params", params, np.uint16), _flat("grads", grads, np.uint16)
-    master, m, v = (_flat(name, a, np.float32) for name, a in (("master", master), ("m", m), ("v", v)))
-    if grads.size != params.size:
-        raise ValueError(f"grads has {grads.size} elements, params {params.size}")
-    if not master.size == m.size == v.size:
-        raise ValueError(f"master {master.size}, m {m.size}, v {v.size}: optimizer state sizes differ")
-    if block_size % WARP_SIZE or not WARP_SIZE <= block_size <= 1024:
-        raise ValueError(f"block_size must be a multiple of 32 in [32, 1024], got {block_size}")
+    params, grads, master, m, v = _check_arrays(params, grads, master, m, v, block_size)
     offset, count, state_offset = _range(params, master, offset, count, state_offset)
     launches = []  # (kernel, grid, leading arguments)
 
@@ -213,9 +316,7 @@ def prepare_adamw_update(params, grads, master, m, v, offset=0, count=None, stat
     def launch(step, lr, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, grad_scale=1.0, seed=0, stream=0):
         if step < 1:
             raise ValueError(f"step counts from 1, got {step}")
-        hyper = (np.float32(lr), np.float32(beta1), np.float32(beta2),
-                 np.float32(1.0 - beta1 ** step), np.float32(1.0 - beta2 ** step),
-                 np.float32(eps), np.float32(weight_decay), np.float32(grad_scale), np.uint32(seed))
+        hyper = (*_hyper_values(step, lr, beta1, beta2, eps, weight_decay), np.float32(grad_scale), np.uint32(seed))
         for adamw_kernel_variant, grid, arguments in launches:
             adamw_kernel_variant[grid, block_size, stream](*arguments, *hyper)
 
@@ -230,3 +331,68 @@ def init_master_weights(master, params, offset=0, count=None, state_offset=None,
     if count > 0:
         init_master_weights_kernel[ceil_div(count, block_size), block_size, stream](
             master, params, np.int64(offset), np.int64(state_offset), np.int64(count))
+
+
+def round_master_weights(params, master, offset=0, count=None, state_offset=None, block_size=BLOCK_SIZE, stream=0):
+    """Load fp32 weights through the master copy: params[offset : offset + count] = the master
+    weights at state_offset.. rounded to bf16 (nearest even, as bf16.to_bf16_bits on the host), and
+    those master weights set to the rounded values (what init_master_weights would give from the
+    params). Ranges as adamw_update's."""
+    params, master = _flat("params", params, np.uint16), _flat("master", master, np.float32)
+    offset, count, state_offset = _range(params, master, offset, count, state_offset)
+    if count > 0:
+        round_master_weights_kernel[ceil_div(count, block_size), block_size, stream](
+            params, master, np.int64(offset), np.int64(state_offset), np.int64(count))
+
+
+# ---- every tensor in one launch, with the step's values on the device ----------------------------
+
+def adamw_hyperparameters(step, lr, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, seed=0, out=None):
+    """The HYPER_WORDS uint32 words adamw_multi_tensor reads (fp32 bits of the same values
+    adamw_update passes, and the rounding seed's base), into `out` if given (e.g. a pinned slot)."""
+    words = np.zeros(HYPER_WORDS, dtype=np.uint32) if out is None else out
+    values = np.array(_hyper_values(step, lr, beta1, beta2, eps, weight_decay), dtype=np.float32)
+    words[:HYPER_SEED] = values.view(np.uint32)
+    words[HYPER_SEED] = np.uint32(int(seed) & 0xFFFFFFFF)
+    return words
+
+
+def prepare_adamw_multi_tensor(params, grads, master, m, v, tensors, block_size=BLOCK_SIZE):
+    """One launch updating many ranges of the parameters, each as adamw_update would with the
+    same values (bit for bit), whose per-step values come from device memory: returns
+    launch(hyper, grad_scale, stream) with hyper a device uint32 array of HYPER_WORDS
+    (adamw_hyperparameters' words) and grad_scale a device (1,) fp32 array. Nothing about the launch
+    changes from step to step, so it can be captured in a CUDA graph and replayed.
+
+    tensors: [(offset, count, state_offset, weight_decay_on, seed_index)]: the range's
+    elements in params/grads, where its state starts in master/m/v, whether the step's weight
+    decay applies (else 0), and what adamw_update's seed would be relative to the base (the seed is
+    base + seed_index, mod 2^32). Every range must start on a whole uint64 word of both
+    (offset % 4 == 0, state_offset % 2 == 0, 8-byte aligned arrays); a range's last count % 4
+    elements are updated one by one, as adamw_update's tail."""
+    params, grads, master, m, v = _check_arrays(params, grads, master, m, v, block_size)
+    if not tensors:
+        raise ValueError("tensors: no ranges given")
+    if not all(device_address(a) % 8 == 0 for a in (params, grads, master, m, v)):
+        raise ValueError("params, grads, master, m, v must start 8-byte aligned (uint64 words)")
+    table = np.zeros((len(tensors), TENSOR_COLUMNS), dtype=np.int64)
+    block_starts = np.zeros(len(tensors) + 1, dtype=np.int64)
+    for k, (offset, count, state_offset, decay, seed_index) in enumerate(tensors):
+        offset, count, state_offset = _range(params, master, offset, count, state_offset)
+        if offset % 4 or state_offset % 2:
+            raise ValueError(f"tensors[{k}]: offset {offset} must be a multiple of 4 and state_offset "
+                             f"{state_offset} even (whole uint64 words of params and of the state)")
+        n_words, tail = divmod(count, 4)
+        table[k] = (offset, state_offset, n_words, tail, bool(decay), seed_index)
+        block_starts[k + 1] = block_starts[k] + ceil_div(n_words + (tail > 0), block_size)
+    grid = int(block_starts[-1])
+    arguments = (params, grads, master, m, v, _words(params, 4), _words(grads, 4), _words(master, 2), _words(m, 2),
+                 _words(v, 2), cuda.to_device(table), cuda.to_device(block_starts))
+
+    def launch(hyper, grad_scale, stream=0):
+        check_contiguous("hyper", hyper, np.uint32, (HYPER_WORDS,))
+        check_contiguous("grad_scale", grad_scale, np.float32, (1,))
+        if grid:
+            adamw_multi_tensor_kernel[grid, block_size, stream](*arguments, hyper.view(np.float32), hyper, grad_scale)
+
+    return launch

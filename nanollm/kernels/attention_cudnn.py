@@ -43,7 +43,7 @@ import math
 import numpy as np
 from numba import cuda
 
-from .. import cuda_libraries
+from .. import cuda_libraries, startup
 from ..cuda_libraries import dlopen as _dlopen, find_in_wheels as _find_in_wheels
 from .cuda_common import SIMULATOR, check_contiguous
 from .cuda_common import device_pointer as _pointer, stream_handle as _stream_handle
@@ -275,8 +275,13 @@ def _graph(B, T, NH, HS, kind):
     """The built graph for this shape and kind, from the cache or built now (the slow part)."""
     key = (B, T, NH, HS, kind)
     graph = _graphs.get(key)
-    if graph is not None:
-        return graph
+    if graph is None:
+        with startup.accumulate("cuDNN attention graphs: handle, build, plans"):
+            graph = _graphs[key] = _build_graph(B, T, NH, HS, kind)
+    return graph
+
+
+def _build_graph(B, T, NH, HS, kind):
     _cudnn_handle()  # raises the plain "not available: why" when cuDNN cannot run here
     stage = "define"
     try:
@@ -300,7 +305,6 @@ def _graph(B, T, NH, HS, kind):
     except Exception as error:
         raise RuntimeError(f"cuDNN attention {kind} graph (B={B}, T={T}, NH={NH}, HS={HS}) failed at {stage}: "
                            f"{type(error).__name__}: {error}{_last_cudnn_error()}") from error
-    _graphs[key] = graph
     return graph
 
 

@@ -21,8 +21,10 @@ Also here: block-wide sum and max (warp shuffles, then one value per warp throug
 used by the classifier too.
 """
 
+import math
+
 import numpy as np
-from numba import cuda, float32
+from numba import cuda, float32, float64
 
 from .bf16 import bf16_to_float, bf16x2_high, bf16x2_low, high_half, low_half
 from .cuda_common import SIMULATOR, WARP_SIZE, block_reduce_sum, check_contiguous, device_address, device_function, \
@@ -85,12 +87,26 @@ def global_norm_aggregate_kernel(out, partials):
         out[0] = total
 
 
+@kernel
+def grad_clip_scale_kernel(scale, norm_squared, grad_clip):
+    # scale[0] <- grad_clip / norm if grad_clip > 0 and norm = sqrt(norm_squared[0]) exceeds it, else 1
+    # (llm.c's clipping rule). In float64, rounded to fp32 once, as the host computes it from the
+    # read-back norm (math.sqrt and / are correctly rounded on both): the same bits either way.
+    if cuda.grid(1) == 0:
+        norm = math.sqrt(float64(norm_squared[0]))
+        if grad_clip > 0.0 and norm > grad_clip:
+            scale[0] = float32(grad_clip / norm)
+        else:
+            scale[0] = float32(1.0)
+
+
 PTX_SIGNATURES = {
     global_norm_squared_kernel: "void(float32[::1], uint64[::1], uint16[::1], int32)",
     global_norm_aggregate_kernel: "void(float32[::1], float32[::1])",
+    grad_clip_scale_kernel: "void(float32[::1], float32[::1], float64)",
 }
 
-BLOCK_SIZE = 512
+BLOCK_SIZE = 32 if SIMULATOR else 512  # the simulator runs a Python thread per GPU thread: small blocks there
 AGGREGATE_BLOCK_SIZE = 1024
 
 
@@ -140,3 +156,13 @@ def global_norm_squared(out, scratch, grads, block_size=BLOCK_SIZE, stream=0):
         global_norm_squared_kernel[grid, block_size, stream](scratch, words, values, np.int32(k > 0))
     aggregate_threads = min(AGGREGATE_BLOCK_SIZE, max(WARP_SIZE, -(-grid // WARP_SIZE) * WARP_SIZE))
     global_norm_aggregate_kernel[1, aggregate_threads, stream](out, scratch)
+
+
+def grad_clip_scale(scale, norm_squared, grad_clip, stream=0):
+    """scale[0] = the factor AdamW multiplies the gradients by (llm.c: grad_clip / norm when the norm
+    exceeds grad_clip, else 1; grad_clip <= 0: never clip), from global_norm_squared's output, on the
+    device: no host synchronisation. The same bits as np.float32 of the training loop's host rule
+    on the read-back norm, math.sqrt(norm_squared). scale, norm_squared: (1,) fp32 device arrays."""
+    check_contiguous("scale", scale, np.float32, (1,))
+    check_contiguous("norm_squared", norm_squared, np.float32, (1,))
+    grad_clip_scale_kernel[1, WARP_SIZE, stream](scale, norm_squared, np.float64(grad_clip))

@@ -143,3 +143,61 @@ def test_adamw_rejects_bad_input(rng):
         adamw.adamw_update(params, grads, master, m, v, 1, 1e-3, offset=60, count=8)
     with pytest.raises(ValueError, match="step"):
         adamw.adamw_update(params, grads, master, m, v, 0, 1e-3)
+
+
+def test_multi_tensor_update_is_the_per_tensor_update_bit_for_bit(rng):
+    """One launch over several ranges, its step values read from device memory, gives the bits of
+    one adamw_update call per range (weight decay on some, seed base + index, the clip scale),
+    ranges with tails and the gaps between ranges (left alone) included."""
+    n = 1100
+    ranges = [(0, 256, 0, True, 0), (256, 37, 256, False, 1), (296, 400, 296, True, 2), (700, 3, 700, False, 3),
+              (712, 385, 712, True, 5)]  # (offset, count, state_offset, decay, seed index); 293-295, 703-711 untouched
+    per_tensor, multi = State(rng, n), State(rng, n)
+    for source, target in zip(per_tensor.device, multi.device):
+        target.copy_to_device(source)
+    step, lr, weight_decay, grad_scale = int(rng.integers(1, 50)), 3e-3, 0.1, np.float32(rng.random())
+    base = int(rng.integers(2**32 - 3, 2**32))  # base + index wraps past 2^32 as the host's & 0xFFFFFFFF does
+    for offset, count, state_offset, decay, index in ranges:
+        adamw.adamw_update(*per_tensor.device, step, lr, weight_decay=weight_decay if decay else 0.0,
+                           grad_scale=grad_scale, seed=(base + index) & 0xFFFFFFFF, offset=offset, count=count,
+                           state_offset=state_offset, block_size=32)
+    launch = adamw.prepare_adamw_multi_tensor(*multi.device, ranges, block_size=32)
+    hyper = cuda.to_device(adamw.adamw_hyperparameters(step, lr, weight_decay=weight_decay, seed=base))
+    launch(hyper, cuda.to_device(np.array([grad_scale], np.float32)))
+    for name, a, b in zip(("params", "master", "m", "v"), per_tensor.download(), multi.download()):
+        np.testing.assert_array_equal(a.view(np.uint32) if a.dtype == np.float32 else a,
+                                      b.view(np.uint32) if b.dtype == np.float32 else b, err_msg=name)
+    # and against the float64 reference (not only self-consistency): one decayed range with a tail
+    fresh = State(rng, n)
+    offset, count, state_offset, _, index = ranges[4]
+    launch = adamw.prepare_adamw_multi_tensor(*fresh.device, [ranges[4]], block_size=32)
+    launch(cuda.to_device(adamw.adamw_hyperparameters(step, weight_decay=weight_decay, seed=base, **HYPER)),
+           cuda.to_device(np.array([0.7], np.float32)))
+    check_update(fresh, offset, count, state_offset, step, weight_decay, 0.7, (base + index) & 0xFFFFFFFF)
+
+
+def test_multi_tensor_rejects_unaligned_ranges(rng):
+    state = State(rng, 64)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        adamw.prepare_adamw_multi_tensor(*state.device, [(2, 8, 2, True, 0)])
+    with pytest.raises(ValueError, match="outside"):
+        adamw.prepare_adamw_multi_tensor(*state.device, [(60, 8, 60, True, 0)])
+    with pytest.raises(ValueError, match="no ranges"):
+        adamw.prepare_adamw_multi_tensor(*state.device, [])
+
+
+def test_round_master_weights_is_host_rounding_then_init_master_weights(rng):
+    """Loading fp32 weights through the master copy gives the bf16 bits of the host's to_bf16_bits
+    (nearest even; inf and NaN included) and master weights equal to those bf16 values, only in range."""
+    values = rng.standard_normal(1030).astype(np.float32) * np.float32(3)
+    values[[3, 500, 700]] = np.inf, -np.inf, np.nan
+    values[[4, 5]] = np.float32(3.4e38), np.float32(-1e-40)  # rounds up to inf; a denormal
+    params = cuda.to_device(np.full(1030, 0xFFFF, np.uint16))
+    master = cuda.to_device(values)
+    adamw.round_master_weights(params, master, offset=2, count=1020, state_offset=2, block_size=64)
+    expected = to_bf16_bits(values[2:1022])
+    got_params, got_master = params.copy_to_host(), master.copy_to_host()
+    np.testing.assert_array_equal(got_params[2:1022], expected)
+    np.testing.assert_array_equal(got_master[2:1022].view(np.uint32), from_bf16_bits(expected).view(np.uint32))
+    assert (got_params[[0, 1, 1022, 1029]] == 0xFFFF).all()  # outside the range: untouched
+    np.testing.assert_array_equal(got_master[[0, 1, 1022]], values[[0, 1, 1022]])

@@ -57,3 +57,21 @@ def test_global_norm_rejects_bad_input(rng):
         global_norm.global_norm_squared(out, scratch, grad[1:33])
     with pytest.raises(ValueError, match="block_size"):
         global_norm.global_norm_squared(out, scratch, grad, block_size=48)
+
+
+def test_grad_clip_scale_matches_the_host_rule(rng):
+    """The clip scale computed on the device has the bits of the training loop's host rule
+    (np.float32 of grad_clip / math.sqrt(norm_squared) when the norm exceeds grad_clip, else 1), so
+    moving it onto the GPU changes no update."""
+    import math
+
+    norms_squared = np.concatenate([rng.random(12) * 4.0, np.exp(rng.normal(0, 6, 12)),
+                                    [0.0, 1.0, 0.25, np.nextafter(np.float32(1), np.float32(2)), np.inf, np.nan]])
+    scale = poisoned_f32(1)
+    for grad_clip in (1.0, 0.5, 0.0, -1.0, float(rng.random() * 3)):
+        for norm_squared in norms_squared.astype(np.float32):
+            global_norm.grad_clip_scale(scale, cuda.to_device(np.array([norm_squared], np.float32)), grad_clip)
+            norm = math.sqrt(float(norm_squared))
+            expected = np.float32(grad_clip / norm if grad_clip > 0 and norm > grad_clip else 1.0)
+            got = scale.copy_to_host()[0]
+            assert got.view(np.uint32) == expected.view(np.uint32), (grad_clip, norm_squared, got, expected)
