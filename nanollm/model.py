@@ -61,12 +61,13 @@ class GPT2:
     """GPT-2 for training on one GPU at micro-batch (B, T)."""
 
     def __init__(self, config, B, T, seed=42, gelu_fusion=2, recompute=1, grad_accum_steps=1, attention="numba",
-                 cuda_graphs=None):
+                 cuda_graphs=None, init_params=None):
         """attention: "numba" (llm.c's own kernels: permute, cuBLASLt products, softmax), "cudnn"
         (flash attention through cuDNN, as llm.c's USE_CUDNN build), or "auto" (cuDNN where it
         works for this shape, else numba; self.attention_note says why).
         cuda_graphs: replay the forward and backward of full batches as CUDA graphs (None: where
-        supported, i.e. on a real GPU; see cuda_graph.py). The results are the same launches'."""
+        supported, i.e. on a real GPU; see cuda_graph.py). The results are the same launches'.
+        init_params: flat float parameters in llm.c's order to start from (default: GPT-2's init)."""
         if T > config.max_seq_len:
             raise ValueError(f"T={T} exceeds the model's max_seq_len {config.max_seq_len}")
         if gelu_fusion not in (0, 1, 2) or recompute not in (0, 1):
@@ -94,7 +95,7 @@ class GPT2:
         self._allocate_activations()
         self.step = 0  # AdamW steps taken
         self.seed = seed
-        self.load_parameters(reference.init_parameters(config, seed).memory)
+        self.load_parameters(reference.init_parameters(config, seed).memory if init_params is None else init_params)
 
     # ---- set-up -----------------------------------------------------------------------------
 
@@ -361,13 +362,18 @@ class GPT2:
 
     def evaluate(self, tokens, targets):
         """Mean loss of one batch, without touching the gradients (one host synchronisation)."""
+        return float(self.position_losses(tokens, targets).astype(np.float64).mean())
+
+    def position_losses(self, tokens, targets):
+        """Per-position losses (B, T) of one batch as a new host float32 array, without touching the
+        gradients (one host synchronisation). HellaSwag scores rows by these."""
         tokens = self._check_tokens("tokens", tokens, self.B, self.config.padded_vocab_size)
         targets = self._check_tokens("targets", targets, self.B, self.config.vocab_size)
         self._upload_inputs(tokens, targets)
         self.num_buckets = None
         losses = self.acts32.losses[0]
         self._forward_loss("evaluate", self.B, losses, 1.0, write_dlogits=False)
-        return float(self._read(losses, self.B * self.T).astype(np.float64).mean())
+        return self._read(losses, self.B * self.T).reshape(self.B, self.T).copy()
 
     def logits_host(self):
         """Host float32 logits (B, T, V) of the last forward without targets."""
