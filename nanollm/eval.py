@@ -41,19 +41,20 @@ def run_hellaswag(model, data, device="auto", batch_size=None, seq_len=None, wei
     """Score HellaSwag; returns the hellaswag.Result. Under several ranks each scores its slice and
     sum_counts adds the counts (see hellaswag.evaluate); predictions are written by rank 0 only
     from its own examples, so use one process for a whole predictions file."""
-    config, params = read_model(model, weights)
-    examples = hellaswag.load_examples(data)
-    if limit is not None:
-        examples = examples[:limit]
     from .train import _choose_device
 
     device = _choose_device(TrainConfig(device=device))  # "cuda" or "cpu"; UsageError for cuda without a GPU
+    examples = hellaswag.load_examples(data)[:limit]
+    config, params = read_model(model, weights)
     B = batch_size or (64 if device == "cuda" else 16)
     # T: the longest context + ending must be shorter (llm.c); a multiple of 64 suits the kernels
     T = seq_len or min(config.max_seq_len, _round_up(hellaswag.required_seq_len(examples), 64))
     if T > config.max_seq_len:
         raise hellaswag.HellaSwagError(f"-t {T} exceeds the model's context of {config.max_seq_len}")
-    hellaswag.check_fits(examples, B, T, config.vocab_size)
+    try:
+        hellaswag.check_fits(examples, B, T, config.vocab_size)
+    except hellaswag.HellaSwagError as error:
+        raise hellaswag.HellaSwagError(f"{data}: {error} (model {model}, -b {B}, -t {T})") from None
     backend = make_backend(config, params, B, T, device, attention)
     log(f"model {model}: L={config.num_layers} C={config.channels} NH={config.num_heads} V={config.vocab_size}; "
         f"{backend.description}")

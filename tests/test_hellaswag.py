@@ -20,6 +20,7 @@ from nanollm.hellaswag import Example, HellaSwagError
 from nanollm.reference import ParameterTensors
 
 from .conftest import SESSION_SEED
+from .test_train import shards  # noqa: F401  (the tiny token shards fixture)
 
 TINY = GPT2Config(max_seq_len=32, vocab_size=97, padded_vocab_size=128, num_layers=2, num_heads=2, channels=32)
 
@@ -289,13 +290,15 @@ def test_eval_command_bad_inputs_exit_2(tmp_path, rng):
         (base + ["--data", str(tmp_path / "missing.bin")], "missing.bin: no such HellaSwag file"),
         (base + ["--data", str(tmp_path / "m.bin")], "m.bin: bad magic 20240326"),
         (base + ["--data", str(tmp_path / "big_vocab.bin")], "outside the model's vocabulary of 97"),
-        (base + ["--data", str(tmp_path / "long.bin")], "needs T > 41, T is 32"),
+        (base + ["--data", str(tmp_path / "long.bin")], "long.bin: example 0 is 41 tokens (context + ending); "
+                                                        "needs T > 41, T is 32"),
         (base + ["--data", str(tmp_path / "hs.bin"), "-b", "2"], "batch size 2 < 4"),
         (base + ["--data", str(tmp_path / "hs.bin"), "-t", "64"], "-t 64 exceeds the model's context of 32"),
         (base + ["--data", str(tmp_path / "hs.bin"), "-b", "0"], "-b must be >= 1"),
         (base + ["--data", str(tmp_path / "hs.bin"), "--weights", "master"], "--weights master is for nanollm checkpoints"),
         (["hellaswag", "--model", str(tmp_path / "none.bin"), "--data", str(tmp_path / "hs.bin")], "none.bin"),
         (base + ["--data", str(tmp_path / "hs.bin"), "--predictions", str(tmp_path)], "is a directory"),
+        (base[:-1] + ["cuda", "--data", str(tmp_path / "hs.bin")], "--device cuda: no CUDA GPU is available"),
     ]
     for argv, message in cases:
         proc = subprocess.run([sys.executable, "-m", "nanollm.eval", *argv], capture_output=True, text=True)
@@ -316,16 +319,6 @@ def test_prepare_hellaswag_bad_inputs_exit_2(tmp_path, capsys):
 
 
 # ---- -h 1 in training -------------------------------------------------------------------------------
-
-@pytest.fixture
-def shards(tmp_path, rng):
-    from nanollm.data import write_shard
-
-    pattern = rng.integers(0, 500, 64)
-    write_shard(tmp_path / "tiny_train_000000.bin", np.tile(pattern, 50).astype(np.uint16))
-    write_shard(tmp_path / "tiny_val_000000.bin", np.tile(pattern, 5).astype(np.uint16))
-    return tmp_path
-
 
 def _train_cfg(shards, **overrides):
     import nanollm

@@ -143,3 +143,11 @@ def test_step_line_has_tokens_seen_and_eta(scripted, capsys):
 def test_count_and_duration_formats():
     assert [train_module._count(n) for n in (512, 65536, 1_310_720, 2_100_000_000)] == ["512", "65.54K", "1.31M", "2.10B"]
     assert [train_module._duration(s) for s in (0.4, 59.6, 200, 3900)] == ["0s", "1m00s", "3m20s", "1h05m"]
+
+
+def test_the_new_flags_parse_as_llmc_spells_them():
+    from nanollm.train_config import parse_args
+
+    cfg = parse_args("-sl 5 -sg 4.5 -lg 10 -h 1 --hellaswag-data hs.bin -b 8".split())
+    assert (cfg.skip_update_lossz, cfg.skip_update_gradz, cfg.log_gpu_every) == (5.0, 4.5, 10)
+    assert (cfg.hellaswag, cfg.hellaswag_data) == (1, "hs.bin")
