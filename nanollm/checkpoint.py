@@ -25,6 +25,7 @@ with os.replace, and the folder fsynced. A crash mid-save leaves every earlier c
 its temp file is removed when that checkpoint is saved again (nanollm/atomic.py).
 
     python -m nanollm.checkpoint info OUT/checkpoint_00000100.h5
+    python -m nanollm.interop convert OUT/checkpoint_00000100.h5 hf_dir/    # export the model (load_model)
 """
 
 import dataclasses
@@ -306,6 +307,23 @@ def load_checkpoint(path, world_size=1):
         )
 
 
+def load_model(path, master=False):
+    """(GPT2Config, flat float32 parameters in llm.c's order) of a checkpoint, for export and
+    evaluation, whatever number of ranks wrote it: its bf16 parameters (what the GPU model computes
+    with, and what llm.c's checkpoints hold as model_%08d.bin), or with master=True the fp32 master
+    weights (what the CPU path computes with)."""
+    path = os.fspath(path)
+    with _open(path) as f:
+        r = _Reader(path, f)
+        config, n = _read_header(r)
+        if not master:
+            from .kernels.bf16 import from_bf16_bits
+
+            return config, from_bf16_bits(r.array("/model/params_bf16", np.uint16, n))
+        num_shards = r.int_attr("/optimizer", "num_shards")
+    return config, load_checkpoint(path, world_size=num_shards).master
+
+
 # ---- the checkpoint folder ------------------------------------------------------------------------
 
 def list_checkpoints(folder):
@@ -396,12 +414,16 @@ def info(path):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2 or argv[0] != "info":
-        print("usage: python -m nanollm.checkpoint info PATH", file=sys.stderr)
-        return 2
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m nanollm.checkpoint",
+                                     description="Inspect nanollm's HDF5 training checkpoints (-n). To export the "
+                                                 "model: python -m nanollm.interop convert CHECKPOINT.h5 OUT")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="check a checkpoint in full and summarise it").add_argument("path", metavar="PATH")
+    args = parser.parse_args(argv)  # exits 2 on a bad command line, 0 for --help
     try:
-        print(info(argv[1]))
+        print(info(args.path))
     except (CheckpointError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

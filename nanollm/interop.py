@@ -15,8 +15,10 @@ model.safetensors.index.json), as GPT2LMHeadModel.save_pretrained writes it. HF'
 Conv1D layers whose weights are stored (in, out): they are transposed to llm.c's (out, in). The
 lm head is tied to wte, as in llm.c. Only `safetensors.numpy` is used, so no torch import.
 
-Command line: python -m nanollm.interop convert IN OUT [--dtype fp32|bf16]
-IN/OUT ending in .bin are llm.c files, anything else an HF directory.
+Command line: python -m nanollm.interop convert IN OUT [--dtype fp32|bf16] [--weights bf16|master]
+IN/OUT ending in .bin are llm.c files, anything else an HF directory; IN may also be a nanollm
+training checkpoint (.h5): its bf16 parameters (what the GPU model computes with; llm.c's
+checkpoints hold the same) or, with --weights master, its fp32 master weights.
 """
 
 import argparse
@@ -389,15 +391,36 @@ def _is_llmc(path):
     return os.fspath(path).lower().endswith(".bin")
 
 
-def convert(src, dst, dtype=None):
-    """src -> dst, each an llm.c .bin file or an HF directory. dtype ('fp32'/'bf16') picks the
-    .bin version written; by default a .bin source keeps its own, an HF source gives fp32."""
+def _is_checkpoint(path):
+    return os.fspath(path).lower().endswith(".h5")
+
+
+def read_model(path, weights="bf16"):
+    """(GPT2Config, flat float32 parameters) of any model nanollm reads: an llm.c .bin, a Hugging
+    Face GPT-2 directory, or a nanollm checkpoint .h5 (weights: "bf16" parameters or "master")."""
+    if _is_checkpoint(path):
+        from .checkpoint import load_model
+
+        return load_model(path, master=weights == "master")
+    if weights != "bf16":
+        raise InteropError(f"{path}: --weights {weights} is for nanollm checkpoints (.h5) only")
+    return read_llmc_model(path) if _is_llmc(path) else import_hf_gpt2(path)
+
+
+def convert(src, dst, dtype=None, weights="bf16"):
+    """src -> dst: src an llm.c .bin file, an HF directory or a nanollm checkpoint .h5 (weights:
+    its "bf16" parameters or fp32 "master" weights); dst a .bin file or an HF directory. dtype
+    ('fp32'/'bf16') picks the .bin version written; by default a .bin source keeps its own, a
+    checkpoint's bf16 parameters give bf16 (exact), anything else fp32."""
+    if _is_checkpoint(dst):
+        raise InteropError(f"{dst}: cannot write a nanollm checkpoint (training writes those, with -n); "
+                           "OUT must be a .bin file or a Hugging Face directory")
+    src_version = None
     if _is_llmc(src):
         _, src_version = read_llmc_header(src)
-        config, flat = read_llmc_model(src)
-    else:
-        src_version = None
-        config, flat = import_hf_gpt2(src)
+    elif _is_checkpoint(src) and weights == "bf16":
+        src_version = VERSION_BF16
+    config, flat = read_model(src, weights)
     if _is_llmc(dst):
         version = {"fp32": VERSION_FP32, "bf16": VERSION_BF16}.get(dtype, src_version or VERSION_FP32)
         write_llmc_model(dst, config, flat, version=version)
@@ -412,18 +435,22 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m nanollm.interop",
                                      description="Convert GPT-2 models between llm.c .bin files and Hugging Face directories.")
     sub = parser.add_subparsers(dest="command", required=True)
-    conv = sub.add_parser("convert", help="IN -> OUT; a path ending in .bin is an llm.c model file, "
-                                          "anything else a Hugging Face directory (config.json + model.safetensors)")
+    conv = sub.add_parser("convert", help="IN -> OUT; a path ending in .bin is an llm.c model file, .h5 a nanollm "
+                                          "checkpoint (IN only), anything else a Hugging Face directory "
+                                          "(config.json + model.safetensors)")
     conv.add_argument("src", metavar="IN")
     conv.add_argument("dst", metavar="OUT")
     conv.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
                       help="storage of a .bin OUT: fp32 (version 3) or bf16 (version 5); "
-                           "default: the .bin IN's own, fp32 from a Hugging Face IN")
+                           "default: the .bin IN's own, bf16 from a checkpoint's bf16 parameters, else fp32")
+    conv.add_argument("--weights", choices=("bf16", "master"), default="bf16",
+                      help="for a checkpoint IN (.h5): its bf16 parameters (default; what the GPU model computes "
+                           "with) or its fp32 master weights")
     args = parser.parse_args(argv)
     if os.path.abspath(args.src) == os.path.abspath(args.dst):
         parser.exit(2, f"{parser.prog}: error: IN and OUT are the same path: {args.src}\n")
     try:
-        config = convert(args.src, args.dst, args.dtype)
+        config = convert(args.src, args.dst, args.dtype, args.weights)
     except (OSError, ValueError, KeyError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     print(f"wrote {args.dst}: {config}")

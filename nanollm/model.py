@@ -397,13 +397,18 @@ class GPT2:
 
     def evaluate(self, tokens, targets):
         """Mean loss of one batch, without touching the gradients (one host synchronisation)."""
+        return float(self.position_losses(tokens, targets).astype(np.float64).mean())
+
+    def position_losses(self, tokens, targets):
+        """Per-position losses (B, T) of one batch as a new host float32 array, without touching the
+        gradients (one host synchronisation). HellaSwag scores rows by these."""
         tokens = self._check_tokens("tokens", tokens, self.B, self.config.padded_vocab_size)
         targets = self._check_tokens("targets", targets, self.B, self.config.vocab_size)
         self._upload_inputs(tokens, targets)
         self.num_buckets = None
         losses = self.acts32.losses[0]
         self._forward_loss("evaluate", self.B, losses, 1.0, write_dlogits=False)
-        return float(self._read(losses, self.B * self.T).astype(np.float64).mean())
+        return self._read(losses, self.B * self.T).reshape(self.B, self.T).copy()
 
     def logits_host(self):
         """Host float32 logits (B, T, V) of the last forward without targets."""

@@ -4,6 +4,7 @@ shards with the 256 x int32 header, a val and a train split.
 
     python -m nanollm.prepare                       # default corpus: Shakespeare -> data/
     python -m nanollm.prepare books/ notes.txt -n mybooks --val_fraction 0.05 -s 10000000
+    python -m nanollm.prepare hellaswag hellaswag_val.jsonl   # llm.c's HellaSwag eval file (hellaswag.py)
 
 Each text file is one document (a folder stands for the *.txt files under it, sorted). The val
 split is the last whole documents, enough to hold val_fraction of the tokens, so no document is
@@ -233,6 +234,11 @@ def prepare_default(out_dir=DEFAULT_OUT_DIR, val_fraction=DEFAULT_VAL_FRACTION,
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["hellaswag"]:  # a text file named hellaswag: write ./hellaswag
+        from .hellaswag import prepare_main
+
+        return prepare_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m nanollm.prepare",
         description="Tokenize text files (GPT-2 BPE) into llm.c token shards. With no inputs: "

@@ -3,10 +3,12 @@
     python -m nanollm.train -e d12 -b 64 -t 1024 -d 65536 -x 100     # llm.c's flags, --help lists them
     import nanollm; nanollm.train(nanollm.TrainConfig(model="d12", batch_size=64))
 
-Each step: validation loss every -v steps, a sample every -s steps, then grad_accum micro-steps
-of forward + backward, the global gradient norm (clipped at --grad-clip), the learning rate from
-the -k schedule, and AdamW. A line per step (loss, norm, lr, ms, tokens/s, MFU) goes to stdout
-and, with -o, llm.c's log format ("s:STEP trl:LOSS", "s:STEP tel:LOSS") to OUT/main.log.
+Each step: validation loss every -v steps (and HellaSwag with -h 1), a sample every -s steps, then
+grad_accum micro-steps of forward + backward, the global gradient norm (clipped at --grad-clip),
+the learning rate from the -k schedule, and AdamW (skipped for an outlier loss or norm with
+-sl/-sg). A line per step (loss and norm with their z-scores, lr, ms, MFU, tokens/s, tokens seen,
+ETA) goes to stdout and, with -o, llm.c's log format ("s:STEP trl:LOSS", "s:STEP tel:LOSS",
+"s:STEP eval:ACC") to OUT/main.log.
 On a GPU the model is nanollm.model.GPT2 (bf16, Numba kernels, cuBLASLt); with --device cpu (or
 no GPU) it is the numpy reference in float32, for small models.
 """
@@ -21,11 +23,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import checkpoint, reference, startup
+from . import checkpoint, hellaswag, reference, startup
 from .config import flops_per_token, from_descriptor, num_parameters
 from .cuda_libraries import MissingCudaLibrary
 from .data import DataLoader, EvalLoader, ShardError
+from .gpu_info import GpuMonitor
 from .mfu import mfu
+from .outliers import OutlierDetector, skip_reason
 from .schedulers import learning_rate
 from .train_config import TrainConfig, UsageError, main_parse, validate
 
@@ -36,6 +40,8 @@ class TrainResult:
     train_losses: list = field(default_factory=list)  # one per step
     val_losses: dict = field(default_factory=dict)    # step -> val loss
     samples: dict = field(default_factory=dict)       # step -> generated text
+    hellaswag: dict = field(default_factory=dict)     # step -> HellaSwag accuracy (acc_norm), with -h 1
+    skipped_updates: list = field(default_factory=list)  # steps whose update -sl/-sg skipped
     log_path: str = ""                                # OUT/main.log, "" without -o
     first_step: int = 0                               # 0, or the step resumed from (-y 1)
     resumed_from: str = ""                            # the checkpoint resumed from, "" if none
@@ -72,8 +78,14 @@ class GpuBackend:
                           recompute=cfg.recompute, grad_accum_steps=grad_accum, attention=cfg.attention,
                           cuda_graphs=None if cfg.cuda_graphs else False,  # 1: where supported
                           parameters=init_params)  # None: GPT-2's initialisation from the seed
-        name = cuda.get_current_device().name
+        device = cuda.get_current_device()
+        name = device.name
         self.device_name = name.decode() if isinstance(name, bytes) else str(name)
+        try:  # for -lg: NVML finds the GPU by its PCI address
+            self.pci_bus_id = "{pci_domain_id:04x}:{pci_bus_id:02x}:{pci_device_id:02x}.0".format(
+                **device.get_device_identity())
+        except Exception:  # an attribute the driver will not give: NVML's device 0, as llm.c
+            self.pci_bus_id = None
         free, total = cuda.current_context().get_memory_info()
         self.description = (f"{self.device_name}, {(total - free) / 2**30:.1f} GiB in use after allocation; "
                             f"cuBLASLt: {cublaslt_path}; attention: {self.model.attention_note}; "
@@ -104,6 +116,9 @@ class GpuBackend:
     def evaluate(self, x, y):
         return self.model.evaluate(x, y)
 
+    def position_losses(self, x, y):
+        return self.model.position_losses(x, y)
+
     def next_token_logits(self, context):
         """Logits (V,) for the token after `context` (a list of ids), from a B=1 forward."""
         T = self.model.T
@@ -132,8 +147,10 @@ class CpuBackend:
         self.config = config
         self.grad_accum = grad_accum
         self.seed = cfg.seed
-        self.params = reference.init_parameters(config, cfg.seed, np.float32)
-        if init_params is not None:
+        if init_params is None:
+            self.params = reference.init_parameters(config, cfg.seed, np.float32)
+        else:
+            self.params = reference.ParameterTensors(config, np.float32)
             self.params.memory[:] = init_params
         self.grads = reference.ParameterTensors(config, np.float32)
         self.m = reference.ParameterTensors(config, np.float32)
@@ -173,6 +190,9 @@ class CpuBackend:
 
     def evaluate(self, x, y):
         return reference.gpt2_forward(self.params, self.config, x, y)[1]
+
+    def position_losses(self, x, y):
+        return reference.gpt2_forward(self.params, self.config, x, y)[2].losses
 
     def next_token_logits(self, context):
         window = np.asarray(context[-self.config.max_seq_len:], dtype=np.int64)[None, :]
@@ -294,6 +314,7 @@ def train(cfg=None, **overrides):
     val_loader = EvalLoader(cfg.input_val_bin, B, T, rank, world_size, max_batches=cfg.val_max_steps) \
         if cfg.val_loss_every > 0 else None
     max_steps = cfg.max_steps if cfg.max_steps != -1 else max(1, train_loader.num_tokens // total_batch)
+    hellaswag_path, hellaswag_examples = _hellaswag_examples(cfg, config) if cfg.hellaswag else (None, None)
 
     device = _choose_device(cfg)
     log = Logger(cfg.output_dir, append=bool(cfg.resume))  # llm.c appends to main.log with -y 1
@@ -323,10 +344,15 @@ def train(cfg=None, **overrides):
     log.print(f"B={B} T={T} total batch {total_batch:,} tokens, grad accumulation {grad_accum}, {max_steps} steps; "
               f"train {train_loader.num_tokens:,} tokens in {len(train_loader.files)} shard(s)"
               + (f", val {len(val_loader)} batch(es)" if val_loader else ""))
+    if hellaswag_examples:
+        log.print(f"HellaSwag: {len(hellaswag_examples):,} examples from {hellaswag_path}, {B // 4} per batch")
+    gpu_monitor = _gpu_monitor(cfg, device, backend, log)
+    loss_outliers, norm_outliers = OutlierDetector(), OutlierDetector()
 
     result = TrainResult(steps=start_step, log_path=log.path, device=backend.device_name, first_step=start_step,
                          resumed_from=resumed.path if resumed else "")
     step_times = []
+    eta_origin = None  # (time, step) at the end of the first timed step: the ETA's clock starts there
     try:
         for step in range(start_step, max_steps + 1):
             last = step == max_steps
@@ -336,6 +362,15 @@ def train(cfg=None, **overrides):
                 result.val_losses[step] = val_loss
                 log.print(f"val loss {val_loss:.6f}")
                 log.record(f"s:{step} tel:{val_loss:.6f}")
+            # llm.c: HellaSwag with the val loss, but not at step 0
+            if hellaswag_examples and ((cfg.val_loss_every > 0 and step > 0 and step % cfg.val_loss_every == 0)
+                                       or last):
+                t_eval = time.perf_counter()
+                # the counts are per rank; sum_counts (hellaswag.local_sum today) adds them over ranks
+                hs = hellaswag.evaluate(backend.position_losses, hellaswag_examples, B, T, rank, world_size)
+                result.hellaswag[step] = hs.accuracy
+                log.print(f"HellaSwag: {hs.correct}/{hs.total} = {hs.accuracy:f} ({time.perf_counter() - t_eval:.1f} s)")
+                log.record(f"s:{step} eval:{hs.accuracy:.4f}")
             # on resume, this step's sample was drawn before the save (its generator state is saved)
             if cfg.sample_every > 0 and step > 0 and (step % cfg.sample_every == 0 or last) and not resuming:
                 text = sample(backend, tokenizer, cfg.gen_tokens, sample_rng)
@@ -359,10 +394,26 @@ def train(cfg=None, **overrides):
                 backend.train_micro_step(x, y, micro_step)
             lr = learning_rate(cfg.lr_scheduler, step, cfg.learning_rate, cfg.warmup_iters, max_steps,
                                cfg.final_lr_frac)
-            # global norm, clipping and AdamW queued with no host synchronisation (the clip scale is
-            # computed on the GPU); then the step's one wait, for its loss and norm
-            backend.update_clipped(lr, cfg.weight_decay, cfg.grad_clip)
-            loss, norm = backend.step_results()
+            skip = None
+            if cfg.skip_update_lossz or cfg.skip_update_gradz:
+                # -sl/-sg decide on the host, from this step's loss and norm, whether to update at all
+                norm = backend.grad_norm()  # synchronises
+                loss = backend.step_loss()
+                zloss, zgrad = loss_outliers.update(loss), norm_outliers.update(norm)
+                skip = skip_reason(loss, zloss, norm, zgrad, cfg.skip_update_lossz, cfg.skip_update_gradz)
+                if skip:
+                    log.print(f"skipping update due to {skip}")
+                    result.skipped_updates.append(step)
+                else:
+                    grad_scale = cfg.grad_clip / norm if cfg.grad_clip > 0 and norm > cfg.grad_clip else 1.0
+                    backend.update(lr, cfg.weight_decay, grad_scale)
+                backend.synchronize()  # the step's time includes the update
+            else:
+                # global norm, clipping and AdamW queued with no host synchronisation (the clip scale is
+                # computed on the GPU); then the step's one wait, for its loss and norm
+                backend.update_clipped(lr, cfg.weight_decay, cfg.grad_clip)
+                loss, norm = backend.step_results()
+                zloss, zgrad = loss_outliers.update(loss), norm_outliers.update(norm)
             dt = time.perf_counter() - t0
             if step == 0:
                 log.print(f"time to first step: {time.perf_counter() - start_time:.1f} s (start-up, compilation, step 0)")
@@ -377,11 +428,21 @@ def train(cfg=None, **overrides):
             tokens_per_second = total_batch / dt
             utilisation = mfu(step_flops, dt, backend.device_name)
             mfu_text = f"{100 * utilisation:.1f}% bf16 MFU" if utilisation is not None else "MFU n/a"
-            log.print(f"step {step + 1:4d}/{max_steps} | loss {loss:.6f} | norm {norm:.4f} | lr {lr:.2e} | "
-                      f"{dt * 1e3:.2f} ms | {mfu_text} | {tokens_per_second:,.0f} tok/s")
+            # ETA: the mean wall time per step since the first one (which compiles), evaluations included
+            now = time.perf_counter()
+            if eta_origin is None:
+                eta_origin, per_step = (now, step + 1), dt
+            else:
+                per_step = (now - eta_origin[0]) / (step + 1 - eta_origin[1])
+            log.print(f"step {step + 1:4d}/{max_steps} | loss {loss:.6f} ({zloss:+.2f}z)| norm {norm:.4f} ({zgrad:+.2f}z)"
+                      f"| lr {lr:.2e} | {dt * 1e3:.2f} ms | {mfu_text} | {tokens_per_second:,.0f} tok/s | "
+                      f"{_count((step + 1) * total_batch)} tokens | ETA {_duration(per_step * (max_steps - step - 1))}")
+            if gpu_monitor and (step + 1) % cfg.log_gpu_every == 0:
+                log.print(gpu_monitor.line())
             log.record(f"s:{step} trl:{loss:.6f}")
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"step {step + 1}: the loss is {loss}; stopping")
+            if not math.isfinite(loss) and not skip:
+                raise FloatingPointError(f"step {step + 1}: the loss is {loss}; stopping "
+                                         "(-sl Z skips the update of a non-finite loss instead)")
     finally:
         log.close()
     steady = sorted(step_times[1:] or step_times)
@@ -391,6 +452,57 @@ def train(cfg=None, **overrides):
         log.print(f"median over steps 2..{len(step_times)}: {result.ms_per_step:.2f} ms/step, "
                   f"{result.tokens_per_second:,.0f} tok/s")
     return result
+
+
+def _count(n):
+    """1234567 -> '1.23M'."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def _duration(seconds):
+    """seconds -> '1h05m', '3m20s', '12s'."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+# llm.c reads dev/data/hellaswag/hellaswag_val.bin; python -m nanollm.prepare hellaswag writes data/
+HELLASWAG_PATHS = ("data/hellaswag_val.bin", "dev/data/hellaswag/hellaswag_val.bin")
+
+
+def _hellaswag_examples(cfg, config):
+    """-h 1: (path, examples), checked against B, T and the vocabulary before anything is allocated."""
+    path = cfg.hellaswag_data or next((p for p in HELLASWAG_PATHS if os.path.isfile(p)), None)
+    if path is None:
+        raise UsageError(f"-h 1: no HellaSwag file at {' or '.join(HELLASWAG_PATHS)}: make one with "
+                         "python -m nanollm.prepare hellaswag hellaswag_val.jsonl, or name one with --hellaswag-data")
+    try:
+        examples = hellaswag.load_examples(path)
+    except hellaswag.HellaSwagError as error:
+        raise UsageError(f"-h 1: {error}") from None
+    try:
+        hellaswag.check_fits(examples, cfg.batch_size, cfg.seq_len, config.vocab_size)
+    except hellaswag.HellaSwagError as error:
+        raise UsageError(f"-h 1: {path}: {error} (-b {cfg.batch_size} -t {cfg.seq_len})") from None
+    return path, examples
+
+
+def _gpu_monitor(cfg, device, backend, log):
+    """-lg N: NVML on the training GPU, or None (said once) where there is none to ask."""
+    if cfg.log_gpu_every <= 0:
+        return None
+    monitor = GpuMonitor(backend.pci_bus_id) if device == "cuda" else None
+    reason = "training on the CPU" if monitor is None else monitor.error
+    if reason:
+        log.print(f"-lg {cfg.log_gpu_every}: no GPU information ({reason}); training goes on without it")
+        return None
+    return monitor
 
 
 # ---- model files and checkpoints --------------------------------------------------------------------

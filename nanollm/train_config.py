@@ -50,6 +50,7 @@ class TrainConfig:
     grad_clip: float = 1.0           # --grad-clip: clip by global norm (llm.c: 1.0)
     attention: str = "auto"          # --attention: auto | cudnn | numba (llm.c: USE_CUDNN at build time)
     cuda_graphs: int = 1             # --cuda-graphs: replay forward/backward as CUDA graphs (1) or launch eagerly (0)
+    hellaswag_data: str = ""         # --hellaswag-data: -h 1's eval file ("" = data/hellaswag_val.bin or llm.c's path)
 
 
 # flag -> (field, help). Order is the --help order, as llm.c's error_usage.
@@ -58,7 +59,7 @@ FLAGS = {
     "-j": ("input_val_bin", "val data filename pattern (glob)"),
     "-e": ("model", "model descriptor dN (d6 d12 d24 d36 d48 d60 d72 d84: llm.c's widths; other N: C=64N, NH=N)"),
     "-o": ("output_dir", "output directory: main.log and checkpoints (default: none, no log file)"),
-    "-lg": ("log_gpu_every", "log GPU info every x steps (-1 = off)"),
+    "-lg": ("log_gpu_every", "log GPU info (NVML: utilisation, memory, clocks, power, temperature) every x steps (-1 = off)"),
     "-n": ("checkpoint_every", "write a checkpoint (OUT/checkpoint_%08d.h5) every how many steps, and at the end (0 = never)"),
     "-nk": ("checkpoints_keep", "how many recent checkpoints to keep (0 = all)"),
     "-nm": ("major_checkpoint_every", "every how many steps a checkpoint is major (never deleted)"),
@@ -78,7 +79,7 @@ FLAGS = {
     "-m": ("val_max_steps", "at most how many val batches per evaluation"),
     "-s": ("sample_every", "sample from the model every how many steps (0 = never)"),
     "-g": ("gen_tokens", "how many tokens to sample"),
-    "-h": ("hellaswag", "run the HellaSwag eval (0/1)"),
+    "-h": ("hellaswag", "run the HellaSwag eval (0/1) when the val loss is (after step 0) and at the end; needs -b >= 4"),
     "-a": ("overfit_single_batch", "overfit a single batch (0/1), for debugging"),
     "-f": ("enable_tf32", "enable TF32 (no effect: nanollm computes in bf16 with fp32 accumulation)"),
     "-w": ("master_weights", "keep fp32 master weights for the optimizer (0/1)"),
@@ -90,15 +91,13 @@ FLAGS = {
     "--grad-clip": ("grad_clip", "clip gradients to this global norm (0 = off)"),
     "--attention": ("attention", "auto | cudnn (flash attention) | numba (llm.c's own kernels); auto = cuDNN if it loads"),
     "--cuda-graphs": ("cuda_graphs", "1: replay forward and backward as CUDA graphs on a real GPU; 0: eager launches"),
+    "--hellaswag-data": ("hellaswag_data", "-h 1's HellaSwag file: llm.c's eval .bin or the .jsonl "
+                                           "(default: data/hellaswag_val.bin, else dev/data/hellaswag/hellaswag_val.bin)"),
 }
 
 # What this build cannot do yet: (field, value that is fine, message). A user asking for more
 # gets told, instead of a silent no-op.
 NOT_YET = [
-    ("log_gpu_every", -1, "-lg (GPU info logging) is not supported yet"),
-    ("skip_update_lossz", 0.0, "-sl (outlier skipping) is not supported yet"),
-    ("skip_update_gradz", 0.0, "-sg (outlier skipping) is not supported yet"),
-    ("hellaswag", 0, "-h (HellaSwag eval) is not supported yet"),
     ("master_weights", 1, "-w 0 is not supported: nanollm always keeps fp32 master weights"),
     ("zero_stage", 0, "-z (ZeRO) is not supported yet: it lands with multi-GPU training"),
 ]
@@ -170,6 +169,12 @@ def validate(config):
          "-n and -y need an output directory -o for the checkpoints"),
         (config.attention in ("auto", "cudnn", "numba"), f"--attention must be auto, cudnn or numba, got {config.attention!r}"),
         (config.cuda_graphs in (0, 1), f"--cuda-graphs must be 0 or 1, got {config.cuda_graphs}"),
+        (config.log_gpu_every >= -1, f"-lg must be -1 (off), 0 (off) or a positive step count, got {config.log_gpu_every}"),
+        (config.skip_update_lossz >= 0, f"-sl must be >= 0 (0 = off), got {config.skip_update_lossz}"),
+        (config.skip_update_gradz >= 0, f"-sg must be >= 0 (0 = off), got {config.skip_update_gradz}"),
+        (config.hellaswag in (0, 1), f"-h must be 0 or 1, got {config.hellaswag}"),
+        (not config.hellaswag or config.batch_size >= 4,
+         f"-h 1 needs -b >= 4: each HellaSwag example takes 4 rows of the batch (got -b {config.batch_size})"),
     ]
     for ok, message in checks:
         if not ok:

@@ -329,3 +329,67 @@ def test_convert_bad_input_exits_2(tmp_path, capsys):
     assert result.returncode == 2
     assert "bad.bin: bad magic 0" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "hf").exists()
+
+
+# ---- nanollm checkpoints (.h5) ---------------------------------------------------------------
+
+def _checkpoint(path, params, num_shards=1):
+    from nanollm import checkpoint
+
+    n = params.memory.size
+    checkpoint.save_checkpoint(path, checkpoint.Checkpoint(
+        step=7, model_config=TINY, params_bf16=to_bf16_bits(params.memory), master=params.memory.copy(),
+        m=np.zeros(n, np.float32), v=np.zeros(n, np.float32), sampling_rng={}, loader_state={}), num_shards=num_shards)
+    return path
+
+
+@pytest.mark.parametrize("weights", ["bf16", "master"])
+def test_convert_checkpoint_loss_in_transformers_matches_nanollm(tmp_path, weights):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    params = random_params(TINY, SESSION_SEED + 8)
+    src = _checkpoint(tmp_path / "checkpoint_00000007.h5", params, num_shards=2)  # as two ranks would write it
+    assert interop.main(["convert", str(src), str(tmp_path / "hf"), "--weights", weights]) == 0
+    assert interop.main(["convert", str(src), str(tmp_path / "m.bin"), "--weights", weights]) == 0
+    expected = params.memory if weights == "master" else round_to_bf16(params.memory)
+    config, flat = read_llmc_model(tmp_path / "m.bin")
+    assert config == TINY and np.array_equal(flat, expected)
+    assert (tmp_path / "m.bin").stat().st_size == 1024 + (2 if weights == "bf16" else 4) * num_parameters(TINY)
+
+    tokens = np.random.default_rng(SESSION_SEED).integers(0, V, size=(3, 16))
+    model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        hf_loss = float(model(torch.from_numpy(tokens), labels=torch.from_numpy(tokens)).loss)
+    nano = ParameterTensors(TINY)
+    nano.memory[:] = expected  # what nanollm computes with: the CPU path's fp32, the GPU's bf16 parameters
+    _, loss, _ = gpt2_forward(nano, TINY, tokens[:, :-1], tokens[:, 1:])
+    assert hf_loss == pytest.approx(loss, rel=1e-5)
+
+
+def test_convert_checkpoint_bad_uses_exit_2(tmp_path, capsys):
+    params = random_params(TINY, 9)
+    src = _checkpoint(tmp_path / "c.h5", params)
+    write_llmc_model(tmp_path / "m.bin", TINY, params.memory, version=3)
+    broken = tmp_path / "broken.h5"
+    broken.write_bytes(src.read_bytes()[:2000])
+    for argv, message in [
+        (["convert", str(src), str(tmp_path / "out.h5")], "cannot write a nanollm checkpoint"),
+        (["convert", str(tmp_path / "m.bin"), str(tmp_path / "o.bin"), "--weights", "master"],
+         "--weights master is for nanollm checkpoints (.h5) only"),
+        (["convert", str(tmp_path / "none.h5"), str(tmp_path / "o.bin")], "none.h5: no such checkpoint file"),
+        (["convert", str(broken), str(tmp_path / "o.bin")], "broken.h5"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            interop.main(argv)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err, message
+    assert not (tmp_path / "o.bin").exists() and not (tmp_path / "out.h5").exists()
+
+
+def test_checkpoint_command_help_exits_0():
+    result = subprocess.run([sys.executable, "-m", "nanollm.checkpoint", "--help"], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert result.returncode == 0 and "info" in result.stdout and "nanollm.interop convert" in result.stdout
+    bad = subprocess.run([sys.executable, "-m", "nanollm.checkpoint", "inspect", "x"], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
