@@ -1,0 +1,101 @@
+"""GPT-2 tokenization of a document stream by worker processes, in order, in bounded memory.
+
+As llm.c's dev/data/fineweb.py: a multiprocessing pool, tiktoken's encode_ordinary per document,
+<|endoftext|> before every document. Unlike it, a task is a batch of a few hundred KB of text
+(documents.py: often still raw parquet bytes or JSON lines, decoded by the worker), a worker
+answers with one uint16 array for the whole batch plus the documents' lengths, and at most
+4 tasks per worker are in flight, so memory stays bounded however fast the input reads (Pool.imap
+would read the whole input ahead into its task queue).
+"""
+
+import collections
+import multiprocessing
+import os
+import signal
+
+import numpy as np
+
+from .tokenizer import EOT_TOKEN, get_tokenizer
+
+TASKS_IN_FLIGHT_PER_WORKER = 4
+
+_encoding = None  # the worker's tiktoken Encoding
+
+
+def encode_batch(batch):
+    """(tokens, lengths) of a documents.py batch: tokens is uint16, <|endoftext|> then the
+    document's tokens for each document; lengths[i] counts document i's tokens with its EOT."""
+    texts = batch.texts()
+    encoded = [_encoding.encode_ordinary(text) for text in texts]
+    lengths = np.fromiter((len(ids) + 1 for ids in encoded), dtype=np.int64, count=len(encoded))
+    tokens = np.empty(int(lengths.sum()), dtype=np.uint16)
+    pos = 0
+    for ids in encoded:
+        tokens[pos] = EOT_TOKEN
+        tokens[pos + 1:pos + 1 + len(ids)] = ids
+        pos += 1 + len(ids)
+    return tokens, lengths
+
+
+def _init_worker(vocab_dir):
+    global _encoding
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    _encoding = get_tokenizer(vocab_dir).encoding
+
+
+def available_cores():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+class TokenizerPool:
+    """`with TokenizerPool(workers) as pool: for tokens, lengths in pool.tokenize(batches): ...`
+
+    workers=1 tokenizes in this process (no copies between processes). The tokenizer is built here
+    first, so a missing vocabulary is one error here, not one per worker."""
+
+    def __init__(self, workers, vocab_dir=None):
+        global _encoding
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
+        self.workers = workers
+        _encoding = get_tokenizer(vocab_dir).encoding
+        self._pool = None
+        if workers > 1:
+            # fork where there is one: workers start at once and inherit the built tokenizer;
+            # the pool starts before this process opens any input or starts a thread
+            methods = multiprocessing.get_all_start_methods()
+            context = multiprocessing.get_context("fork" if "fork" in methods else None)
+            self._pool = context.Pool(workers, initializer=_init_worker, initargs=(vocab_dir,))
+
+    def tokenize(self, batches):
+        """(tokens, lengths) per batch, in the batches' order."""
+        if self._pool is None:
+            for batch in batches:
+                yield encode_batch(batch)
+            return
+        pending = collections.deque()
+        limit = TASKS_IN_FLIGHT_PER_WORKER * self.workers
+        for batch in batches:
+            pending.append(self._pool.apply_async(encode_batch, (batch,)))
+            if len(pending) >= limit:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+    def close(self, wait=True):
+        if self._pool is not None:
+            if wait:
+                self._pool.close()
+            else:
+                self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close(wait=exc_type is None)
