@@ -9,13 +9,14 @@ Sources, in the order given:
 - a Hugging Face dataset through `datasets.load_dataset(..., streaming=True)`, as llm.c's
   dev/data/fineweb.py loads FineWeb-Edu (it also loads local dataset folders the same way).
 
-A batch is what one tokenizer worker gets: a few hundred KB of text, often still raw (a parquet
-batch is the column's UTF-8 bytes and offsets; a JSON Lines batch is the lines), so that the
-worker processes, not the reading process, pay for UTF-8 decoding and JSON parsing. A batch's
-`texts()` does that decoding and names the file and row of anything wrong in it.
+A batch is what one tokenizer worker gets, often still raw: for parquet, only which rows of which
+row groups (the worker reads and decompresses them itself), for JSON Lines the lines, so that the
+worker processes, not the reading process, pay for decompression, UTF-8 decoding and JSON
+parsing, and the reading process keeps up with many workers. A batch's `texts()` does that work
+and names the file and row of anything wrong.
 
-`--resume` support: `DocumentStream.batches(skip)` starts after the first `skip` documents,
-skipping parquet row groups by their metadata and JSON Lines lines unparsed.
+Resuming: `DocumentStream.batches(skip)` starts after the first `skip` documents, passing over
+parquet row groups by their metadata and JSON Lines lines unparsed.
 """
 
 import codecs
@@ -209,23 +210,65 @@ def _split_by_bytes(offsets):
     return cuts
 
 
+def _open_parquet(path):
+    pq = import_optional("pyarrow.parquet", "reading parquet files")
+    pa = import_optional("pyarrow", "reading parquet files")
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DocumentError(f"{path}: not a readable parquet file ({e})") from None
+
+
+_worker_parquet = {}  # a worker's open file: consecutive tasks read the same one
+
+
+class ParquetRows:
+    """A task: rows of whole or partial row groups of one parquet file, which the worker reads
+    and decompresses itself, so the reading process only hands out row numbers.
+    ranges: [(row group, first row in it, end row in it)], first_row: the first one's row in
+    the file."""
+
+    def __init__(self, path, field, first_row, ranges):
+        self.path, self.field, self.first_row, self.ranges = path, field, first_row, ranges
+
+    def __len__(self):
+        return sum(stop - start for _, start, stop in self.ranges)
+
+    def texts(self):
+        pa = import_optional("pyarrow", "reading parquet files")
+        if self.path not in _worker_parquet:
+            _worker_parquet.clear()
+            _worker_parquet[self.path] = _open_parquet(self.path)
+        f = _worker_parquet[self.path]
+        texts, row = [], self.first_row
+        for group, start, stop in self.ranges:
+            try:
+                column = f.read_row_group(group, columns=[self.field]).column(0)
+                column = column.slice(start, stop - start).combine_chunks()
+            except (pa.ArrowException, OSError) as e:
+                raise DocumentError(f"{self.path}: unreadable in rows {row}..."
+                                    f"{row + stop - start - 1} (row group {group}: {e})") from None
+            data, offsets = _string_column(column, lambda i: f"{self.path}: row {row + i}")
+            texts += Utf8Batch(self.path, row, data, offsets).texts()
+            row += stop - start
+        return texts
+
+
 class ParquetFile(_File):
+    """Rows go to the workers by row group (FineWeb's hold 1000 rows, a few MB); small groups
+    are put together, and a group too big to hand to one worker is read here in batches."""
+
+    TASK_BYTES = 1 << 21  # put small row groups together up to this much (uncompressed)
+    WORKER_GROUP_BYTES = 1 << 26  # a larger group is read here, in batches
+
     def __init__(self, path, field):
         super().__init__(path)
         self.field = field
         self._rows = None
 
-    def _open(self):
-        pq = import_optional("pyarrow.parquet", "reading parquet files")
-        pa = import_optional("pyarrow", "reading parquet files")
-        try:
-            return pq.ParquetFile(self.path)
-        except (pa.ArrowException, OSError) as e:
-            raise DocumentError(f"{self.path}: not a readable parquet file ({e})") from None
-
     def check(self):
         pa = import_optional("pyarrow", "reading parquet files")
-        f = self._open()
+        f = _open_parquet(self.path)
         schema = f.schema_arrow
         if self.field not in schema.names:
             raise DocumentError(f"{self.path}: no column {self.field!r} (columns: "
@@ -244,18 +287,39 @@ class ParquetFile(_File):
         return self._rows
 
     def batches(self, skip=0):
+        f = _open_parquet(self.path)
+        row, ranges, first, size = 0, [], 0, 0  # row: the file's row at the current group
+        for group in range(f.num_row_groups):
+            meta = f.metadata.row_group(group)
+            n = meta.num_rows
+            if row + n <= skip:  # before a resumed run's start: passed over unread
+                row += n
+                continue
+            start = max(0, skip - row)
+            if meta.total_byte_size > self.WORKER_GROUP_BYTES:
+                if ranges:
+                    yield ParquetRows(self.path, self.field, first, ranges)
+                    ranges, size = [], 0
+                yield from self._read_here(f, group, start, row + start)
+            else:
+                if not ranges:
+                    first = row + start
+                ranges.append((group, start, n))
+                size += meta.total_byte_size
+                if size >= self.TASK_BYTES:
+                    yield ParquetRows(self.path, self.field, first, ranges)
+                    ranges, size = [], 0
+            row += n
+        if ranges:
+            yield ParquetRows(self.path, self.field, first, ranges)
+        return skip
+
+    def _read_here(self, f, group, start, row):
+        """Utf8Batches of a big row group, from row `start` in it (the file's row `row`)."""
         pa = import_optional("pyarrow", "reading parquet files")
-        f = self._open()
-        # whole row groups before `skip` are passed over by their metadata, unread
-        first_group, row = 0, 0
-        while first_group < f.num_row_groups:
-            n = f.metadata.row_group(first_group).num_rows
-            if row + n > skip:
-                break
-            row, first_group = row + n, first_group + 1
-        drop = skip - row
         reader = f.iter_batches(batch_size=PARQUET_READ_ROWS, columns=[self.field],
-                                row_groups=range(first_group, f.num_row_groups))
+                                row_groups=[group])
+        drop = start
         while True:
             try:
                 batch = next(reader, None)
@@ -267,14 +331,13 @@ class ParquetFile(_File):
             column = batch.column(0)
             if drop:
                 n = min(drop, len(column))
-                column, row, drop = column.slice(n), row + n, drop - n
+                column, drop = column.slice(n), drop - n
             data, offsets = _string_column(column, lambda i: f"{self.path}: row {row + i}")
             cuts = _split_by_bytes(offsets)
             for a, b in zip(cuts, cuts[1:]):
                 yield Utf8Batch(self.path, row + a, bytes(data[offsets[a]:offsets[b]]),
                                 offsets[a:b + 1] - offsets[a])
             row += len(column)
-        return skip
 
 
 def _open_binary(path):

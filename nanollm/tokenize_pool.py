@@ -4,8 +4,8 @@ As llm.c's dev/data/fineweb.py: a multiprocessing pool, tiktoken's encode_ordina
 <|endoftext|> before every document. Unlike it, a task is a batch of a few hundred KB of text
 (documents.py: often still raw parquet bytes or JSON lines, decoded by the worker), a worker
 answers with one uint16 array for the whole batch plus the documents' lengths, and at most
-4 tasks per worker are in flight, so memory stays bounded however fast the input reads (Pool.imap
-would read the whole input ahead into its task queue).
+4 tasks per worker are in flight (apply_async's queue has no bound of its own), so memory stays
+bounded however fast the input reads.
 """
 
 import collections
@@ -22,11 +22,21 @@ TASKS_IN_FLIGHT_PER_WORKER = 4
 _encoding = None  # the worker's tiktoken Encoding
 
 
+def encode_ordinary(text):
+    """tiktoken's encode_ordinary as a uint32 array. encode_to_numpy with no special tokens
+    allowed and none refused gives the same tokens (the tests compare with encode_ordinary) without
+    building a Python list (~13% faster); text with lone surrogates (possible from JSON escapes),
+    which it refuses, goes through encode_ordinary's repair."""
+    try:
+        return _encoding.encode_to_numpy(text, disallowed_special=())
+    except (AttributeError, UnicodeEncodeError):  # AttributeError: a tiktoken older than 0.7
+        return np.array(_encoding.encode_ordinary(text), dtype=np.uint32)
+
+
 def encode_batch(batch):
     """(tokens, lengths) of a documents.py batch: tokens is uint16, <|endoftext|> then the
     document's tokens for each document; lengths[i] counts document i's tokens with its EOT."""
-    texts = batch.texts()
-    encoded = [_encoding.encode_ordinary(text) for text in texts]
+    encoded = [encode_ordinary(text) for text in batch.texts()]
     lengths = np.fromiter((len(ids) + 1 for ids in encoded), dtype=np.int64, count=len(encoded))
     tokens = np.empty(int(lengths.sum()), dtype=np.uint16)
     pos = 0

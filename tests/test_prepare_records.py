@@ -136,6 +136,16 @@ def test_shards_match_fineweb_layout(tmp_path, tiktoken_gpt2, docs, kind, worker
     assert result["complete"] and result["documents"] == len(docs)
 
 
+def test_lone_surrogate_in_json(tmp_path, tiktoken_gpt2):
+    # a JSON escape can make a string tiktoken's fast path refuses; encode_ordinary repairs it
+    docs = ["before \ud83e after", "fine"]
+    path = tmp_path / "s.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    prepare([path], tmp_path / "out", name="edu_fineweb", shard_size=SHARD, workers=1,
+            verbose=False)
+    assert written_shards(tmp_path / "out") == reference_shards(tiktoken_gpt2, docs, SHARD)
+
+
 def test_command_line_and_resume(tmp_path, tiktoken_gpt2, docs, capsys, monkeypatch):
     paths = write_records(tmp_path, "parquet", docs)
     out = tmp_path / "out"
@@ -300,7 +310,7 @@ def bad_input(tmp_path, case):
         data = bytearray(path.read_bytes())
         data[len(data) // 2:len(data) // 2 + 2000] = os.urandom(2000)
         path.write_bytes(bytes(data))
-        return [path], f"{path}: unreadable in rows 0..."
+        return [path], f"{path}: unreadable in rows "
     if case == "no_field.parquet":
         pq.write_table(pa.table({"content": ["a", "b"]}), path)
         return [path], f"{path}: no column 'text'"
@@ -367,15 +377,23 @@ def test_text_field_and_setting_errors(tmp_path, capsys, monkeypatch):
     assert "pip install 'nanollm[data]'" in capsys.readouterr().err
 
 
-def test_batches_are_bounded(tmp_path):
-    """A parquet file's rows come in batches of about BATCH_BYTES, numbered from its first row."""
-    from nanollm.documents import ParquetFile
+def test_parquet_tasks(tmp_path, monkeypatch):
+    """Small row groups go to a worker together, a resumed run starts inside a group, and a
+    group too big for one worker is read by the main process in bounded batches."""
+    from nanollm.documents import ParquetFile, ParquetRows, Utf8Batch
 
     docs = [f"{i} " + "x" * (i * 997 % 5000) for i in range(400)]
     write_parquet(tmp_path / "a.parquet", docs, row_group_size=150)
     source = ParquetFile(tmp_path / "a.parquet", "text")
     source.check()
+    group_bytes = pq.ParquetFile(tmp_path / "a.parquet").metadata.row_group(0).total_byte_size
+    monkeypatch.setattr(ParquetFile, "TASK_BYTES", group_bytes + 1)  # 2 groups a task
+    tasks = list(source.batches(skip=123))
+    assert all(isinstance(t, ParquetRows) for t in tasks)
+    assert tasks[0].first_row == 123 and tasks[0].ranges[:2] == [(0, 123, 150), (1, 0, 150)]
+    assert [t for task in tasks for t in task.texts()] == docs[123:]
+    monkeypatch.setattr(ParquetFile, "WORKER_GROUP_BYTES", 1000)
     batches = list(source.batches(skip=123))
-    assert sum(len(b.data) for b in batches) < 2 * BATCH_BYTES * len(batches)
-    assert [t for b in batches for t in b.texts()] == docs[123:]
+    assert all(isinstance(b, Utf8Batch) and len(b.data) < 2 * BATCH_BYTES for b in batches)
     assert batches[0].first_row == 123
+    assert [t for b in batches for t in b.texts()] == docs[123:]
