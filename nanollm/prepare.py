@@ -44,7 +44,7 @@ from .data import ShardError, atomic_write, read_shard_header, write_shard
 from .documents import (DocumentError, DocumentStream, HubDataset, is_record_file, open_sources,
                         read_text_file)
 from .shard_writer import Progress, ShardWriter
-from .tokenize_pool import TokenizerPool, available_cores
+from .tokenize_pool import TokenizerPool, WorkerDied, available_cores
 from .tokenizer import VOCAB_BPE_SHA256, get_tokenizer
 
 DEFAULT_OUT_DIR = "data"
@@ -252,6 +252,9 @@ def prepare(inputs, out_dir=DEFAULT_OUT_DIR, name=None, val_fraction=None,
                                text_field, verbose)
     except DocumentError as e:
         raise PrepareError(str(e)) from None
+    except WorkerDied as e:
+        raise PrepareError(f"{e}; the shards written so far are whole: run the same command "
+                           f"again to resume") from None
 
 
 def prepare_text_files(files, out_dir, name, val_fraction=None, shard_size=DEFAULT_SHARD_SIZE,

@@ -9,9 +9,11 @@ bounded however fast the input reads.
 """
 
 import collections
+import concurrent.futures
 import multiprocessing
 import os
 import signal
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 
@@ -60,11 +62,17 @@ def available_cores():
         return os.cpu_count() or 1
 
 
+class WorkerDied(RuntimeError):
+    """A worker process ended mid-task (killed: out of memory, a signal)."""
+
+
 class TokenizerPool:
     """`with TokenizerPool(workers) as pool: for tokens, lengths in pool.tokenize(batches): ...`
 
     workers=1 tokenizes in this process (no copies between processes). The tokenizer is built here
-    first, so a missing vocabulary is one error here, not one per worker."""
+    first, so a missing vocabulary is one error here, not one per worker. A process pool from
+    concurrent.futures, not multiprocessing.Pool: when a worker dies, the waiting task fails
+    (BrokenProcessPool) instead of waiting forever."""
 
     def __init__(self, workers, vocab_dir=None):
         global _encoding
@@ -72,37 +80,40 @@ class TokenizerPool:
             raise ValueError(f"workers must be at least 1, got {workers}")
         self.workers = workers
         _encoding = get_tokenizer(vocab_dir).encoding
-        self._pool = None
+        self._executor = None
         if workers > 1:
-            # fork where there is one: workers start at once and inherit the built tokenizer;
-            # the pool starts before this process opens any input or starts a thread
+            # fork where there is one: workers start at once and inherit the built tokenizer.
+            # With fork the executor starts every worker at the first task, before its own
+            # thread: that task is sent now, before this process reads input or starts threads
             methods = multiprocessing.get_all_start_methods()
             context = multiprocessing.get_context("fork" if "fork" in methods else None)
-            self._pool = context.Pool(workers, initializer=_init_worker, initargs=(vocab_dir,))
+            self._executor = concurrent.futures.ProcessPoolExecutor(
+                workers, mp_context=context, initializer=_init_worker, initargs=(vocab_dir,))
+            self._executor.submit(int).result()
 
     def tokenize(self, batches):
         """(tokens, lengths) per batch, in the batches' order."""
-        if self._pool is None:
+        if self._executor is None:
             for batch in batches:
                 yield encode_batch(batch)
             return
         pending = collections.deque()
         limit = TASKS_IN_FLIGHT_PER_WORKER * self.workers
-        for batch in batches:
-            pending.append(self._pool.apply_async(encode_batch, (batch,)))
-            if len(pending) >= limit:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+        try:
+            for batch in batches:
+                pending.append(self._executor.submit(encode_batch, batch))
+                if len(pending) >= limit:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        except BrokenProcessPool:
+            raise WorkerDied("a tokenizer worker process died (killed: out of memory, or a "
+                             "signal?)") from None
 
     def close(self, wait=True):
-        if self._pool is not None:
-            if wait:
-                self._pool.close()
-            else:
-                self._pool.terminate()
-            self._pool.join()
-            self._pool = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=wait, cancel_futures=not wait)
+            self._executor = None
 
     def __enter__(self):
         return self

@@ -282,6 +282,24 @@ def test_pool_reads_ahead_boundedly():
         assert sum(1 for _ in results) == 199
 
 
+class _DyingBatch:
+    def __len__(self):
+        return 1
+
+    def texts(self):
+        os._exit(9)  # as the kernel's OOM killer would end it
+
+
+def test_dead_worker_is_an_error_not_a_hang(tmp_path):
+    from nanollm.documents import TextBatch
+    from nanollm.tokenize_pool import WorkerDied
+
+    with pytest.raises(WorkerDied, match="worker process died"):
+        with TokenizerPool(2) as pool:
+            for _ in pool.tokenize([TextBatch(["fine"]), _DyingBatch(), TextBatch(["x"])]):
+                pass
+
+
 def test_progress_line():
     stream = io.StringIO()
     progress = Progress(1000, total_documents=40, stream=stream, log_every=0)
