@@ -102,7 +102,8 @@ class TextBatch:
 
 
 class Utf8Batch:
-    """Rows of a parquet string column: the UTF-8 bytes and the n+1 offsets between rows."""
+    """Rows of a parquet string column, read by the main process (a row group too big for one
+    worker): the UTF-8 bytes and the n+1 offsets between rows."""
 
     def __init__(self, where, first_row, data, offsets):
         self.where, self.first_row, self.data, self.offsets = where, first_row, data, offsets

@@ -1,11 +1,11 @@
 """GPT-2 tokenization of a document stream by worker processes, in order, in bounded memory.
 
-As llm.c's dev/data/fineweb.py: a multiprocessing pool, tiktoken's encode_ordinary per document,
-<|endoftext|> before every document. Unlike it, a task is a batch of a few hundred KB of text
-(documents.py: often still raw parquet bytes or JSON lines, decoded by the worker), a worker
-answers with one uint16 array for the whole batch plus the documents' lengths, and at most
-4 tasks per worker are in flight (apply_async's queue has no bound of its own), so memory stays
-bounded however fast the input reads.
+As llm.c's dev/data/fineweb.py: a pool of processes, tiktoken's encode_ordinary per document,
+<|endoftext|> before every document. Unlike it, a task is a batch (documents.py: parquet row
+groups the worker reads itself, raw JSON lines, or a few hundred KB of text), a worker answers
+with one uint16 array for the whole batch plus the documents' lengths, and at most 4 tasks per
+worker are in flight (the executor's queue has no bound of its own), so memory stays bounded
+however fast the input reads.
 """
 
 import collections
