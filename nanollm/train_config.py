@@ -9,6 +9,7 @@ import sys
 from dataclasses import dataclass
 
 from .schedulers import SCHEDULES
+from .storage import POLICIES as STORAGE_POLICIES
 
 
 @dataclass
@@ -50,6 +51,8 @@ class TrainConfig:
     grad_clip: float = 1.0           # --grad-clip: clip by global norm (llm.c: 1.0)
     attention: str = "auto"          # --attention: auto | cudnn | numba (llm.c: USE_CUDNN at build time)
     cuda_graphs: int = 1             # --cuda-graphs: replay forward/backward as CUDA graphs (1) or launch eagerly (0)
+    plan: int = 0                    # --plan: print the memory plan and exit (memory_plan.py)
+    storage_errors: str = "stop"     # --storage-errors: stop | continue when a checkpoint or the log cannot be written
 
 
 # flag -> (field, help). Order is the --help order, as llm.c's error_usage.
@@ -90,7 +93,13 @@ FLAGS = {
     "--grad-clip": ("grad_clip", "clip gradients to this global norm (0 = off)"),
     "--attention": ("attention", "auto | cudnn (flash attention) | numba (llm.c's own kernels); auto = cuDNN if it loads"),
     "--cuda-graphs": ("cuda_graphs", "1: replay forward and backward as CUDA graphs on a real GPU; 0: eager launches"),
+    "--plan": ("plan", "print the memory plan (GPU path; with --device cpu the CPU path's host memory), whether it "
+                       "fits, and exit; no GPU or data needed; takes no value"),
+    "--storage-errors": ("storage_errors", "stop | continue: what to do when a checkpoint or main.log cannot be written "
+                                           "(disk full, ...): exit 2, or warn and train on; the last complete "
+                                           "checkpoint stays intact either way"),
 }
+SWITCHES = ("--plan",)  # flags that need no value (an explicit 0 or 1 may follow)
 
 # What this build cannot do yet: (field, value that is fine, message). A user asking for more
 # gets told, instead of a silent no-op.
@@ -128,6 +137,10 @@ def parse_args(argv):
             raise SystemExit(print(usage()) or 0)
         if flag not in FLAGS:
             raise UsageError(f"unknown option {flag!r}")
+        if flag in SWITCHES and (i + 1 >= len(argv) or argv[i + 1] not in ("0", "1")):
+            setattr(config, FLAGS[flag][0], 1)
+            i += 1
+            continue
         if i + 1 >= len(argv):
             raise UsageError(f"option {flag} needs a value")
         name = FLAGS[flag][0]
@@ -170,6 +183,9 @@ def validate(config):
          "-n and -y need an output directory -o for the checkpoints"),
         (config.attention in ("auto", "cudnn", "numba"), f"--attention must be auto, cudnn or numba, got {config.attention!r}"),
         (config.cuda_graphs in (0, 1), f"--cuda-graphs must be 0 or 1, got {config.cuda_graphs}"),
+        (config.plan in (0, 1), f"--plan must be 0 or 1, got {config.plan}"),
+        (config.storage_errors in STORAGE_POLICIES,
+         f"--storage-errors must be {' or '.join(STORAGE_POLICIES)}, got {config.storage_errors!r}"),
     ]
     for ok, message in checks:
         if not ok:
