@@ -81,7 +81,7 @@ class Plan:
         lines = [f"memory plan ({where}): {self.what}"]
         width = max(len(item.name) for item in self.items)
         for item in self.items:
-            mark = " " if item.counted else "("
+            mark = " " if item.counted else "("  # (shown, not counted)
             lines.append(f"  {mark}{item.name:<{width}} {_size(item.nbytes):>10}{')' if not item.counted else ' '}"
                          f"  {item.note}".rstrip())
         lines.append(f"   {'total':<{width}} {_size(self.total):>10}")
@@ -155,9 +155,10 @@ def gpu_plan(config, B, T, grad_accum=1, recompute=1, attention="cudnn", world_s
 
 # ---- the CPU path -----------------------------------------------------------------------------------
 
-def cpu_plan(config, B, T, grad_accum=1, what=""):
-    """Host memory of the CPU path (CpuBackend: nanollm.reference in float32) at (B, T): its peak
-    during a training step, or during a checkpoint save if that is larger."""
+def cpu_plan(config, B, T, grad_accum=1, saves=True, what=""):
+    """Host memory of the CPU path (CpuBackend: nanollm.reference in float32) at (B, T): the state,
+    and the largest of what a training step, the AdamW update or (saves: with -o) a checkpoint save
+    add to it."""
     f32 = 4
     n = num_parameters(config)
     L, C, NH, V, Vp = (config.num_layers, config.channels, config.num_heads, config.vocab_size,
@@ -174,23 +175,27 @@ def cpu_plan(config, B, T, grad_accum=1, what=""):
     # layer's attention backward (3 (B,NH,T,T), the MLP's gradients and its own: ~16 (B,T,C)) or
     # its GELU backward (~8 (B,T,4C))
     work = f32 * max(2 * BT * V, BT * V + max(3 * att + 16 * BT * C, 32 * BT * C))
-    state = 4 * f32 * n
-    save = (2 + 3 * f32) * n            # optimizer_state(): bf16 image and copies of master, m, v
+    # between steps, with the activations gone: AdamW's expression temporaries, ~6 of the largest
+    # tensor (the stacked fcw at depth, else wte), or the grad norm's float64 squares (4 of them)
+    largest = max(math.prod(shape) for shape in parameter_shapes(config).values())
+    update = 6 * f32 * largest
+    # a checkpoint save: optimizer_state()'s copies of master, m, v and the bf16 image, which
+    # to_bf16_bits rounds through uint64 temporaries: 32 bytes a parameter at its peak (tracemalloc)
+    save = 32 * n
+    phases = {"step": kept + logits + work, "update": update, "save": save if saves else 0}
+    peak = max(phases, key=phases.get)
     plan = Plan("cpu", what or f"B={B} T={T}")
     plan.items += [
         Item("parameters, gradients (fp32)", 2 * f32 * n, f"{n:,} parameters"),
         Item("AdamW m, v (fp32)", 2 * f32 * n),
-        Item("activations kept for backward", kept, f"{L} layers, attention weights {_size(f32 * att)} each"),
-        Item("logits and probabilities", logits, f"(B,T,Vp) + (B,T,V) float32"),
-        Item("largest temporaries", work, "classifier / attention backward"),
-        Item("checkpoint copies", save, "between steps, instead of the activations", counted=False),
+        Item("activations kept for backward", kept, f"{L} layers, attention weights {_size(f32 * att)} each",
+             counted=peak == "step"),
+        Item("logits and probabilities", logits, "(B,T,Vp) + (B,T,V) float32", counted=peak == "step"),
+        Item("largest temporaries", work, "classifier / attention backward", counted=peak == "step"),
+        Item("AdamW update temporaries", update, "between steps", counted=peak == "update"),
+        Item("checkpoint copies", save, "between steps" if saves else "none: no -o", counted=peak == "save"),
         Item("Python and libraries", CPU_INTERPRETER_BYTES, "numpy, numba, h5py, the tokenizer"),
     ]
-    step = kept + logits + work
-    if save > step:  # the save is the peak: count it instead of the step
-        for item in plan.items:
-            item.counted = item.name not in ("activations kept for backward", "logits and probabilities",
-                                             "largest temporaries")
     return plan
 
 
@@ -203,7 +208,7 @@ def plan_for(cfg, config, device, grad_accum, world_size=1, attention=None, B=No
     T = cfg.seq_len
     what = f"-e {cfg.model} -b {B} -t {T}, grad accumulation {grad_accum}"
     if device == "cpu":
-        return cpu_plan(config, B, T, grad_accum, what=what)
+        return cpu_plan(config, B, T, grad_accum, saves=bool(cfg.output_dir), what=what)
     attention = attention or (cfg.attention if cfg.attention != "auto" else "cudnn")
     what += f", -r {cfg.recompute}, --attention {attention}" + (
         f", {world_size} GPUs, -z {cfg.zero_stage}" if world_size > 1 else "")

@@ -307,6 +307,11 @@ def train(cfg=None, **overrides):
     start_step, resumed = 0, None
     if cfg.resume:
         resumed = checkpoint.latest_checkpoint(cfg.output_dir, world_size, warn=log.print)
+        found = checkpoint.list_checkpoints(cfg.output_dir)
+        if resumed is None and found:  # starting over would silently throw away the run
+            raise checkpoint.CheckpointError(
+                f"-y 1: none of the {len(found)} checkpoint(s) in {cfg.output_dir} can be used (newest: "
+                f"{found[-1][1]}; the warnings above say why); move them away to start from step 0")
         if resumed is None:
             log.print(f"-y 1: no checkpoint in {cfg.output_dir}; starting from step 0")
         else:
