@@ -303,6 +303,12 @@ def check(cfg, config, device, grad_accum, world_size=1, attention=None, print=p
     return plan
 
 
+def out_of_memory(error):
+    """Is this exception an allocation failure (numpy's MemoryError, CUDA_ERROR_OUT_OF_MEMORY)?"""
+    return isinstance(error, MemoryError) or (type(error).__name__ == "CudaAPIError"
+                                              and getattr(error, "code", None) == 2)
+
+
 def print_plan(cfg, config, grad_accum, world_size, gpu_here):
     """--plan: print the plan of the GPU path (the CPU path with --device cpu) and whether it fits
     here; no data read, nothing allocated. gpu_here: a real GPU is present. Returns the table."""

@@ -489,6 +489,12 @@ def main(argv=None):
             print(f"{stop}; " + (f"the newest complete checkpoint is {newest[-1][1]}" if newest else
                                  "no checkpoint was written"), file=sys.stderr)
         raise SystemExit(stop.exit_status) from None
+    except Exception as error:  # the plan said it fits, but an allocation failed all the same
+        if not memory_plan.out_of_memory(error):
+            raise
+        print(f"error: -b {cfg.batch_size}: out of memory although the memory plan fitted ({type(error).__name__}: "
+              f"{error}); try a smaller -b with the same -d, or -r 1", file=sys.stderr)
+        raise SystemExit(2) from None
     except KeyboardInterrupt:  # Ctrl-C before the loop installed its handlers (start-up)
         print("interrupted during start-up", file=sys.stderr)
         raise SystemExit(128 + 2) from None

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import nanollm
-from nanollm import checkpoint, memory_plan
+from nanollm import checkpoint, memory_plan, reference
 from nanollm.checkpoint import Checkpoint
 from nanollm.config import GPT2Config, from_descriptor, num_parameters
 from nanollm.data import write_shard
@@ -78,6 +78,14 @@ def _fake_gpu(monkeypatch, free):
 
 def _small_host(monkeypatch, available):
     monkeypatch.setattr(memory_plan, "host_available_bytes", lambda: available)
+
+
+def _allocation_fails(monkeypatch):
+    """The plan fits, but the machine's memory runs out anyway (another process took it)."""
+    def no_memory(*args, **kwargs):
+        raise MemoryError("Unable to allocate 13.2 MiB for an array")
+
+    monkeypatch.setattr(reference, "init_parameters", no_memory)
 
 
 # (id, argv from the files folder, what the message must name, optional set-up(monkeypatch))
@@ -153,6 +161,7 @@ ROWS = [
     ("GPU out of memory", lambda f: _run(f, "-e", "d12", "-b", "64", "-t", "1024", "-r", "0", "--device", "cuda",
                                          train="big"),
      "-b 64: the run needs", lambda mp: _fake_gpu(mp, 10 * 2**30)),
+    ("out of memory although the plan fitted", lambda f: _run(f), "-b 2: out of memory", _allocation_fails),
 ]
 
 
