@@ -15,6 +15,8 @@ import nanollm
 from nanollm import checkpoint, preemption
 from nanollm.data import write_shard
 
+from .test_checkpoint import _same_state  # the whole training state, bit for bit
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -40,14 +42,6 @@ def _cfg(shards, out, steps, **overrides):
                   device="cpu", output_dir=str(out))
     fields.update(overrides)
     return nanollm.TrainConfig(**fields)
-
-
-def _same_state(path_a, path_b):
-    a, b = checkpoint.load_checkpoint(path_a), checkpoint.load_checkpoint(path_b)
-    for name in ("params_bf16", "master", "m", "v"):
-        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
-    assert (a.step, a.adamw_step, a.seed) == (b.step, b.adamw_step, b.seed)
-    assert a.loader_state == b.loader_state and a.sampling_rng == b.sampling_rng
 
 
 def test_sigterm_writes_a_checkpoint_and_resume_is_bit_exact(shards, tmp_path):
