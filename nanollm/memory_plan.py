@@ -20,14 +20,15 @@ GPU path (nanollm.model.GPT2), device memory:
   has built its graphs.
 - the CUDA context, the kernel modules and the library handles: constants (CUDA_CONTEXT_BYTES,
   RUNTIME_BYTES); benchmarks/memory_plan_check.py measures them on a GPU.
-Host: the pinned upload and read-back buffers.
+Host: the pinned upload and read-back buffers are shown (not counted); the GPU path's other host
+memory (a checkpoint's downloaded copies) is not planned.
 
-CPU path (the numpy reference model, nanollm.reference, float32), host memory:
-parameters, gradients, AdamW m and v; every activation gpt2_forward keeps for gpt2_backward
-(ActivationTensors, with the (B,T,Vp) logits and (B,T,V) probabilities); the largest temporaries
-alive at once (the classifier's backward: a copy of the probabilities and the scaled dlogits);
-the interpreter with numpy and nanollm loaded. Between steps a checkpoint save holds copies of
-the state instead of the activations: the larger of the two counts.
+CPU path (the numpy reference model, nanollm.reference, float32), host memory: parameters,
+gradients, AdamW m and v, the interpreter with its libraries, and the largest of three phases
+(tests/test_memory_plan.py checks each against tracemalloc's peak): a training step (every
+activation gpt2_forward keeps for gpt2_backward, the (B,T,Vp) logits and (B,T,V) probabilities,
+and the largest temporaries alive at once); the AdamW update's temporaries; a checkpoint save's
+copies (with -o).
 """
 
 import math
@@ -283,14 +284,18 @@ class MemoryPlanError(UsageError):
     """The run does not fit: the message says by how much and what to change (exit code 2)."""
 
 
+def free_memory(device):
+    """(free bytes or None if unknown, where the figure comes from) for device "cuda" or "cpu"."""
+    if device == "cuda":
+        return gpu_free_bytes(), "free on the GPU"
+    return host_available_bytes(), "MemAvailable"
+
+
 def check(cfg, config, device, grad_accum, world_size=1, attention=None, print=print):
     """Print the plan; raise MemoryPlanError if it does not fit in the free memory (GPU: Numba's
     get_memory_info; CPU: MemAvailable). Returns the plan."""
     plan = plan_for(cfg, config, device, grad_accum, world_size, attention)
-    if device == "cuda":
-        free, source = gpu_free_bytes(), "free on the GPU"
-    else:
-        free, source = host_available_bytes(), "MemAvailable"
+    free, source = free_memory(device)
     print(plan.table(free, source))
     if free is not None and not plan.fits(free):
         if device == "cuda":
@@ -305,19 +310,20 @@ def check(cfg, config, device, grad_accum, world_size=1, attention=None, print=p
 
 def out_of_memory(error):
     """Is this exception an allocation failure (numpy's MemoryError, CUDA_ERROR_OUT_OF_MEMORY)?"""
-    return isinstance(error, MemoryError) or (type(error).__name__ == "CudaAPIError"
-                                              and getattr(error, "code", None) == 2)
+    if isinstance(error, MemoryError):
+        return True
+    try:
+        return type(error).__name__ == "CudaAPIError" and int(error.code) == 2  # CUDA_ERROR_OUT_OF_MEMORY
+    except (AttributeError, TypeError, ValueError):
+        return False
 
 
 def print_plan(cfg, config, grad_accum, world_size, gpu_here):
     """--plan: print the plan of the GPU path (the CPU path with --device cpu) and whether it fits
     here; no data read, nothing allocated. gpu_here: a real GPU is present. Returns the table."""
     device = "cpu" if cfg.device == "cpu" else "cuda"
-    free, source, attention = None, "", None
-    if device == "cpu":
-        free, source = host_available_bytes(), "MemAvailable"
-    elif gpu_here:
-        free, source, attention = gpu_free_bytes(), "free on this GPU", resolve_attention(cfg.attention)
+    free, source = free_memory(device) if device == "cpu" or gpu_here else (None, "")
+    attention = resolve_attention(cfg.attention) if device == "cuda" and gpu_here else None
     plan = plan_for(cfg, config, device, grad_accum, world_size, attention)
     table = plan.table(free, source)
     print(table)
