@@ -416,7 +416,7 @@ def _model_config(cfg):
     try:
         config, params = read_llmc_model(cfg.model)
     except FileNotFoundError:
-        raise
+        raise UsageError(f"-e {cfg.model}: no such model file") from None
     except (OSError, ValueError) as error:
         raise UsageError(f"-e: {error}") from None
     return config, params

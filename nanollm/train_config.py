@@ -121,8 +121,8 @@ def usage():
     lines = ["Usage: python -m nanollm.train [options]   (llm.c's train_gpt2cu flags)", "Options:"]
     defaults = TrainConfig()
     for flag, (name, text) in FLAGS.items():
-        lines.append(f"  {flag:<12}{text} (default = {getattr(defaults, name)!r})")
-    lines.append("  --help      this message")
+        lines.append(f"  {flag:<18}{text} (default = {getattr(defaults, name)!r})")
+    lines.append(f"  {'--help':<18}this message")
     return "\n".join(lines)
 
 

@@ -126,7 +126,7 @@ ROWS = [
     # the model
     ("-e d0", lambda f: _run(f, "-e", "d0"), "-e d0: unsupported model descriptor 'd0'"),
     ("-e not a descriptor", lambda f: _run(f, "-e", "gpt3"), "-e gpt3: unsupported model descriptor"),
-    ("-e missing model file", lambda f: _run(f, "-e", str(f / "missing.bin")), str("missing.bin")),
+    ("-e missing model file", lambda f: _run(f, "-e", str(f / "missing.bin")), "missing.bin: no such model file"),
     ("-e garbage model file", lambda f: _run(f, "-e", str(f / "garbage.bin")), "garbage.bin: bad magic"),
     ("-e truncated model file", lambda f: _run(f, "-e", str(f / "cut.bin")), "cut.bin: truncated"),
     ("-t beyond the model file's context", lambda f: _run(f, "-e", str(f / "tiny.bin")),
@@ -142,7 +142,7 @@ ROWS = [
      "short_train_000000.bin: truncated"),
     ("-d not a multiple of B*T", lambda f: _run(f, "-d", "50"), "-d 50 must be a multiple"),
     # the output folder
-    ("-o names a file", lambda f: _run(f, "-o", str(f / "a_file")), f"a_file: exists and is not a directory"),
+    ("-o names a file", lambda f: _run(f, "-o", str(f / "a_file")), "a_file: exists and is not a directory"),
     ("-o cannot be created", lambda f: _run(f, "-o", "/dev/null/out"), "-o /dev/null/out"),
     # resuming
     ("-y 1: checkpoint of another model", lambda f: _run(f, "-o", str(f / "other_model"), "-y", "1"),

@@ -165,3 +165,15 @@ def test_stop_on_a_sample_step_resumes_bit_exact(shards, tmp_path, monkeypatch):
     assert resumed.train_losses == straight.train_losses[3:]
     assert resumed.samples == {6: straight.samples[6]}
     _same_state(tmp_path / "a" / "checkpoint_00000006.h5", tmp_path / "b" / "checkpoint_00000006.h5")
+
+
+def test_ctrl_c_during_start_up_is_one_line_and_130(monkeypatch, capsys):
+    """Before the loop takes over the signals, Ctrl-C is Python's KeyboardInterrupt: no traceback."""
+    def start_up(cfg):
+        raise KeyboardInterrupt
+
+    train_module = nanollm.train
+    monkeypatch.setattr(train_module, "train", start_up)
+    with pytest.raises(SystemExit) as exit_:
+        train_module.main(["-e", "d1"])
+    assert exit_.value.code == 130 and capsys.readouterr().err == "interrupted during start-up\n"
