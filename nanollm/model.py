@@ -51,19 +51,25 @@ class Buffers:
     def __init__(self, shapes, dtype):
         self.shapes = dict(shapes)
         sizes = {name: math.prod(shape) for name, shape in self.shapes.items()}
-        # keep every view 16-byte aligned: the kernels and cuBLASLt load wide words
-        align = max(1, 16 // np.dtype(dtype).itemsize)
-        self.offsets, total = {}, 0
-        for name, size in sizes.items():
-            self.offsets[name] = total
-            total += -(-size // align) * align
-        self.memory = cuda.device_array(max(total, 1), dtype=dtype)
+        self.offsets, total = self.layout(self.shapes, dtype)
+        self.memory = cuda.device_array(total, dtype=dtype)
         for name, shape in self.shapes.items():
             start = self.offsets[name]
             setattr(self, name, self.memory[start:start + sizes[name]].reshape(shape))
 
     def __getitem__(self, name):
         return getattr(self, name)
+
+    @staticmethod
+    def layout(shapes, dtype):
+        """(offsets, total elements) of the one allocation (memory_plan counts it too)."""
+        # keep every view 16-byte aligned: the kernels and cuBLASLt load wide words
+        align = max(1, 16 // np.dtype(dtype).itemsize)
+        offsets, total = {}, 0
+        for name, shape in shapes.items():
+            offsets[name] = total
+            total += -(-math.prod(shape) // align) * align
+        return offsets, max(total, 1)
 
 
 class GPT2:
@@ -136,11 +142,14 @@ class GPT2:
             raise RuntimeError(f"cuDNN attention is not available: {reason}")
         return "numba", f"llm.c's attention kernels (cuDNN not available: {reason})"
 
-    def _allocate_activations(self):
-        c, B, T = self.config, self.B, self.T
+    @staticmethod
+    def activation_shapes(c, B, T, recompute, attention, grad_accum_steps, norm_scratch_size=None):
+        """(bf16, fp32) name -> shape of the activation buffers, for config c at micro-batch
+        (B, T), -r recompute, attention "cudnn" or "numba" (memory_plan counts them too).
+        norm_scratch_size: default global_norm_scratch_size() of the current GPU."""
         L, C, NH, Vp = c.num_layers, c.channels, c.num_heads, c.padded_vocab_size
-        fch_gelu_layers = 1 if self.recompute else L  # -r 1: one buffer, recomputed in backward
-        cudnn = self.attention == "cudnn"
+        fch_gelu_layers = 1 if recompute else L  # -r 1: one buffer, recomputed in backward
+        cudnn = attention == "cudnn"
         bf16 = {
             "encoded": (B, T, C),
             "ln1": (L, B, T, C),
@@ -167,19 +176,29 @@ class GPT2:
             "att_stats": (L, B, NH, T) if cudnn else (0,),  # cuDNN's softmax logsumexp
             "ln2_mean": (L, B, T), "ln2_rstd": (L, B, T),
             "lnf_mean": (B, T), "lnf_rstd": (B, T),
-            "losses": (self.grad_accum_steps, B, T),
+            "losses": (grad_accum_steps, B, T),
             "layernorm_scratch": (layernorm.layernorm_backward_scratch_size(C),),
-            "norm_scratch": (global_norm.global_norm_scratch_size(),),
+            "norm_scratch": (norm_scratch_size or global_norm.global_norm_scratch_size(),),
             "norm": (1,),
             "grad_scale": (1,),  # the clip factor update_clipped computes on the device
             "bias_scratch": (matmul.MAX_BIAS_PARTIALS * Vp,),
         }
+        return bf16, fp32
+
+    @staticmethod
+    def input_size(B, T):
+        """int32 elements of the inputs' device array (and of each pinned upload slot)."""
+        return 2 * B * T + encoder.encoder_backward_scratch_size(B, T)
+
+    def _allocate_activations(self):
+        B, T = self.B, self.T
+        bf16, fp32 = self.activation_shapes(self.config, B, T, self.recompute, self.attention, self.grad_accum_steps)
         self.acts = Buffers(bf16, np.uint16)
         self.acts32 = Buffers(fp32, np.float32)
         # the host's inputs, one device array filled by one copy per micro-step:
         # [tokens (B*T) | targets (B*T) | the encoder backward's packed buckets]
         BT = B * T
-        self.inputs = cuda.device_array(2 * BT + encoder.encoder_backward_scratch_size(B, T), dtype=np.int32)
+        self.inputs = cuda.device_array(self.input_size(B, T), dtype=np.int32)
         self.tokens = self.inputs[:BT].reshape(B, T)
         self.targets = self.inputs[BT:2 * BT].reshape(B, T)
         self.encoder_buckets = self.inputs[2 * BT:]

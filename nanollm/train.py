@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import checkpoint, hellaswag, reference, startup
+from . import checkpoint, hellaswag, memory_plan, preemption, reference, startup, storage
 from .config import flops_per_token, from_descriptor, num_parameters
 from .cuda_libraries import MissingCudaLibrary
 from .data import DataLoader, EvalLoader, ShardError
@@ -49,6 +49,7 @@ class TrainResult:
     tokens_per_second: float = 0.0                    # median over the steps after the first
     ms_per_step: float = 0.0
     device: str = ""
+    memory_plan: str = ""                             # the plan's table (--plan: all that was done)
 
     @property
     def final_train_loss(self):
@@ -268,25 +269,42 @@ def sample(backend, tokenizer, num_tokens, rng):
 class Logger:
     """stdout, and llm.c's main.log in the output directory (appending, as llm.c with -y 1)."""
 
-    def __init__(self, output_dir, append=False):
+    def __init__(self, output_dir, append=False, storage_errors="stop"):
         self.path = ""
         self.file = None
+        self.storage_errors = storage_errors
         if output_dir:
-            os.makedirs(output_dir, exist_ok=True)
+            if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+                raise UsageError(f"-o {output_dir}: exists and is not a directory")
             self.path = os.path.join(output_dir, "main.log")
-            self.file = open(self.path, "a" if append else "w")
+            try:
+                os.makedirs(output_dir, exist_ok=True)
+                self.file = open(self.path, "a" if append else "w")
+            except OSError as error:
+                raise UsageError(f"-o {output_dir}: cannot write {self.path}: {storage.reason(error)}") from None
 
     def print(self, text):
         print(text, flush=True)
 
     def record(self, line):
         if self.file:
-            self.file.write(line + "\n")
-            self.file.flush()
+            try:
+                self.file.write(line + "\n")
+                self.file.flush()
+            except OSError as error:  # disk full, ...: --storage-errors says what next
+                self.close()
+                fault = storage.log_write_error(self.path, error)
+                if self.storage_errors != "continue":
+                    raise fault from None
+                self.print(f"warning: {fault}; --storage-errors continue: training on without main.log")
 
     def close(self):
         if self.file:
-            self.file.close()
+            file, self.file = self.file, None
+            try:
+                file.close()
+            except OSError:  # its last buffered line could not be written: already reported
+                pass
 
 
 def train(cfg=None, **overrides):
@@ -309,6 +327,9 @@ def train(cfg=None, **overrides):
     if total_batch % tokens_per_micro_step:
         raise UsageError(f"-d {total_batch} must be a multiple of B*T*processes = {tokens_per_micro_step}")
     grad_accum = total_batch // tokens_per_micro_step
+    if cfg.plan:  # --plan: the arithmetic only, no data or GPU needed
+        return TrainResult(steps=0, memory_plan=memory_plan.print_plan(cfg, config, grad_accum, world_size,
+                                                                       gpu_available()))
 
     train_loader = DataLoader(cfg.input_bin, B, T, rank, world_size, shuffle=True, seed=cfg.seed)
     val_loader = EvalLoader(cfg.input_val_bin, B, T, rank, world_size, max_batches=cfg.val_max_steps) \
@@ -317,10 +338,13 @@ def train(cfg=None, **overrides):
     hellaswag_path, hellaswag_examples = _hellaswag_examples(cfg, config) if cfg.hellaswag else (None, None)
 
     device = _choose_device(cfg)
-    log = Logger(cfg.output_dir, append=bool(cfg.resume))  # llm.c appends to main.log with -y 1
+    log = Logger(cfg.output_dir, append=bool(cfg.resume), storage_errors=cfg.storage_errors)  # llm.c appends with -y 1
     if device == "cpu" and cfg.device == "auto":
         log.print("No CUDA GPU found: training on the CPU with the numpy reference model (slow; small models only).")
     startup.mark("model config, data loaders")
+    # before anything large is allocated: print what the run needs, refuse one that does not fit
+    plan = memory_plan.check(cfg, config, device, grad_accum, world_size, print=log.print,
+                             attention=memory_plan.resolve_attention(cfg.attention) if device == "cuda" else None)
     backend = (GpuBackend if device == "cuda" else CpuBackend)(config, cfg, grad_accum, init_params)
     from .tokenizer import get_tokenizer
 
@@ -329,6 +353,11 @@ def train(cfg=None, **overrides):
     start_step, resumed = 0, None
     if cfg.resume:
         resumed = checkpoint.latest_checkpoint(cfg.output_dir, world_size, warn=log.print)
+        found = checkpoint.list_checkpoints(cfg.output_dir)
+        if resumed is None and found:  # starting over would silently throw away the run
+            raise checkpoint.CheckpointError(
+                f"-y 1: none of the {len(found)} checkpoint(s) in {cfg.output_dir} can be used (newest: "
+                f"{found[-1][1]}; the warnings above say why); move them away to start from step 0")
         if resumed is None:
             log.print(f"-y 1: no checkpoint in {cfg.output_dir}; starting from step 0")
         else:
@@ -350,14 +379,16 @@ def train(cfg=None, **overrides):
     loss_outliers, norm_outliers = OutlierDetector(), OutlierDetector()
 
     result = TrainResult(steps=start_step, log_path=log.path, device=backend.device_name, first_step=start_step,
-                         resumed_from=resumed.path if resumed else "")
+                         resumed_from=resumed.path if resumed else "", memory_plan=plan.table())
     step_times = []
     eta_origin = None  # (time, step) at the end of the first timed step: the ETA's clock starts there
+    stop = preemption.StopSignals().install()  # SIGTERM, SIGINT, SIGUSR1: stop after the step, with a checkpoint
     try:
         for step in range(start_step, max_steps + 1):
             last = step == max_steps
             resuming = resumed is not None and step == start_step
-            if val_loader is not None and (step % cfg.val_loss_every == 0 or last):
+            stopping = 0 if last else stop.stop_now()  # the one place a stop is decided (all ranks alike)
+            if val_loader is not None and not stopping and (step % cfg.val_loss_every == 0 or last):
                 val_loss = float(np.mean([backend.evaluate(x, y) for x, y in val_loader]))
                 result.val_losses[step] = val_loss
                 log.print(f"val loss {val_loss:.6f}")
@@ -376,9 +407,16 @@ def train(cfg=None, **overrides):
                 text = sample(backend, tokenizer, cfg.gen_tokens, sample_rng)
                 result.samples[step] = text
                 log.print(f"generating:\n---\n{text}\n---")
-            if cfg.checkpoint_every > 0 and not resuming and step > 0 and (step % cfg.checkpoint_every == 0 or last):
-                path = _save(step, cfg, config, backend, train_loader, sample_rng, log)
-                result.checkpoints.append(path)
+            saved = ""
+            if (cfg.checkpoint_every > 0 and (step % cfg.checkpoint_every == 0 or last)
+                    or stopping and cfg.output_dir) and not resuming and step > 0:
+                saved = _save(step, cfg, config, backend, train_loader, sample_rng, log)
+                if saved:
+                    result.checkpoints.append(saved)
+            if stopping:
+                text = preemption.stop_message(stopping, step, saved, cfg.output_dir, resuming)
+                log.print(text)
+                raise preemption.Interrupted(stopping, step, saved, message=text)
             if last:
                 break
             backend.synchronize()
@@ -444,6 +482,7 @@ def train(cfg=None, **overrides):
                 raise FloatingPointError(f"step {step + 1}: the loss is {loss}; stopping "
                                          "(-sl Z skips the update of a non-finite loss instead)")
     finally:
+        stop.restore()
         log.close()
     steady = sorted(step_times[1:] or step_times)
     if steady:
@@ -510,7 +549,10 @@ def _gpu_monitor(cfg, device, backend, log):
 def _model_config(cfg):
     """-e: a descriptor dN (fresh GPT-2 init) or an llm.c model file (its weights)."""
     if not cfg.model.endswith(".bin"):
-        return from_descriptor(cfg.model), None
+        try:
+            return from_descriptor(cfg.model), None
+        except ValueError as error:  # d0, gpt3, ...
+            raise UsageError(f"-e {cfg.model}: {error}") from None
     if importlib.util.find_spec(f"{__package__}.interop") is None:
         raise UsageError(f"-e {cfg.model}: loading llm.c model files is not supported yet (use a descriptor like d12)")
     from .interop import read_llmc_model
@@ -518,23 +560,36 @@ def _model_config(cfg):
     try:
         config, params = read_llmc_model(cfg.model)
     except FileNotFoundError:
-        raise
+        raise UsageError(f"-e {cfg.model}: no such model file") from None
     except (OSError, ValueError) as error:
         raise UsageError(f"-e: {error}") from None
     return config, params
 
 
 def _save(step, cfg, config, backend, train_loader, sample_rng, log):
+    """Write the step's checkpoint; returns its path, or "" if storage failed under
+    --storage-errors continue (under stop: storage.StorageError)."""
     state = backend.optimizer_state()
     ckpt = checkpoint.Checkpoint(
         step=step, model_config=config, params_bf16=state["params_bf16"], master=state["master"], m=state["m"],
         v=state["v"], adamw_step=state["step"], seed=state["seed"], sampling_rng=sample_rng.bit_generator.state,
         loader_state=train_loader.state(), train_config=dict(cfg.__dict__))
     t0 = time.perf_counter()
-    path = checkpoint.save_checkpoint(checkpoint.checkpoint_path(cfg.output_dir, step), ckpt)
+    path = checkpoint.checkpoint_path(cfg.output_dir, step)
+    try:
+        checkpoint.save_checkpoint(path, ckpt)
+    except OSError as error:  # disk full, unwritable folder, ...: the atomic save left no partial file
+        fault = storage.checkpoint_write_error(path, error, checkpoint.list_checkpoints(cfg.output_dir))
+        if cfg.storage_errors != "continue":
+            raise fault from None
+        log.print(f"warning: {fault}; --storage-errors continue: training on")
+        return ""
     log.print(f"saved checkpoint {path} ({os.path.getsize(path) / 2**20:.1f} MiB, {time.perf_counter() - t0:.2f} s)")
-    for old in checkpoint.prune_checkpoints(cfg.output_dir, cfg.checkpoints_keep, cfg.major_checkpoint_every):
-        log.print(f"deleted checkpoint {old} (-nk {cfg.checkpoints_keep})")
+    try:
+        for old in checkpoint.prune_checkpoints(cfg.output_dir, cfg.checkpoints_keep, cfg.major_checkpoint_every):
+            log.print(f"deleted checkpoint {old} (-nk {cfg.checkpoints_keep})")
+    except OSError as error:  # an old checkpoint left behind costs space, not the run
+        log.print(f"warning: -nk {cfg.checkpoints_keep}: cannot delete an old checkpoint: {error}")
     return path
 
 
@@ -568,10 +623,26 @@ def main(argv=None):
     cfg = main_parse(argv)
     try:
         train(cfg)
-    except (UsageError, FileNotFoundError, ShardError, checkpoint.CheckpointError, MissingCudaLibrary) as error:
-        # bad settings, data or installation: a clear message and exit code 2, as for a bad flag
+    except (UsageError, FileNotFoundError, ShardError, checkpoint.CheckpointError, storage.StorageError,
+            MissingCudaLibrary) as error:
+        # bad settings, data or installation, or a run that cannot fit or save: a clear message, exit code 2
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except preemption.Interrupted as stop:
+        if stop.immediate:
+            newest = checkpoint.list_checkpoints(cfg.output_dir)
+            print(f"{stop}; " + (f"the newest complete checkpoint is {newest[-1][1]}" if newest else
+                                 "no checkpoint was written"), file=sys.stderr)
+        raise SystemExit(stop.exit_status) from None
+    except Exception as error:  # the plan said it fits, but an allocation failed all the same
+        if not memory_plan.out_of_memory(error):
+            raise
+        print(f"error: -b {cfg.batch_size}: out of memory although the memory plan fitted ({type(error).__name__}: "
+              f"{error}); try a smaller -b with the same -d, or -r 1", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:  # Ctrl-C before the loop installed its handlers (start-up)
+        print("interrupted during start-up", file=sys.stderr)
+        raise SystemExit(128 + 2) from None
 
 
 class _CallableModule(types.ModuleType):

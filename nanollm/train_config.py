@@ -9,6 +9,7 @@ import sys
 from dataclasses import dataclass
 
 from .schedulers import SCHEDULES
+from .storage import POLICIES as STORAGE_POLICIES
 
 
 @dataclass
@@ -51,6 +52,8 @@ class TrainConfig:
     attention: str = "auto"          # --attention: auto | cudnn | numba (llm.c: USE_CUDNN at build time)
     cuda_graphs: int = 1             # --cuda-graphs: replay forward/backward as CUDA graphs (1) or launch eagerly (0)
     hellaswag_data: str = ""         # --hellaswag-data: -h 1's eval file ("" = data/hellaswag_val.bin or llm.c's path)
+    plan: int = 0                    # --plan: print the memory plan and exit (memory_plan.py)
+    storage_errors: str = "stop"     # --storage-errors: stop | continue when a checkpoint or the log cannot be written
 
 
 # flag -> (field, help). Order is the --help order, as llm.c's error_usage.
@@ -93,7 +96,13 @@ FLAGS = {
     "--cuda-graphs": ("cuda_graphs", "1: replay forward and backward as CUDA graphs on a real GPU; 0: eager launches"),
     "--hellaswag-data": ("hellaswag_data", "-h 1's HellaSwag file: llm.c's eval .bin or the .jsonl "
                                            "(default: data/hellaswag_val.bin, else dev/data/hellaswag/hellaswag_val.bin)"),
+    "--plan": ("plan", "print the memory plan (GPU path; with --device cpu the CPU path's host memory), whether it "
+                       "fits, and exit; no GPU or data needed; takes no value"),
+    "--storage-errors": ("storage_errors", "stop | continue: what to do when a checkpoint or main.log cannot be written "
+                                           "(disk full, ...): exit 2, or warn and train on; the last complete "
+                                           "checkpoint stays intact either way"),
 }
+SWITCHES = ("--plan",)  # flags that need no value (an explicit 0 or 1 may follow)
 
 # What this build cannot do yet: (field, value that is fine, message). A user asking for more
 # gets told, instead of a silent no-op.
@@ -111,8 +120,8 @@ def usage():
     lines = ["Usage: python -m nanollm.train [options]   (llm.c's train_gpt2cu flags)", "Options:"]
     defaults = TrainConfig()
     for flag, (name, text) in FLAGS.items():
-        lines.append(f"  {flag:<12}{text} (default = {getattr(defaults, name)!r})")
-    lines.append("  --help      this message")
+        lines.append(f"  {flag:<18}{text} (default = {getattr(defaults, name)!r})")
+    lines.append(f"  {'--help':<18}this message")
     return "\n".join(lines)
 
 
@@ -127,6 +136,10 @@ def parse_args(argv):
             raise SystemExit(print(usage()) or 0)
         if flag not in FLAGS:
             raise UsageError(f"unknown option {flag!r}")
+        if flag in SWITCHES and (i + 1 >= len(argv) or argv[i + 1] not in ("0", "1")):
+            setattr(config, FLAGS[flag][0], 1)
+            i += 1
+            continue
         if i + 1 >= len(argv):
             raise UsageError(f"option {flag} needs a value")
         name = FLAGS[flag][0]
@@ -175,6 +188,9 @@ def validate(config):
         (config.hellaswag in (0, 1), f"-h must be 0 or 1, got {config.hellaswag}"),
         (not config.hellaswag or config.batch_size >= 4,
          f"-h 1 needs -b >= 4: each HellaSwag example takes 4 rows of the batch (got -b {config.batch_size})"),
+        (config.plan in (0, 1), f"--plan must be 0 or 1, got {config.plan}"),
+        (config.storage_errors in STORAGE_POLICIES,
+         f"--storage-errors must be {' or '.join(STORAGE_POLICIES)}, got {config.storage_errors!r}"),
     ]
     for ok, message in checks:
         if not ok:
