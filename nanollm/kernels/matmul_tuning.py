@@ -49,14 +49,10 @@ def _load():
 
 
 def _save(choices):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(choices, f, indent=0, sort_keys=True)
-
     path = cache_path()
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        atomic_write_with(path, write)
+        atomic_write_with(path, lambda tmp: open(tmp, "w").write(json.dumps(choices, indent=0, sort_keys=True)))
     except OSError:
         pass  # a read-only home: the choices hold for this process only
 
