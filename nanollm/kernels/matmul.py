@@ -31,7 +31,6 @@ from numba import cuda, float32
 from nvmath.bindings import cublasLt
 
 from .. import cuda_libraries, reference, startup
-from . import matmul_tuning
 from .bf16 import (bf16_to_float, bf16x2_high, bf16x2_low, float_to_bf16, from_bf16_bits, high_half, low_half,
                    to_bf16_bits)
 from .cuda_common import SIMULATOR, ceil_div, check_contiguous, device_function, kernel
@@ -239,15 +238,10 @@ class _Plan:
             self.b_layout = self._layout((M, K, M) if transa else (K, M, K), batch, M * K)
             self.d_layout = self._layout((N, M, N), batch, M * N)
             # cuBLAS's A is our b: its alignment is align_b, and the other way round
-            self.candidates, self.found = self._choose_algorithm(handle, align_b, align_a, align_d)
+            self.heuristic = self._choose_algorithm(handle, align_b, align_a, align_d)
         except cublasLt.cuBLASLtError as error:
             raise RuntimeError(f"cuBLASLt set-up failed for {self.description}: {error}") from error
-        self.use(0)  # the heuristic's first choice, until matmul_tuning times the others
-
-    def use(self, candidate):
-        """Run with the heuristic's candidate-th algorithm (0: its first choice, as llm.c)."""
-        self.choice = candidate
-        self.algo_ptr = self.candidates[candidate].ptr  # algo is the first member of the heuristic result
+        self.algo_ptr = self.heuristic.ptr  # algo is the first member of cublasLtMatmulHeuristicResult_t
 
     def _set(self, attribute, value):
         value = np.asarray(value)
@@ -285,22 +279,17 @@ class _Plan:
                                      (attr.MIN_ALIGNMENT_C_BYTES, np.array([align_d], dtype=np.uint32)),
                                      (attr.MIN_ALIGNMENT_D_BYTES, np.array([align_d], dtype=np.uint32))]:
                 cublasLt.matmul_preference_set_attribute(preference, attribute, value.ctypes.data, value.nbytes)
-            requested = matmul_tuning.CANDIDATES if matmul_tuning.ENABLED else 1
-            heuristics = cublasLt.MatmulHeuristicResult(requested)
+            heuristic = cublasLt.MatmulHeuristicResult()
             found = np.zeros(1, dtype=np.int32)
             cublasLt.matmul_algo_get_heuristic(handle, self.desc, self.a_layout, self.b_layout, self.d_layout,
-                                               self.d_layout, preference, requested, heuristics.ptr,
-                                               found.ctypes.data)
+                                               self.d_layout, preference, 1, heuristic.ptr, found.ctypes.data)
         finally:
             cublasLt.matmul_preference_destroy(preference)
-        usable = 0  # the leading results the library marked usable
-        while usable < found[0] and heuristics[usable].state == 0:
-            usable += 1
-        if usable == 0:
+        if found[0] == 0 or heuristic.state != 0:
             raise RuntimeError(f"cuBLASLt found no algorithm for {self.description} (returned {found[0]}, state "
-                               f"{heuristics[0].state}; pointer alignments a={cublas_b_align} b={cublas_a_align} "
+                               f"{heuristic.state}; pointer alignments a={cublas_b_align} b={cublas_a_align} "
                                f"out={align_d} bytes, workspace {WORKSPACE_BYTES} bytes)")
-        return heuristics, usable
+        return heuristic
 
 
 def _describe(M, N, K, batch, transa, transb, epilogue):
@@ -324,23 +313,12 @@ def _gemm(out, a, b, M, N, K, batch, transa, transb, epilogue=Epilogue.DEFAULT, 
             raise ValueError(f"{name}: device pointer {pointer:#x} is not 16-byte aligned "
                              f"({_describe(M, N, K, batch, transa, transb, epilogue)})")
     key = (M, N, K, batch, transa, transb, int(epilogue), _alignment(a_ptr), _alignment(b_ptr), _alignment(out_ptr))
-    alpha_buf = _ONE if alpha == 1.0 else np.array([alpha], dtype=np.float32)
-    beta_buf = _ZERO if beta == 0.0 else (_ONE if beta == 1.0 else np.array([beta], dtype=np.float32))
     plan = _plans.get(key)
     if plan is None:
         with startup.accumulate("cuBLASLt plans: descriptors, layouts, heuristic"):
             plan = _plans[key] = _Plan(key, bias_ptr, aux_ptr)
-
-        def run(candidate, scratch_out):  # the call below with another algorithm, maybe into scratch
-            d = out_ptr if scratch_out is None else scratch_out
-            cublasLt.matmul(_handle, plan.desc, alpha_buf.ctypes.data, b_ptr, plan.a_layout, a_ptr, plan.b_layout,
-                            beta_buf.ctypes.data, d, plan.d_layout, d, plan.d_layout, plan.candidates[candidate].ptr,
-                            _workspace_ptr, WORKSPACE_BYTES, _stream_handle(stream))
-
-        if plan.found > 1:
-            with startup.accumulate("cuBLASLt algorithm timing (matmul_tuning, once per shape)"):
-                matmul_tuning.choose(plan, key, run, out.size * 2, beta != 0.0, _stream_handle(stream),
-                                     cublasLt.get_version())
+    alpha_buf = _ONE if alpha == 1.0 else np.array([alpha], dtype=np.float32)
+    beta_buf = _ZERO if beta == 0.0 else (_ONE if beta == 1.0 else np.array([beta], dtype=np.float32))
     try:
         if bias is not None:
             plan.set_bias(bias_ptr)
