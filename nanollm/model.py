@@ -22,7 +22,6 @@ Shapes: B batch, T time, C channels, NH heads, L layers, V vocabulary, Vp padded
 
 import concurrent.futures
 import math
-import os
 
 import numpy as np
 from numba import cuda
@@ -378,7 +377,7 @@ class GPT2:
                                                        a32.ln2_rstd[l][:B], residual, proj, p.ln2w[l], p.ln2b[l],
                                                        stream=s)
             fch_gelu = a.fch_gelu[0 if self.recompute else l][:B]
-            if self.gelu_fusion >= 1 and not FC_GELU_UNFUSED:
+            if self.gelu_fusion >= 1:
                 matmul.matmul_forward(fch_gelu, a.ln2[l][:B], p.fcw[l], p.fcb[l], pre_gelu=a.fch[l][:B], stream=s)
             else:
                 matmul.matmul_forward(a.fch[l][:B], a.ln2[l][:B], p.fcw[l], p.fcb[l], stream=s)
