@@ -178,6 +178,11 @@ def start_build(copy, kind, env, log_path):
         if frontend is None:
             raise SystemExit("error: cudnn_frontend.h not found under any sys.path entry's include/ "
                              "(install the nvidia-cudnn-frontend wheel into /tmp/site: source benchmarks/gpu_env.sh)")
+        # llm.c's Makefile insists on finding cudnn-frontend/include beside it (or in $HOME), whatever
+        # CUDNN_FRONTEND_PATH says: point that name at the wheel's copy
+        beside = Path(copy) / "cudnn-frontend"
+        if not beside.exists():
+            beside.symlink_to(frontend)
         args += ["USE_CUDNN=1", f"CUDNN_FRONTEND_PATH={frontend / 'include'}"]
     log = open(log_path, "w")
     log.write(f"$ (cd {copy} && {' '.join(args)})\n")
@@ -268,7 +273,7 @@ def main():
     parser.add_argument("--no-llmc", action="store_true", help="nanollm trees only (no build, no llm.c runs)")
     parser.add_argument("--variant", action="append", default=[], metavar="LABEL:VAR=VALUE[,VAR=VALUE]",
                         help="also run this tree with these environment settings (e.g. "
-                             "'autotune off:NANOLLM_MATMUL_AUTOTUNE=0'), in the rows of --variant-runs")
+                             "'start-up times:NANOLLM_STARTUP_TIMES=1'), in the rows of --variant-runs")
     parser.add_argument("--variant-runs", default="d12", help="comma-separated rows the variants run in")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = parser.parse_args()
@@ -336,8 +341,7 @@ def main():
 
     def warm_up(label, tree):
         # tiny runs fill the tree's Numba cache with every kernel the timed runs use; then this tree
-        # takes one step at each timed shape, which leaves its cuBLASLt choices in the choice cache
-        # (matmul_tuning), so the timed runs' start-up is that of a warm machine
+        # takes one step at each timed shape, so the timed runs' start-up is that of a warm machine
         tiny = [f"-e d2 -b 2 -t 64 -x 3 -v 2 -m 1 -s 0 {extra}"
                 for extra in ("--attention cudnn -r 1", "--attention numba -r 0 -ge 1")]
         shaped = [f"{ROWS[row][1]} {ROWS[row][3]} -x 1 -v 0 -s 0" for row in runs if row != "d12r0"] \

@@ -114,6 +114,7 @@ def gpu_plan(config, B, T, grad_accum=1, recompute=1, attention="cudnn", world_s
     attention: "cudnn" or "numba" (resolve "auto" first)."""
     import numpy as np
 
+    from .kernels.adamw import HYPER_WORDS
     from .kernels.matmul import WORKSPACE_BYTES
     from .model import GPT2, Buffers
 
@@ -128,7 +129,7 @@ def gpu_plan(config, B, T, grad_accum=1, recompute=1, attention="cudnn", world_s
     acts16 = 2 * Buffers.layout(bf16, np.uint16)[1]
     acts32 = 4 * Buffers.layout(fp32, np.float32)[1]
     largest = sorted(((2 * math.prod(s), k) for k, s in bf16.items()), reverse=True)[:2]
-    inputs = 4 * GPT2.input_size(B, T)
+    inputs = 4 * (GPT2.input_size(B, T) + HYPER_WORDS)  # the step's host inputs, and AdamW's step values
     sharded = f", 1/{shards} each (-z 1)" if shards > 1 else ""
     plan = Plan("cuda", what or f"B={B} T={T}", already_in_use=CUDA_CONTEXT_BYTES)
     plan.items += [
@@ -138,7 +139,7 @@ def gpu_plan(config, B, T, grad_accum=1, recompute=1, attention="cudnn", world_s
         Item("AdamW m, v (fp32)", 8 * n_shard, sharded.lstrip(", ")),
         Item("activations", acts16 + acts32,
              f"-r {recompute}, {attention} attention; largest: " + ", ".join(f"{k} {_size(b)}" for b, k in largest)),
-        Item("inputs (int32)", inputs, "tokens, targets, encoder buckets"),
+        Item("inputs (int32)", inputs, "tokens, targets, encoder buckets, AdamW's step values"),
         Item("cuBLASLt workspace", WORKSPACE_BYTES),
     ]
     if attention == "cudnn":
@@ -148,7 +149,8 @@ def gpu_plan(config, B, T, grad_accum=1, recompute=1, attention="cudnn", world_s
     plan.items += [
         Item("CUDA context", CUDA_CONTEXT_BYTES, "estimate"),
         Item("kernels, handles, graphs", RUNTIME_BYTES, "estimate"),
-        Item("pinned host buffers", 4 * (2 * GPT2.input_size(B, T) + grad_accum * B * T + 1),
+        # two upload slots of the inputs, the losses and norm coming back
+        Item("pinned host buffers", 2 * inputs + 4 * (grad_accum * B * T + 1),
              "host memory, not in the total", counted=False),
     ]
     return plan

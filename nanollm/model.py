@@ -36,13 +36,6 @@ from .kernels import adamw, attention, classifier, encoder, gelu, global_norm, l
 attention_cudnn = None  # imported only when cuDNN attention is chosen (it loads cuDNN)
 from .kernels.bf16 import from_bf16_bits
 
-# NANOLLM_FC_GELU=unfused: the fc forward as a BIAS matmul and nanollm's GELU kernel instead of
-# cuBLASLt's GELU_AUX_BIAS epilogue (which took longer than PyTorch's matmul + GELU at B=8 on an
-# H100, benchmarks/RESULTS.md), whatever -ge says; the backward keeps -ge's fusion. For measuring
-# (benchmarks/matmul_tuning.py, vs_llmc.py --variant); the GELU values then come from nanollm's
-# kernel, as -r 1's recompute does.
-FC_GELU_UNFUSED = os.environ.get("NANOLLM_FC_GELU", "fused") == "unfused"
-
 
 class Buffers:
     """One device allocation per dtype, carved into named views (llm.c's malloc_and_point)."""
