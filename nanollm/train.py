@@ -9,6 +9,11 @@ the -k schedule, and AdamW. A line per step (loss, norm, lr, ms, tokens/s, MFU) 
 and, with -o, llm.c's log format ("s:STEP trl:LOSS", "s:STEP tel:LOSS") to OUT/main.log.
 On a GPU the model is nanollm.model.GPT2 (bf16, Numba kernels, cuBLASLt); with --device cpu (or
 no GPU) it is the numpy reference in float32, for small models.
+
+Under mpirun (or srun) every rank runs this same loop on its own window of each batch
+(nanollm/distributed.py): the backends average the gradients across ranks in the last
+micro-step's backward (all-reduce, or with -z 1 reduce-scatter, and the optimizer state sharded:
+nanollm/zero.py), the loss, norm and val loss are the job's, and rank 0 alone prints and logs.
 """
 
 import importlib.util
@@ -21,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import checkpoint, reference
+from . import checkpoint, distributed, reference, zero
 from .config import flops_per_token, from_descriptor, num_parameters
 from .data import DataLoader, EvalLoader, ShardError
 from .mfu import mfu
@@ -33,6 +38,7 @@ from .train_config import TrainConfig, UsageError, main_parse, validate
 class TrainResult:
     steps: int                                        # optimizer steps taken
     train_losses: list = field(default_factory=list)  # one per step
+    grad_norms: list = field(default_factory=list)    # one per step (before clipping)
     val_losses: dict = field(default_factory=dict)    # step -> val loss
     samples: dict = field(default_factory=dict)       # step -> generated text
     log_path: str = ""                                # OUT/main.log, "" without -o
@@ -57,7 +63,7 @@ class TrainResult:
 class GpuBackend:
     """nanollm.model.GPT2: bf16 on the GPU."""
 
-    def __init__(self, config, cfg, grad_accum, init_params=None):
+    def __init__(self, config, cfg, grad_accum, init_params=None, comm=None, layout=None):
         from numba import cuda
 
         from .model import GPT2
@@ -67,25 +73,30 @@ class GpuBackend:
             gelu_fusion = 2 if cuda.get_current_device().compute_capability >= (9, 0) else 0
         self.model = GPT2(config, cfg.batch_size, cfg.seq_len, seed=cfg.seed, gelu_fusion=gelu_fusion,
                           recompute=cfg.recompute, grad_accum_steps=grad_accum, attention=cfg.attention,
-                          cuda_graphs=None if cfg.cuda_graphs else False)  # 1: where supported
+                          cuda_graphs=None if cfg.cuda_graphs else False,  # 1: where supported
+                          comm=comm, layout=layout)
+        self.comm = self.model.comm
         if init_params is not None:
             self.model.load_parameters(init_params)
-        name = cuda.get_current_device().name
+        device = cuda.get_current_device()
+        name = device.name
         self.device_name = name.decode() if isinstance(name, bytes) else str(name)
+        self.placement = f"GPU {device.id} ({self.device_name})"
         free, total = cuda.current_context().get_memory_info()
-        self.description = (f"{self.device_name}, {(total - free) / 2**30:.1f} GiB in use after allocation; "
-                            f"attention: {self.model.attention_note}; "
+        self.description = (f"{self.device_name}, {(total - free) / 2**30:.1f} GiB in use after allocation "
+                            f"({self.model.memory_note()}); attention: {self.model.attention_note}; "
                             f"CUDA graphs {'on' if self.model.graphs else 'off'}")
 
     def train_micro_step(self, x, y, micro_step):
         self.model.forward(x, y, micro_step)
-        self.model.backward()
+        # the last micro-step's backward also averages the gradients across the ranks
+        self.model.backward(reduce=micro_step == self.model.grad_accum_steps - 1)
 
     def zero_grad(self):
         self.model.zero_grad()
 
     def step_loss(self):
-        return self.model.losses()
+        return self.comm.all_reduce_host(self.model.losses(), "avg")
 
     def grad_norm(self):
         return self.model.grad_norm()
@@ -113,6 +124,11 @@ class GpuBackend:
     def optimizer_state(self):
         return self.model.optimizer_state()
 
+    @property
+    def state_layout(self):
+        """The slicing load_optimizer_state takes: this rank's shard."""
+        return self.model.layout
+
     def load_optimizer_state(self, state):
         self.model.load_optimizer_state(state)
 
@@ -120,20 +136,24 @@ class GpuBackend:
 class CpuBackend:
     """The numpy reference model in float32: exact, slow, for small models without a GPU."""
 
-    def __init__(self, config, cfg, grad_accum, init_params=None):
+    def __init__(self, config, cfg, grad_accum, init_params=None, comm=None, layout=None):
         self.config = config
         self.grad_accum = grad_accum
         self.seed = cfg.seed
+        self.comm = comm or distributed.SingleProcess(distributed.World())
+        self.layout = layout or zero.ShardLayout(config)
         self.params = reference.init_parameters(config, cfg.seed, np.float32)
         if init_params is not None:
             self.params.memory[:] = init_params
         self.grads = reference.ParameterTensors(config, np.float32)
-        self.m = reference.ParameterTensors(config, np.float32)
-        self.v = reference.ParameterTensors(config, np.float32)
+        # AdamW's moments for this rank's shard (all parameters unless -z 1 over several ranks)
+        self.m = np.zeros(self.layout.state_size, np.float32)
+        self.v = np.zeros(self.layout.state_size, np.float32)
         self.step = 0
         self.losses = []
-        self.device_name = "cpu"
-        self.description = f"CPU, numpy float32 reference model ({self.params.memory.nbytes / 2**20:.0f} MiB of parameters)"
+        self.device_name = self.placement = "CPU"
+        self.description = (f"CPU, numpy float32 reference model ({self.params.memory.nbytes / 2**20:.0f} MiB of "
+                            f"parameters, {2 * self.m.nbytes / 2**20:.0f} MiB of AdamW state)")
 
     def zero_grad(self):
         self.grads.zero()
@@ -143,17 +163,22 @@ class CpuBackend:
         _, loss, acts = reference.gpt2_forward(self.params, self.config, x, y)
         reference.gpt2_backward(self.grads, self.params, self.config, acts, dloss=1.0 / self.grad_accum)
         self.losses.append(loss)
+        if micro_step == self.grad_accum - 1:
+            zero.reduce_gradients(self.layout, self.grads.memory, self.comm)
 
     def step_loss(self):
-        return float(np.mean(self.losses))
+        return self.comm.all_reduce_host(float(np.mean(self.losses)), "avg")
 
     def grad_norm(self):
-        return reference.gpt2_grad_norm(self.grads)
+        if not self.layout.sharded:  # every rank holds every averaged gradient
+            return reference.gpt2_grad_norm(self.grads)
+        return math.sqrt(self.comm.all_reduce_host(zero.shard_sum_of_squares(self.layout, self.grads.memory)))
 
     def update(self, lr, weight_decay, grad_scale):
         self.step += 1
-        reference.gpt2_update(self.params, self.grads, self.m, self.v, self.step, lr, weight_decay=weight_decay,
-                              grad_scale=grad_scale)
+        zero.adamw_update_shard(self.layout, self.params.memory, self.grads.memory, self.m, self.v, self.step, lr,
+                                weight_decay=weight_decay, grad_scale=grad_scale)
+        zero.gather_parameters(self.layout, self.params.memory, self.comm)
 
     def evaluate(self, x, y):
         return reference.gpt2_forward(self.params, self.config, x, y)[1]
@@ -167,22 +192,29 @@ class CpuBackend:
         pass
 
     def optimizer_state(self):
-        """As GPT2.optimizer_state: the float32 parameters are the master weights; params_bf16 is
-        their round-to-nearest bf16 image (what a GPU resuming from this file would hold)."""
+        """As GPT2.optimizer_state: the float32 parameters are the master weights (this rank's
+        shard of them, packed, under -z 1); params_bf16 is their round-to-nearest bf16 image (what
+        a GPU resuming from this file would hold)."""
         from .kernels.bf16 import to_bf16_bits
 
-        return {"params_bf16": to_bf16_bits(self.params.memory), "master": self.params.memory.copy(),
-                "m": self.m.memory.copy(), "v": self.v.memory.copy(), "step": self.step, "seed": self.seed}
+        return {"params_bf16": to_bf16_bits(self.params.memory), "master": self.layout.pack(self.params.memory),
+                "m": self.m.copy(), "v": self.v.copy(), "step": self.step, "seed": self.seed}
+
+    # load_optimizer_state takes the whole state, every shard's: under -z 1 each rank's float32
+    # parameters outside its shard are the other ranks' master weights (the GPU's are bf16)
+    state_layout = None
 
     def load_optimizer_state(self, state):
+        """A whole (flat-order) optimizer state, as checkpoint.load_checkpoint(path) returns; this
+        rank keeps its shard of m and v."""
         n = self.params.memory.size
         for name in ("master", "m", "v"):
             array = np.asarray(state[name]).reshape(-1)
             if array.dtype != np.float32 or array.size != n:
                 raise ValueError(f"optimizer state {name}: expected ({n},) float32, got {array.shape} {array.dtype}")
         self.params.memory[:] = state["master"].reshape(-1)
-        self.m.memory[:] = state["m"].reshape(-1)
-        self.v.memory[:] = state["v"].reshape(-1)
+        self.m[:] = self.layout.pack(state["m"])
+        self.v[:] = self.layout.pack(state["v"])
         self.step = int(state["step"])
         self.seed = int(state.get("seed", self.seed))
 
@@ -224,18 +256,21 @@ def sample(backend, tokenizer, num_tokens, rng):
 # ---- the loop ----------------------------------------------------------------------------------
 
 class Logger:
-    """stdout, and llm.c's main.log in the output directory (appending, as llm.c with -y 1)."""
+    """stdout, and llm.c's main.log in the output directory (appending, as llm.c with -y 1).
+    quiet (ranks other than 0): neither."""
 
-    def __init__(self, output_dir, append=False):
+    def __init__(self, output_dir, append=False, quiet=False):
         self.path = ""
         self.file = None
-        if output_dir:
+        self.quiet = quiet
+        if output_dir and not quiet:
             os.makedirs(output_dir, exist_ok=True)
             self.path = os.path.join(output_dir, "main.log")
             self.file = open(self.path, "a" if append else "w")
 
     def print(self, text):
-        print(text, flush=True)
+        if not self.quiet:
+            print(text, flush=True)
 
     def record(self, line):
         if self.file:
@@ -247,24 +282,41 @@ class Logger:
             self.file.close()
 
 
+# bad settings or data: a clear message and exit code 2, as for a bad flag
+BAD_INPUT = (UsageError, FileNotFoundError, ShardError, checkpoint.CheckpointError)
+
+
 def train(cfg=None, **overrides):
     """Train as `python -m nanollm.train` would with the same settings; returns a TrainResult.
-    cfg: a TrainConfig (default: llm.c's defaults); keyword arguments override its fields."""
+    cfg: a TrainConfig (default: llm.c's defaults); keyword arguments override its fields.
+    Under mpirun, every rank calls this; an exception in any rank ends the whole job."""
     cfg = cfg or TrainConfig()
     if overrides:
         cfg = TrainConfig(**{**cfg.__dict__, **overrides})
     validate(cfg)
+    world = distributed.init_world()
+    try:
+        return _train(cfg, world)
+    except BaseException as error:
+        if world.size == 1:
+            raise
+        distributed.abort_job(world, error, 2 if isinstance(error, BAD_INPUT) else 1)
+
+
+def _train(cfg, world):
     start_time = time.perf_counter()
+    world.check_same_settings(cfg.__dict__)  # before anything is read or allocated
     config, init_params = _model_config(cfg)
     B, T = cfg.batch_size, cfg.seq_len
     if T > config.max_seq_len:
         raise UsageError(f"-t {T} exceeds the model's context of {config.max_seq_len}")
-    world_size, rank = 1, 0
+    world_size, rank = world.size, world.rank
     tokens_per_micro_step = B * T * world_size
     total_batch = cfg.total_batch_size if cfg.total_batch_size != -1 else tokens_per_micro_step
     if total_batch % tokens_per_micro_step:
         raise UsageError(f"-d {total_batch} must be a multiple of B*T*processes = {tokens_per_micro_step}")
     grad_accum = total_batch // tokens_per_micro_step
+    layout = zero.ShardLayout(config, world_size, rank, cfg.zero_stage)  # -z 1: N must divide every tensor
 
     train_loader = DataLoader(cfg.input_bin, B, T, rank, world_size, shuffle=True, seed=cfg.seed)
     val_loader = EvalLoader(cfg.input_val_bin, B, T, rank, world_size, max_batches=cfg.val_max_steps) \
@@ -272,17 +324,22 @@ def train(cfg=None, **overrides):
     max_steps = cfg.max_steps if cfg.max_steps != -1 else max(1, train_loader.num_tokens // total_batch)
 
     device = _choose_device(cfg)
-    log = Logger(cfg.output_dir, append=bool(cfg.resume))  # llm.c appends to main.log with -y 1
+    # each rank takes its local rank's GPU before any other CUDA call
+    gpus_on_host = distributed.select_gpu(world)[1] if device == "cuda" else 0
+    comm = distributed.make_communicator(world, cfg.comm, device, gpus_on_host)
+    log = Logger(cfg.output_dir, append=bool(cfg.resume), quiet=rank > 0)  # llm.c appends to main.log with -y 1
     if device == "cpu" and cfg.device == "auto":
         log.print("No CUDA GPU found: training on the CPU with the numpy reference model (slow; small models only).")
-    backend = (GpuBackend if device == "cuda" else CpuBackend)(config, cfg, grad_accum, init_params)
+    backend = (GpuBackend if device == "cuda" else CpuBackend)(config, cfg, grad_accum, init_params, comm, layout)
+    placements = world.allgather(backend.placement)
     from .tokenizer import get_tokenizer
 
-    tokenizer = get_tokenizer() if cfg.sample_every > 0 else None
+    tokenizer = get_tokenizer() if cfg.sample_every > 0 and rank == 0 else None
     sample_rng = np.random.default_rng(1337)
     start_step, resumed = 0, None
     if cfg.resume:
-        resumed = checkpoint.latest_checkpoint(cfg.output_dir, world_size, warn=log.print)
+        resumed = checkpoint.latest_checkpoint(cfg.output_dir, backend.state_layout, warn=log.print,
+                                               agree=comm.all_gather_object if world_size > 1 else None)
         if resumed is None:
             log.print(f"-y 1: no checkpoint in {cfg.output_dir}; starting from step 0")
         else:
@@ -295,6 +352,9 @@ def train(cfg=None, **overrides):
     log.print(f"model {cfg.model}: L={config.num_layers} C={config.channels} NH={config.num_heads} "
               f"V={config.vocab_size} (padded {config.padded_vocab_size}), {num_parameters(config):,} parameters")
     log.print(f"device: {backend.description}")
+    if comm.active:
+        log.print(f"{distributed.describe_ranks(world, placements)}; communicator: {comm.name}"
+                  + (f"; {layout.describe()}" if layout.describe() else ""))
     log.print(f"B={B} T={T} total batch {total_batch:,} tokens, grad accumulation {grad_accum}, {max_steps} steps; "
               f"train {train_loader.num_tokens:,} tokens in {len(train_loader.files)} shard(s)"
               + (f", val {len(val_loader)} batch(es)" if val_loader else ""))
@@ -307,17 +367,20 @@ def train(cfg=None, **overrides):
             last = step == max_steps
             resuming = resumed is not None and step == start_step
             if val_loader is not None and (step % cfg.val_loss_every == 0 or last):
+                # each rank's windows of the same val batches, averaged over the ranks
                 val_loss = float(np.mean([backend.evaluate(x, y) for x, y in val_loader]))
+                val_loss = comm.all_reduce_host(val_loss, "avg")
                 result.val_losses[step] = val_loss
                 log.print(f"val loss {val_loss:.6f}")
                 log.record(f"s:{step} tel:{val_loss:.6f}")
             # on resume, this step's sample was drawn before the save (its generator state is saved)
-            if cfg.sample_every > 0 and step > 0 and (step % cfg.sample_every == 0 or last) and not resuming:
+            if cfg.sample_every > 0 and step > 0 and (step % cfg.sample_every == 0 or last) and not resuming \
+                    and rank == 0:  # as llm.c: rank 0 samples, from its full copy of the parameters
                 text = sample(backend, tokenizer, cfg.gen_tokens, sample_rng)
                 result.samples[step] = text
                 log.print(f"generating:\n---\n{text}\n---")
             if cfg.checkpoint_every > 0 and not resuming and step > 0 and (step % cfg.checkpoint_every == 0 or last):
-                path = _save(step, cfg, config, backend, train_loader, sample_rng, log)
+                path = _save(step, cfg, config, backend, train_loader, sample_rng, log, comm, layout)
                 result.checkpoints.append(path)
             if last:
                 break
@@ -330,7 +393,7 @@ def train(cfg=None, **overrides):
                 else:
                     x, y = train_loader.next_batch()
                 backend.train_micro_step(x, y, micro_step)
-            norm = backend.grad_norm()  # synchronises: the clip scale is needed on the host
+            norm = backend.grad_norm()  # synchronises (the clip scale is needed on the host); over all ranks
             grad_scale = cfg.grad_clip / norm if cfg.grad_clip > 0 and norm > cfg.grad_clip else 1.0
             lr = learning_rate(cfg.lr_scheduler, step, cfg.learning_rate, cfg.warmup_iters, max_steps,
                                cfg.final_lr_frac)
@@ -341,9 +404,10 @@ def train(cfg=None, **overrides):
                 log.print(f"time to first step: {time.perf_counter() - start_time:.1f} s (start-up, compilation, step 0)")
             step_times.append(dt)
             result.train_losses.append(loss)
+            result.grad_norms.append(norm)
             result.steps = step + 1
             tokens_per_second = total_batch / dt
-            utilisation = mfu(step_flops, dt, backend.device_name)
+            utilisation = mfu(step_flops / world_size, dt, backend.device_name)  # per GPU
             mfu_text = f"{100 * utilisation:.1f}% bf16 MFU" if utilisation is not None else "MFU n/a"
             log.print(f"step {step + 1:4d}/{max_steps} | loss {loss:.6f} | norm {norm:.4f} | lr {lr:.2e} | "
                       f"{dt * 1e3:.2f} ms | {mfu_text} | {tokens_per_second:,.0f} tok/s")
@@ -352,6 +416,7 @@ def train(cfg=None, **overrides):
                 raise FloatingPointError(f"step {step + 1}: the loss is {loss}; stopping")
     finally:
         log.close()
+    comm.close()
     steady = sorted(step_times[1:] or step_times)
     if steady:
         result.ms_per_step = 1e3 * steady[len(steady) // 2]
@@ -380,23 +445,35 @@ def _model_config(cfg):
     return config, params
 
 
-def _save(step, cfg, config, backend, train_loader, sample_rng, log):
+def _save(step, cfg, config, backend, train_loader, sample_rng, log, comm, layout):
+    """Every rank calls this. -z 1 over several ranks: each writes its shard (save_sharded_checkpoint);
+    otherwise every rank holds the whole state and rank 0 writes it."""
     state = backend.optimizer_state()
     ckpt = checkpoint.Checkpoint(
         step=step, model_config=config, params_bf16=state["params_bf16"], master=state["master"], m=state["m"],
         v=state["v"], adamw_step=state["step"], seed=state["seed"], sampling_rng=sample_rng.bit_generator.state,
         loader_state=train_loader.state(), train_config=dict(cfg.__dict__))
     t0 = time.perf_counter()
-    path = checkpoint.save_checkpoint(checkpoint.checkpoint_path(cfg.output_dir, step), ckpt)
-    log.print(f"saved checkpoint {path} ({os.path.getsize(path) / 2**20:.1f} MiB, {time.perf_counter() - t0:.2f} s)")
-    for old in checkpoint.prune_checkpoints(cfg.output_dir, cfg.checkpoints_keep, cfg.major_checkpoint_every):
-        log.print(f"deleted checkpoint {old} (-nk {cfg.checkpoints_keep})")
+    path = checkpoint.checkpoint_path(cfg.output_dir, step)
+    if layout.sharded and comm.size > 1:
+        checkpoint.save_sharded_checkpoint(path, ckpt, layout, comm)
+    else:
+        if comm.rank == 0:
+            checkpoint.save_checkpoint(path, ckpt)
+        comm.barrier()  # the checkpoint is complete when any rank goes on
+    if comm.rank == 0:
+        shards = f" + {comm.size - 1} shard file(s)" if layout.sharded and comm.size > 1 else ""
+        log.print(f"saved checkpoint {path} ({os.path.getsize(path) / 2**20:.1f} MiB{shards}, "
+                  f"{time.perf_counter() - t0:.2f} s)")
+        for old in checkpoint.prune_checkpoints(cfg.output_dir, cfg.checkpoints_keep, cfg.major_checkpoint_every):
+            log.print(f"deleted checkpoint {old} (-nk {cfg.checkpoints_keep})")
     return path
 
 
-# What a resumed run must share with the checkpoint: the model's shape (checked here) and the data
-# layout (B, T, processes, seed, shards: DataLoader.load_state checks them). Everything else (-x,
-# -l, -n, -v, ...) may change between runs, as in llm.c; a changed setting is reported.
+# What a resumed run must share with the checkpoint: the model's shape (checked here) and the
+# data (T, seed, shards; B too unless the number of ranks changed: DataLoader.load_state checks
+# them). Everything else (-x, -l, -n, -v, ...) may change between runs, as in llm.c; a changed
+# setting is reported. Another number of ranks or -z re-slices the optimizer state.
 NOTED_ON_RESUME = ("total_batch_size", "learning_rate", "lr_scheduler", "warmup_iters", "final_lr_frac",
                    "weight_decay", "max_steps", "grad_clip", "input_bin")
 
@@ -406,7 +483,7 @@ def _resume(ckpt, cfg, config, backend, train_loader, sample_rng, log):
         raise checkpoint.CheckpointError(
             f"{ckpt.path}: /model/@config: the checkpoint holds {ckpt.model_config}, but -e {cfg.model} is {config}")
     try:
-        train_loader.load_state(ckpt.loader_state)
+        skipped = train_loader.load_state(ckpt.loader_state)
     except (ValueError, KeyError, TypeError) as error:
         raise checkpoint.CheckpointError(f"{ckpt.path}: /data/train_loader/@state: {error}") from None
     try:
@@ -416,6 +493,13 @@ def _resume(ckpt, cfg, config, backend, train_loader, sample_rng, log):
     backend.load_optimizer_state(ckpt.optimizer_state())
     changed = [f"{name} {ckpt.train_config[name]!r} -> {getattr(cfg, name)!r}" for name in NOTED_ON_RESUME
                if name in ckpt.train_config and ckpt.train_config[name] != getattr(cfg, name)]
+    ranks = ckpt.loader_state.get("world_size", 1)
+    if ranks != train_loader.world_size or ckpt.train_config.get("zero_stage", 0) != cfg.zero_stage:
+        changed.append(f"{ranks} rank(s) at -z {ckpt.train_config.get('zero_stage', 0)} -> {train_loader.world_size} "
+                       f"at -z {cfg.zero_stage}: optimizer state re-sliced")
+    if skipped:
+        changed.append(f"B*processes {ckpt.loader_state['B'] * ranks} -> {train_loader.B * train_loader.world_size}: "
+                       f"the data go on from the next shard")
     log.print(f"resuming from {ckpt.path} at step {ckpt.step}" + (f" (changed: {'; '.join(changed)})" if changed else ""))
     return ckpt.step
 
@@ -424,8 +508,7 @@ def main(argv=None):
     cfg = main_parse(argv)
     try:
         train(cfg)
-    except (UsageError, FileNotFoundError, ShardError, checkpoint.CheckpointError) as error:
-        # bad settings or data: a clear message and exit code 2, as for a bad flag
+    except BAD_INPUT as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
 

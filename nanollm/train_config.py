@@ -50,6 +50,7 @@ class TrainConfig:
     grad_clip: float = 1.0           # --grad-clip: clip by global norm (llm.c: 1.0)
     attention: str = "auto"          # --attention: auto | cudnn | numba (llm.c: USE_CUDNN at build time)
     cuda_graphs: int = 1             # --cuda-graphs: replay forward/backward as CUDA graphs (1) or launch eagerly (0)
+    comm: str = "auto"               # --comm: auto | nccl | mpi, how several processes exchange gradients
 
 
 # flag -> (field, help). Order is the --help order, as llm.c's error_usage.
@@ -83,13 +84,15 @@ FLAGS = {
     "-f": ("enable_tf32", "enable TF32 (no effect: nanollm computes in bf16 with fp32 accumulation)"),
     "-w": ("master_weights", "keep fp32 master weights for the optimizer (0/1)"),
     "-ge": ("gelu_fusion", "GELU fusion: 0 none, 1 forward, 2 forward+backward (-1 = 2 on sm_90+, else 0)"),
-    "-z": ("zero_stage", "ZeRO stage (0, 1)"),
+    "-z": ("zero_stage", "ZeRO stage: 0 all-reduce gradients, 1 also shard the optimizer state across processes"),
     "-r": ("recompute", "recompute in backward: 0 none, 1 GELU (saves memory)"),
     "--seed": ("seed", "random seed for model init and data shuffling"),
     "--device": ("device", "auto | cuda | cpu (cpu: the numpy reference model, small models only)"),
     "--grad-clip": ("grad_clip", "clip gradients to this global norm (0 = off)"),
     "--attention": ("attention", "auto | cudnn (flash attention) | numba (llm.c's own kernels); auto = cuDNN if it loads"),
     "--cuda-graphs": ("cuda_graphs", "1: replay forward and backward as CUDA graphs on a real GPU; 0: eager launches"),
+    "--comm": ("comm", "several processes (mpirun -np N): auto | nccl | mpi (host-staged; ranks may share a GPU); "
+                       "auto = NCCL when each rank has its own GPU, else MPI"),
 }
 
 # What this build cannot do yet: (field, value that is fine, message). A user asking for more
@@ -100,7 +103,6 @@ NOT_YET = [
     ("skip_update_gradz", 0.0, "-sg (outlier skipping) is not supported yet"),
     ("hellaswag", 0, "-h (HellaSwag eval) is not supported yet"),
     ("master_weights", 1, "-w 0 is not supported: nanollm always keeps fp32 master weights"),
-    ("zero_stage", 0, "-z (ZeRO) is not supported yet: it lands with multi-GPU training"),
 ]
 
 
@@ -170,6 +172,10 @@ def validate(config):
          "-n and -y need an output directory -o for the checkpoints"),
         (config.attention in ("auto", "cudnn", "numba"), f"--attention must be auto, cudnn or numba, got {config.attention!r}"),
         (config.cuda_graphs in (0, 1), f"--cuda-graphs must be 0 or 1, got {config.cuda_graphs}"),
+        (config.zero_stage in (0, 1), f"-z {config.zero_stage}: ZeRO stages 2 and 3 (sharded gradients, sharded "
+                                      f"parameters) are not supported, as in llm.c; use -z 0 or -z 1"
+         if config.zero_stage in (2, 3) else f"-z must be 0 or 1, got {config.zero_stage}"),
+        (config.comm in ("auto", "nccl", "mpi"), f"--comm must be auto, nccl or mpi, got {config.comm!r}"),
     ]
     for ok, message in checks:
         if not ok:
