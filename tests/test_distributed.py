@@ -211,3 +211,48 @@ def test_gpu_model_sharded_update_on_the_simulator(tmp_path):
         np.testing.assert_array_equal(result[f"z0_{name}"], result[f"z1_{name}"], err_msg=name)
     assert abs(result["z0_norm"] - result["z1_norm"]) < 1e-6 * result["z0_norm"]
     assert result["z0_m"].any()
+
+
+@pytest.mark.gpu
+def test_nccl_on_one_gpu_graphs_and_eager_give_the_single_process_bits():
+    """NCCL at world size 1 runs everything several GPUs run (the per-layer reductions on the
+    reduce stream inside the last backward's graph; at -z 1 the reduce-scatter, the shard norm,
+    the sliced AdamW and the all-gather): three steps of two micro-steps, eager and graphed, at
+    -z 0 and -z 1, give the bits of the plain one-process step (no clipping: the shard norm adds
+    in another order, so the norm may differ in its last bits)."""
+    pytest.importorskip("nccl")
+    from nanollm.model import GPT2
+
+    config = from_descriptor("d12")
+    B, T = 4, 64
+    batches = np.random.default_rng().integers(0, config.vocab_size, (3, 2, 2, B, T))
+    comm = distributed.NcclCommunicator(distributed.World())
+
+    def three_steps(communicator, stage, graphs):
+        layout = ShardLayout(config, 1, 0, stage)
+        model = GPT2(config, B, T, seed=7, grad_accum_steps=2, cuda_graphs=graphs, comm=communicator, layout=layout)
+        losses, norms = [], []
+        for step in range(3):
+            model.zero_grad()
+            for micro_step in range(2):
+                model.forward(*batches[step, micro_step], micro_step=micro_step)
+                model.backward(reduce=micro_step == 1)
+            norms.append(model.grad_norm())
+            model.update(3e-4, weight_decay=0.1)
+            losses.append(model.losses())
+        return losses, norms, model.optimizer_state(), model.graphs.captured if model.graphs else []
+
+    plain_losses, plain_norms, plain, _ = three_steps(None, 0, True)
+    try:
+        for stage in (0, 1):
+            for graphs in (False, True):
+                losses, norms, state, captured = three_steps(comm, stage, graphs)
+                assert losses == plain_losses, (stage, graphs)
+                np.testing.assert_allclose(norms, plain_norms, rtol=1e-5)
+                for name in ("params_bf16", "master", "m", "v"):
+                    np.testing.assert_array_equal(state[name], plain[name], err_msg=f"-z {stage} graphs {graphs}")
+                if graphs:
+                    assert "backward+reduce" in captured
+                    assert stage == 0 or {"shard norm", "gather parameters"} <= set(captured)
+    finally:
+        comm.close()
