@@ -232,12 +232,12 @@ def save_sharded_checkpoint(path, ckpt, layout, comm):
     step = int(ckpt.step)
     ckpt.save_id = comm.broadcast_object(os.urandom(4).hex() if comm.rank == 0 else None)
     names = [shard_filename(step, i, layout.world_size, ckpt.save_id) for i in range(layout.world_size)]
+    os.makedirs(folder, exist_ok=True)
     if comm.rank > 0:
         atomic_write_with(os.path.join(folder, names[comm.rank]),
                           lambda tmp: _write_shard_file(tmp, step, layout, ckpt.save_id, ckpt.master, ckpt.m, ckpt.v))
     comm.barrier()  # every shard file is complete (a rank that failed has ended the job instead)
     if comm.rank == 0:
-        os.makedirs(folder, exist_ok=True)
         shards = [(ckpt.master, ckpt.m, ckpt.v)] + names[1:]
         atomic_write_with(path, lambda tmp_path: _write(tmp_path, ckpt, shards))
         for stale in _shard_files(folder, step):

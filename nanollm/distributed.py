@@ -233,6 +233,11 @@ class MpiCommunicator(Communicator):
 
     name = "mpi"
 
+    def __init__(self, world):
+        if world.mpi is None:
+            raise ValueError("MpiCommunicator needs a world started by an MPI launcher (one process: SingleProcess)")
+        super().__init__(world)
+
     @staticmethod
     def _to_host(array, stream):
         """(the array itself if on the host, else a host copy taken after `stream`'s work, dtype)."""

@@ -319,8 +319,11 @@ def _train(cfg, world):
     layout = zero.ShardLayout(config, world_size, rank, cfg.zero_stage)  # -z 1: N must divide every tensor
 
     train_loader = DataLoader(cfg.input_bin, B, T, rank, world_size, shuffle=True, seed=cfg.seed)
-    val_loader = EvalLoader(cfg.input_val_bin, B, T, rank, world_size, max_batches=cfg.val_max_steps) \
-        if cfg.val_loss_every > 0 else None
+    try:
+        val_loader = EvalLoader(cfg.input_val_bin, B, T, rank, world_size, max_batches=cfg.val_max_steps) \
+            if cfg.val_loss_every > 0 else None
+    except ShardError as error:  # a small val split: a val batch is one window of all ranks' B*T
+        raise ShardError(f"-j: {error}; -v 0 turns validation off") from None
     max_steps = cfg.max_steps if cfg.max_steps != -1 else max(1, train_loader.num_tokens // total_batch)
 
     device = _choose_device(cfg)

@@ -23,8 +23,10 @@ import pytest
 
 import nanollm
 from nanollm import checkpoint, distributed
-from nanollm.config import from_descriptor, num_parameters
+from nanollm.config import GPT2Config, from_descriptor, num_parameters
 from nanollm.data import write_shard
+from nanollm.interop import write_llmc_model
+from nanollm.reference import init_parameters
 from nanollm.zero import ShardingError, ShardLayout
 
 from .conftest import SESSION_SEED
@@ -32,9 +34,11 @@ from .conftest import SESSION_SEED
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "distributed_worker.py")
 MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
-# d1 (C=64, one layer), 4 steps of 2 micro-steps, weight decay, warm-up, clipping, val every 2 steps
-COMMON = dict(model="d1", seq_len=16, total_batch_size=128, max_steps=4, learning_rate=3e-3, warmup_iters=2,
-              weight_decay=0.1, val_loss_every=2, val_max_steps=2, sample_every=0, device="cpu", checkpoint_every=2)
+# a tiny GPT-2 (2 layers, C=32, a 512-token vocabulary) from an llm.c model file; 4 steps of 2
+# micro-steps, weight decay, warm-up, clipping, val every 2 steps, checkpoints at 2 and 4
+TINY = GPT2Config(max_seq_len=16, vocab_size=512, padded_vocab_size=512, num_layers=2, num_heads=2, channels=32)
+COMMON = dict(seq_len=16, total_batch_size=128, max_steps=4, learning_rate=3e-3, warmup_iters=2, weight_decay=0.1,
+              val_loss_every=2, val_max_steps=2, sample_every=0, device="cpu", checkpoint_every=2)
 
 
 def _mpiexec(n, *args, timeout=120):
@@ -61,7 +65,9 @@ def data(tmp_path_factory):
     write_shard(folder / "tiny_train_000000.bin", np.tile(pattern, 60).astype(np.uint16))
     write_shard(folder / "tiny_train_000001.bin", rng.integers(0, 500, 3000).astype(np.uint16))
     write_shard(folder / "tiny_val_000000.bin", np.tile(pattern[::-1], 8).astype(np.uint16))
-    return dict(input_bin=str(folder / "tiny_train_*.bin"), input_val_bin=str(folder / "tiny_val_*.bin"))
+    write_llmc_model(folder / "tiny.bin", TINY, init_parameters(TINY, 5).memory, version=3)
+    return dict(input_bin=str(folder / "tiny_train_*.bin"), input_val_bin=str(folder / "tiny_val_*.bin"),
+                model=str(folder / "tiny.bin"))
 
 
 @pytest.fixture(scope="module")
@@ -82,18 +88,17 @@ def test_two_ranks_train_as_one_process_over_the_same_tokens(runs):
     one = runs["one"]
     for stage in ("z0", "z1"):
         ranks = runs[stage]
-        np.testing.assert_allclose(ranks["train_losses"], one.train_losses, rtol=2e-6, err_msg=stage)
-        np.testing.assert_allclose(ranks["grad_norms"], one.grad_norms, rtol=2e-5, err_msg=stage)
+        np.testing.assert_allclose(ranks["train_losses"], one.train_losses, rtol=1e-6, err_msg=stage)
+        np.testing.assert_allclose(ranks["grad_norms"], one.grad_norms, rtol=1e-6, err_msg=stage)
         np.testing.assert_allclose([ranks["val_losses"][str(s)] for s in (0, 2, 4)],
-                                   [one.val_losses[s] for s in (0, 2, 4)], rtol=2e-6, err_msg=stage)
+                                   [one.val_losses[s] for s in (0, 2, 4)], rtol=1e-6, err_msg=stage)
         a, b = _state(one.checkpoints[-1]), _state(ranks["checkpoints"][-1])
         assert a.adamw_step == b.adamw_step == 4
-        # Adam's update is ~lr per element whatever the gradient's size: float32 rounding of the
-        # gradient moves it by far less, except for elements whose gradient is near zero
+        # float32 rounding of the gradient sums (observed: 3e-6 of the largest value at most, 3e-9 on
+        # average; Adam amplifies it where a gradient is near zero)
         for name in ("master", "m", "v"):
             expected, got = getattr(a, name), getattr(b, name)
-            scale = np.abs(expected).max()
-            assert np.abs(got - expected).max() <= 1e-4 * scale, (stage, name)
+            assert np.abs(got - expected).max() <= 3e-5 * np.abs(expected).max(), (stage, name)
         assert np.abs(b.master - a.master).mean() < 1e-7
     # -z 0 and -z 1 over the same ranks: the same sums, the same elementwise update
     np.testing.assert_array_equal(runs["z0"]["train_losses"], runs["z1"]["train_losses"])
@@ -122,10 +127,11 @@ def test_sharded_checkpoint_resumes_bit_exact_on_two_ranks_and_resliced_on_one(r
     assert a.loader_state == b.loader_state
     # one process at B=4 reads the same windows from the same place, the whole state re-assembled
     capsys.readouterr()
-    one = nanollm.train(nanollm.TrainConfig(**COMMON, **data, batch_size=4, resume=1, output_dir=str(folder / "on_one")))
+    one = nanollm.train(nanollm.TrainConfig(**COMMON, **data, batch_size=4, resume=1,
+                                            output_dir=str(folder / "on_one")))
     assert "2 rank(s) at -z 1 -> 1 at -z 0: optimizer state re-sliced" in capsys.readouterr().out
-    np.testing.assert_allclose(one.train_losses, z1["train_losses"][2:], rtol=2e-6)
-    assert np.abs(_state(one.checkpoints[-1]).master - a.master).max() <= 1e-4 * np.abs(a.master).max()
+    np.testing.assert_allclose(one.train_losses, z1["train_losses"][2:], rtol=1e-6)
+    assert np.abs(_state(one.checkpoints[-1]).master - a.master).max() <= 3e-5 * np.abs(a.master).max()
 
 
 def test_a_failing_rank_ends_the_job(data, tmp_path):
@@ -137,8 +143,8 @@ def test_a_failing_rank_ends_the_job(data, tmp_path):
 
 
 def test_command_line_on_two_ranks_and_bad_settings(data):
-    args = [sys.executable, "-m", "nanollm.train", "-i", data["input_bin"], "-j", data["input_val_bin"], "-e", "d1",
-            "-t", "16", "-x", "1", "-v", "1", "-m", "1", "-s", "0", "--device", "cpu"]
+    args = [sys.executable, "-m", "nanollm.train", "-i", data["input_bin"], "-j", data["input_val_bin"],
+            "-e", data["model"], "-t", "16", "-x", "1", "-v", "1", "-m", "1", "-s", "0", "--device", "cpu"]
     proc = _mpiexec(2, *args, "-b", "2", "-z", "1")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("step    1/1") == 1 and proc.stdout.count("val loss") == 2  # rank 0 alone prints
@@ -184,8 +190,8 @@ def test_sharding_layout():
             owner[mine] = layout.rank
             np.testing.assert_array_equal(back[mine], flat[mine])
             for unit in layout.units:  # slice r of every unit
-                size = unit.size // world_size
-                assert (owner[unit.offset + layout.rank * size:unit.offset + (layout.rank + 1) * size] == layout.rank).all()
+                start = unit.offset + layout.rank * unit.size // world_size
+                assert (owner[start:start + unit.size // world_size] == layout.rank).all()
         assert (owner >= 0).all()
     whole = ShardLayout(config, 2, 1, 0)
     assert not whole.sharded and whole.state_size == n and np.array_equal(whole.pack(flat), flat)
