@@ -132,6 +132,12 @@ class GpuBackend:
     def load_optimizer_state(self, state):
         self.model.load_optimizer_state(state)
 
+    def close(self):
+        """Destroy the CUDA graphs: those of a multi-rank step hold NCCL work, so they go before the
+        communicator does."""
+        if self.model.graphs is not None:
+            self.model.graphs.clear()
+
 
 class CpuBackend:
     """The numpy reference model in float32: exact, slow, for small models without a GPU."""
@@ -189,6 +195,9 @@ class CpuBackend:
         return logits[0, -1, :self.config.vocab_size]
 
     def synchronize(self):
+        pass
+
+    def close(self):
         pass
 
     def optimizer_state(self):
@@ -356,7 +365,8 @@ def _train(cfg, world):
               f"V={config.vocab_size} (padded {config.padded_vocab_size}), {num_parameters(config):,} parameters")
     log.print(f"device: {backend.description}")
     if comm.active:
-        log.print(f"{distributed.describe_ranks(world, placements)}; communicator: {comm.name}"
+        staged = " (through the host)" if comm.name == "mpi" and device == "cuda" else ""
+        log.print(f"{distributed.describe_ranks(world, placements)}; communicator: {comm.name}{staged}"
                   + (f"; {layout.describe()}" if layout.describe() else ""))
     log.print(f"B={B} T={T} total batch {total_batch:,} tokens, grad accumulation {grad_accum}, {max_steps} steps; "
               f"train {train_loader.num_tokens:,} tokens in {len(train_loader.files)} shard(s)"
@@ -419,6 +429,7 @@ def _train(cfg, world):
                 raise FloatingPointError(f"step {step + 1}: the loss is {loss}; stopping")
     finally:
         log.close()
+    backend.close()
     comm.close()
     steady = sorted(step_times[1:] or step_times)
     if steady:
