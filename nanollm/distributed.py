@@ -14,7 +14,8 @@ Communicators share one small interface (llm.c's zero.cuh does the same with NCC
   On the GPU they take device arrays (uint16 holds bf16 bits, as everywhere in nanollm) and the
   stream whose work they follow; on the CPU path numpy float32 arrays.
 - host values any code can use to agree on a flag or a count (stop requested on any rank, a
-  summed eval count, the loss): all_reduce_host, any, broadcast_object; and barrier, abort.
+  summed eval count, the loss): all_reduce_host, any, all_gather_object, broadcast_object;
+  and barrier, abort.
 Implementations: SingleProcess (one rank: nothing to do), MpiCommunicator (mpi4py; device arrays
 go through the host), NcclCommunicator (nccl4py: the unique id broadcast over MPI, then the raw
 nccl.bindings.nccl collectives on device pointers, queued on a CUDA stream, so they can overlap
@@ -100,21 +101,14 @@ def init_world(environ=None):
         raise UsageError(f"this process is one of {size} ({source}), but mpi4py cannot start MPI: {error}") from None
     comm = MPI.COMM_WORLD
     if comm.Get_size() != size:
-        raise UsageError(f"this process is one of {size} ({source}), but MPI sees {comm.Get_size()}: the MPI library "
-                         f"mpi4py loads does not belong to the launcher (mpi4py.get_config(): {mpi4py_config()})")
+        library = MPI.Get_library_version().strip().splitlines()[0]
+        raise UsageError(f"this process is one of {size} ({source}), but MPI sees {comm.Get_size()}: mpi4py loaded "
+                         f"another MPI library than the launcher's ({library})")
     local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
     world = World(comm.Get_rank(), size, local.Get_rank(), local.Get_size(), None, comm, source)
     world.hosts = comm.allgather(MPI.Get_processor_name())
     local.Free()
     return world
-
-
-def mpi4py_config():
-    try:
-        import mpi4py
-        return mpi4py.get_config()
-    except Exception:
-        return {}
 
 
 # ---- communicators -------------------------------------------------------------------------------------

@@ -32,7 +32,6 @@ class ShardingError(UsageError):
 @dataclass(frozen=True)
 class Unit:
     tensor: str      # parameter tensor name
-    index: int       # the tensor's position in llm.c's order (the update's per-tensor seed uses it)
     layer: int       # the layer, or -1 for a non-layer tensor
     offset: int      # where the unit starts in the flat parameter order
     size: int        # elements
@@ -43,7 +42,6 @@ class TensorSlices:
     """One tensor's part of a rank's shard: `slices` runs of `count` elements, run s starting at
     tensor element start + s * stride, and at packed-state element state_offset + s * count."""
     tensor: str
-    index: int
     offset: int        # the tensor's start in the flat order
     start: int         # the first run's start within the tensor
     count: int
@@ -70,23 +68,22 @@ class ShardLayout:
         # -z 1 on one rank takes the sharded code path too (its one shard is everything)
         self.units, self.tensors = [], []
         offset, state_offset = 0, 0
-        for index, (name, shape) in enumerate(parameter_shapes(config).items()):
+        for name, shape in parameter_shapes(config).items():
             size = int(np.prod(shape))
             layers = 1 if name in NON_LAYER_TENSORS else shape[0]
             unit_size = size // layers
             for layer in range(layers):
-                self.units.append(Unit(name, index, -1 if name in NON_LAYER_TENSORS else layer,
-                                       offset + layer * unit_size, unit_size))
+                self.units.append(Unit(name, -1 if name in NON_LAYER_TENSORS else layer, offset + layer * unit_size,
+                                       unit_size))
             if unit_size % self.parts:
-                what = f"{unit_size} elements per layer" if layers > 1 or name not in NON_LAYER_TENSORS \
-                    else f"{unit_size} elements"
+                what = f"{unit_size} elements" + ("" if name in NON_LAYER_TENSORS else " per layer")
                 raise ShardingError(f"-z 1 over {world_size} processes: tensor {name} has {what}, not a multiple of "
                                     f"{world_size} (llm.c slices every tensor evenly); use another process count or -z 0")
             if not self.sharded:  # the whole tensor in one run: the update launches as it always did
-                part = TensorSlices(name, index, offset, 0, size, 1, size, state_offset)
+                part = TensorSlices(name, offset, 0, size, 1, size, state_offset)
             else:
                 count = unit_size // self.parts
-                part = TensorSlices(name, index, offset, rank * count, count, layers, unit_size, state_offset)
+                part = TensorSlices(name, offset, rank * count, count, layers, unit_size, state_offset)
             self.tensors.append(part)
             offset += size
             state_offset += part.state_count
