@@ -45,9 +45,9 @@ def mpirun():
         raise SystemExit("no mpirun on PATH")
     version = subprocess.run([launcher, "--version"], capture_output=True, text=True).stdout
     extra = ["--allow-run-as-root", "--bind-to", "none"] if "Open MPI" in version or "OpenRTE" in version else []
-    forward = []
+    forward = []  # Open MPI passes only what -x names to its ranks
     for name in ("PYTHONPATH", "PYTHONUNBUFFERED", "NCCL_NVLS_ENABLE"):
-        forward += ["-x", name] if extra else []
+        forward += ["-x", name] if extra and name in os.environ else []
     return [launcher, *extra, *forward, "-np", "2"]
 
 
@@ -83,12 +83,11 @@ def run(name, command, timeout=240):
     """Run a training command; returns a dict of what its output says."""
     log = OUT / f"{name}.log"
     start = time.perf_counter()
-    env = dict(os.environ, NCCL_NVLS_ENABLE="0", PYTHONUNBUFFERED="1")
     with GpuMemory() as memory, open(log, "w") as f:
         f.write(" ".join(command) + "\n")
         f.flush()
         try:
-            proc = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, cwd=ROOT, env=env)
+            proc = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, cwd=ROOT)
             rc = proc.returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
@@ -112,6 +111,7 @@ def run(name, command, timeout=240):
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
     os.chdir(ROOT)
+    os.environ.update(NCCL_NVLS_ENABLE="0", PYTHONUNBUFFERED="1")  # NVLS: see the device notes (KINDS.md)
     if not list((ROOT / "data").glob("shakespeare_train_*.bin")):
         subprocess.run([PY, "-m", "nanollm.prepare"], check=True)
     train = [PY, "-m", "nanollm.train", *COMMON]

@@ -309,7 +309,8 @@ class DataLoader:
         self.shard_idx = shard_idx
         self.rng.set_state(state["rng_key"], int(state["rng_pos"]))
         self._load_shard()  # redraws this shard's sample order, leaving the generator as it was
-        self.skipped_rest_of_shard = relayout and int(state["B"]) * int(state["world_size"]) != self.B * self.world_size
+        same_windows = int(state["B"]) * int(state["world_size"]) == self.B * self.world_size
+        self.skipped_rest_of_shard = relayout and not same_windows
         if self.skipped_rest_of_shard:
             sample_idx = self.num_samples  # used up: the next batch starts the next shard
         if not 0 <= sample_idx <= self.num_samples:

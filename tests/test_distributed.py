@@ -10,7 +10,6 @@ tokens of 2 ranks at B is therefore one process at 2B (same windows, same shuffl
 positions, so the two runs agree to float32 rounding.
 """
 
-import dataclasses
 import json
 import os
 import shutil

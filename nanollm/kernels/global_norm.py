@@ -90,7 +90,7 @@ PTX_SIGNATURES = {
     global_norm_aggregate_kernel: "void(float32[::1], float32[::1])",
 }
 
-BLOCK_SIZE = 32 if SIMULATOR else 512  # the simulator runs a Python thread per GPU thread (as adamw.py)
+BLOCK_SIZE = 512
 AGGREGATE_BLOCK_SIZE = 1024
 
 
