@@ -7,8 +7,8 @@ OUT/checkpoint_%08d.h5, readable by hand with h5py or h5dump:
     /                       attrs: format, format_version, step, complete, num_parameters
     /model/params_bf16      (N,) uint16: the parameters as bf16 bits, llm.c's tensor order
     /model                  attrs: config (GPT2Config as JSON), tensors (name, shape, offset as JSON)
-    /optimizer              attrs: num_shards, adamw_step, beta1, beta2, eps
-    /optimizer/shard_000    attrs: shard_index, num_shards, offset, count (elements of the flat order)
+    /optimizer              attrs: num_shards, slicing, adamw_step, beta1, beta2, eps
+    /optimizer/shard_000    attrs: shard_index, num_shards, offset (of its first element), count
     /optimizer/shard_000/master, m, v   (count,) float32: fp32 master weights, AdamW moments
     /rng                    attrs: seed (stochastic-rounding base seed), sampling (numpy Generator
                             bit_generator.state as JSON)
@@ -16,8 +16,17 @@ OUT/checkpoint_%08d.h5, readable by hand with h5py or h5dump:
     /train_config           attrs: config (TrainConfig as JSON)
 
 Every dataset carries attributes dtype, shape, meaning and crc32 (zlib, of its bytes). Optimizer
-state is stored per shard, ready for ZeRO-1; today one process writes num_shards = 1, and a
-checkpoint written by another number of ranks is refused.
+state is stored per shard, a shard being what one rank keeps under ZeRO-1 (nanollm/zero.py: llm.c's
+slicing, every tensor, layer by layer, cut into num_shards equal slices; shard i holds slice i of
+each, packed in the flat order). One process, or -z 0 on any number, writes one shard: the whole
+state in the flat order. A -z 1 job of N > 1 ranks writes in parallel: rank r > 0 writes its shard
+to its own file, OUT/checkpoint_%08d.shard%03dof%03d.SAVEID.h5 (attrs format, step, save_id,
+shard_index, num_shards, count, complete; datasets master, m, v), and once every rank's file is
+complete (a barrier), rank 0 writes the main file, with shard 0 inside and, for the others,
+/optimizer/shard_00r groups whose attrs name the file and the save id. The main file appears last,
+so it is the commit: a checkpoint counts only once all its parts are complete. A checkpoint loads
+on any number of ranks: with the slicing it was written with, each rank reads only its own shard
+(bit for bit); otherwise the state is read whole and sliced again (load_checkpoint(path, layout)).
 
 Writes are atomic: the file is written under a temporary name in the same folder (a dot name
 ending .tmp, which no checkpoint pattern matches), flushed and fsynced, renamed over the final name
@@ -29,6 +38,7 @@ its temp file is removed when that checkpoint is saved again (nanollm/atomic.py)
 """
 
 import dataclasses
+import glob
 import json
 import os
 import re
@@ -41,11 +51,15 @@ import numpy as np
 
 from .atomic import atomic_write_with
 from .config import GPT2Config, num_parameters, parameter_shapes
+from .zero import ShardLayout
 
 FORMAT = "nanollm-checkpoint"
 FORMAT_VERSION = 1
 FILENAME = "checkpoint_{step:08d}.h5"
 FILENAME_RE = re.compile(r"checkpoint_(\d{8,})\.h5")
+SHARD_FORMAT = "nanollm-checkpoint-shard"
+SHARD_FILENAME = "checkpoint_{step:08d}.shard{index:03d}of{num_shards:03d}.{save_id}.h5"
+SLICING = "zero1: every tensor (the per-layer ones layer by layer) cut into num_shards equal slices, nanollm/zero.py"
 ADAMW = {"beta1": 0.9, "beta2": 0.95, "eps": 1e-8}  # the model's and reference's defaults
 
 
@@ -62,7 +76,7 @@ class Checkpoint:
     step: int                 # optimizer steps taken when saved (the training loop's step)
     model_config: GPT2Config
     params_bf16: np.ndarray   # (N,) uint16 bf16 bits, llm.c order
-    master: np.ndarray        # (N,) float32 master weights
+    master: np.ndarray        # (N,) float32 master weights (or one rank's packed shard, see load_checkpoint)
     m: np.ndarray             # (N,) float32
     v: np.ndarray             # (N,) float32
     adamw_step: int = 0       # AdamW's t (bias correction)
@@ -72,6 +86,7 @@ class Checkpoint:
     train_config: dict = field(default_factory=dict)  # TrainConfig fields
     num_shards: int = 1
     path: str = ""
+    save_id: str = ""         # ties a multi-rank save's shard files to its main file
 
     def optimizer_state(self):
         """The dict GPT2.load_optimizer_state / CpuBackend.load_optimizer_state take."""
@@ -99,22 +114,43 @@ def _dataset(group, name, data, dtype, meaning):
     return ds
 
 
-def shard_bounds(n, num_shards):
-    """(offset, count) of each shard of n elements: contiguous, the first ones one larger."""
-    base, extra = divmod(n, num_shards)
-    bounds, offset = [], 0
-    for i in range(num_shards):
-        count = base + (i < extra)
-        bounds.append((offset, count))
-        offset += count
-    return bounds
+def file_layout(config, num_shards, index=0):
+    """The ShardLayout of shard `index` in a file of num_shards shards (one shard: the flat order)."""
+    return ShardLayout(config, num_shards, index, 1 if num_shards > 1 else 0)
 
 
-def _write(path, ckpt, num_shards):
+def shard_filename(step, index, num_shards, save_id):
+    return SHARD_FILENAME.format(step=step, index=index, num_shards=num_shards, save_id=save_id)
+
+
+def _state_datasets(group, layout, master, m, v):
+    runs = list(layout.runs())
+    where = (f"slice {layout.rank} of {layout.world_size} of every tensor ({len(runs)} runs), packed in the flat order"
+             if layout.sharded else "the flat parameter order")
+    for name, data, meaning in (("master", master, "fp32 master weights"), ("m", m, "AdamW first moment"),
+                                ("v", v, "AdamW second moment")):
+        data = np.asarray(data, dtype=np.float32).reshape(-1)
+        if data.size != layout.state_size:
+            raise ValueError(f"shard {layout.rank} of {layout.world_size}: {name} has {data.size} elements, "
+                             f"expected {layout.state_size}")
+        _dataset(group, name, data, "float32", f"{meaning}, {where}")
+
+
+def _shard_attrs(group, layout):
+    group.attrs["shard_index"] = layout.rank
+    group.attrs["num_shards"] = layout.world_size
+    group.attrs["offset"] = next(layout.runs())[0]
+    group.attrs["count"] = layout.state_size
+
+
+def _write(path, ckpt, shards):
+    """shards: for each shard index, (master, m, v) packed arrays to store here, or the name of the
+    file (beside this one) that holds it, written by its rank under ckpt's save id."""
     import h5py
 
     config = ckpt.model_config
     n = num_parameters(config)
+    num_shards = len(shards)
     with h5py.File(path, "w", libver="earliest") as f:
         f.attrs["format"] = FORMAT
         f.attrs["format_version"] = FORMAT_VERSION
@@ -133,20 +169,19 @@ def _write(path, ckpt, num_shards):
                  "model parameters in bf16 (float32 = bits << 16), flat, llm.c tensor order (see /model tensors)")
         opt = f.create_group("optimizer")
         opt.attrs["num_shards"] = num_shards
+        opt.attrs["slicing"] = SLICING
         opt.attrs["adamw_step"] = int(ckpt.adamw_step)
         for key, value in ADAMW.items():
             opt.attrs[key] = value
-        for index, (start, count) in enumerate(shard_bounds(n, num_shards)):
-            shard = opt.create_group(f"shard_{index:03d}")
-            shard.attrs["shard_index"] = index
-            shard.attrs["num_shards"] = num_shards
-            shard.attrs["offset"] = start
-            shard.attrs["count"] = count
-            where = f"elements [{start}, {start + count}) of the flat parameter order"
-            for name, meaning in (("master", "fp32 master weights"), ("m", "AdamW first moment"),
-                                  ("v", "AdamW second moment")):
-                data = np.asarray(getattr(ckpt, name), dtype=np.float32)[start:start + count]
-                _dataset(shard, name, data, "float32", f"{meaning}, {where}")
+        for index, shard in enumerate(shards):
+            layout = file_layout(config, num_shards, index)
+            group = opt.create_group(f"shard_{index:03d}")
+            _shard_attrs(group, layout)
+            if isinstance(shard, str):
+                group.attrs["file"] = shard
+                group.attrs["save_id"] = ckpt.save_id
+            else:
+                _state_datasets(group, layout, *shard)
         rng = f.create_group("rng")
         rng.attrs["seed"] = int(ckpt.seed)
         rng.attrs["sampling"] = _json(ckpt.sampling_rng)
@@ -162,13 +197,66 @@ def _write(path, ckpt, num_shards):
         f.flush()
 
 
+def _write_shard_file(path, step, layout, save_id, master, m, v):
+    import h5py
+
+    with h5py.File(path, "w", libver="earliest") as f:
+        f.attrs["format"] = SHARD_FORMAT
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["step"] = int(step)
+        f.attrs["save_id"] = save_id
+        f.attrs["complete"] = 0
+        _shard_attrs(f, layout)
+        _state_datasets(f, layout, master, m, v)
+        f.attrs["complete"] = 1
+        f.flush()
+
+
 def save_checkpoint(path, ckpt, num_shards=1):
-    """Write ckpt to path atomically (see the module docstring). num_shards splits the optimizer
-    state into that many contiguous shards (ZeRO-1's layout); one process writes 1."""
+    """Write ckpt (whole, flat optimizer state) to path atomically (see the module docstring),
+    its optimizer state cut into num_shards ZeRO-1 shards, all in this one file."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_write_with(path, lambda tmp_path: _write(tmp_path, ckpt, num_shards))
+    shards = [tuple(file_layout(ckpt.model_config, num_shards, i).pack(a) for a in (ckpt.master, ckpt.m, ckpt.v))
+              for i in range(num_shards)]
+    atomic_write_with(path, lambda tmp_path: _write(tmp_path, ckpt, shards))
     return path
+
+
+def save_sharded_checkpoint(path, ckpt, layout, comm):
+    """Called by every rank of a -z 1 job: ckpt.master/m/v are this rank's packed shard (layout's),
+    the rest of ckpt matters on rank 0 only. Ranks > 0 write their shard files; after a barrier
+    rank 0 writes the main file (the commit) and deletes the shard files of earlier saves of this
+    step; a second barrier returns everyone after the commit. comm: a distributed.Communicator."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    step = int(ckpt.step)
+    ckpt.save_id = comm.broadcast_object(os.urandom(4).hex() if comm.rank == 0 else None)
+    names = [shard_filename(step, i, layout.world_size, ckpt.save_id) for i in range(layout.world_size)]
+    os.makedirs(folder, exist_ok=True)
+    if comm.rank > 0:
+        atomic_write_with(os.path.join(folder, names[comm.rank]),
+                          lambda tmp: _write_shard_file(tmp, step, layout, ckpt.save_id, ckpt.master, ckpt.m, ckpt.v))
+    comm.barrier()  # every shard file is complete (a rank that failed has ended the job instead)
+    if comm.rank == 0:
+        shards = [(ckpt.master, ckpt.m, ckpt.v)] + names[1:]
+        atomic_write_with(path, lambda tmp_path: _write(tmp_path, ckpt, shards))
+        for stale in _shard_files(folder, step):
+            if os.path.basename(stale) not in names:
+                _remove(stale)
+    comm.barrier()
+    return path
+
+
+def _shard_files(folder, step):
+    return glob.glob(os.path.join(glob.escape(folder), f"checkpoint_{step:08d}.shard*.h5"))
+
+
+def _remove(path):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 # ---- reading ------------------------------------------------------------------------------------
@@ -265,33 +353,59 @@ def _read_header(r):
     return config, n
 
 
-def load_checkpoint(path, world_size=1):
-    """Read and check a checkpoint written by save_checkpoint; returns a Checkpoint.
-    world_size: the number of ranks of this job; a checkpoint of another count is refused."""
+def _read_shard(r, index, num_shards, config):
+    """(master, m, v) of shard `index`, from this file or from the shard file it names."""
+    group = f"/optimizer/shard_{index:03d}"
+    layout = file_layout(config, num_shards, index)
+    expected = {"shard_index": index, "num_shards": num_shards, "offset": next(layout.runs())[0],
+                "count": layout.state_size}
+    fields = {k: r.int_attr(group, k) for k in expected}
+    if fields != expected:
+        raise r.corrupt(group, f"shard attributes {fields} do not match shard {index} of {num_shards} ({expected})")
+    if "file" not in r.f[group].attrs:
+        return tuple(r.array(f"{group}/{name}", np.float32, layout.state_size) for name in ("master", "m", "v"))
+    save_id = r.attr(group, "save_id")
+    shard_path = os.path.join(os.path.dirname(os.path.abspath(r.path)), r.attr(group, "file"))
+    if not os.path.exists(shard_path):
+        raise r.corrupt(f"{group}/@file", f"the shard file {shard_path} is missing")
+    with _open(shard_path) as f:
+        sr = _Reader(shard_path, f)
+        if sr.attr("/", "format") != SHARD_FORMAT or sr.int_attr("/", "complete") != 1:
+            raise sr.corrupt("/@format", f"not a complete {SHARD_FORMAT} file")
+        found = {k: sr.int_attr("/", k) for k in expected}
+        if found != expected or sr.attr("/", "save_id") != save_id or sr.int_attr("/", "step") != r.int_attr("/", "step"):
+            raise sr.corrupt("/@save_id", f"this shard file belongs to another save than {r.path} "
+                                          f"(save id {sr.attr('/', 'save_id')!r}, expected {save_id!r}; {found})")
+        return tuple(sr.array(f"/{name}", np.float32, layout.state_size) for name in ("master", "m", "v"))
+
+
+def load_checkpoint(path, layout=None):
+    """Read and check a checkpoint written by save_checkpoint or save_sharded_checkpoint; returns a
+    Checkpoint. layout None: master, m and v whole, in the flat order (every shard read). layout a
+    zero.ShardLayout (one rank of a job): master, m and v are that rank's packed state, read from its
+    own shard when the file was cut the same way, otherwise read whole and cut again (a job resumed
+    on another number of ranks, or at another -z)."""
     path = os.fspath(path)
     f = _open(path)
     with f:
         r = _Reader(path, f)
         config, n = _read_header(r)
+        if layout is not None and layout.config != config:
+            raise CheckpointError(f"{path}: /model/@config: the checkpoint holds {config}, but this job's model is "
+                                  f"{layout.config}")
         num_shards = r.int_attr("/optimizer", "num_shards")
-        if num_shards != world_size:
-            raise CheckpointError(
-                f"{path}: /optimizer/@num_shards: written by {num_shards} rank(s), but this job has "
-                f"{world_size}; resume with the same number of processes")
-        master = np.empty(n, np.float32)
-        m = np.empty(n, np.float32)
-        v = np.empty(n, np.float32)
-        expected = shard_bounds(n, num_shards)
-        for index in range(num_shards):
-            group = f"/optimizer/shard_{index:03d}"
-            fields = {k: r.int_attr(group, k) for k in ("shard_index", "num_shards", "offset", "count")}
-            start, count = expected[index]
-            if (fields["shard_index"], fields["num_shards"], fields["offset"], fields["count"]) != \
-                    (index, num_shards, start, count):
-                raise r.corrupt(group, f"shard attributes {fields} do not match shard {index} of "
-                                       f"{num_shards} (offset {start}, count {count})")
-            for name, dest in (("master", master), ("m", m), ("v", v)):
-                dest[start:start + count] = r.array(f"{group}/{name}", np.float32, count)
+        if num_shards < 1:
+            raise r.corrupt("/optimizer/@num_shards", f"{num_shards}; at least 1")
+        if layout is not None and layout.parts == num_shards:  # this rank's shard is stored as it is needed
+            master, m, v = _read_shard(r, layout.rank if layout.sharded else 0, num_shards, config)
+        else:
+            master, m, v = (np.empty(n, np.float32) for _ in range(3))
+            for index in range(num_shards):
+                shard_layout = file_layout(config, num_shards, index)
+                for whole, part in zip((master, m, v), _read_shard(r, index, num_shards, config)):
+                    shard_layout.unpack(part, whole)
+            if layout is not None:
+                master, m, v = (layout.pack(a) for a in (master, m, v))
         return Checkpoint(
             step=r.int_attr("/", "step"),
             model_config=config,
@@ -339,18 +453,26 @@ def list_checkpoints(folder):
     return sorted(found)
 
 
-def latest_checkpoint(folder, world_size=1, warn=None):
-    """The newest checkpoint in folder that loads and checks out, or None. A damaged or unfinished
-    newer file is skipped with a warning (through warn, default stderr) for the one before it."""
+def latest_checkpoint(folder, layout=None, warn=None, agree=None):
+    """The newest checkpoint in folder that loads and checks out (load_checkpoint(path, layout)), or
+    None. A damaged or unfinished newer file is skipped with a warning (through warn, default
+    stderr) for the one before it. agree: in a job of several ranks, a function that takes this
+    rank's problem with a candidate (None if it loaded) and returns every rank's
+    (Communicator.all_gather_object), so that all ranks skip the same files and resume together."""
     warn = warn or (lambda text: print(text, file=sys.stderr, flush=True))
+    agree = agree or (lambda problem: [problem])
     for step, path in reversed(list_checkpoints(folder)):
+        problem, ckpt = None, None
         try:
-            ckpt = load_checkpoint(path, world_size)
+            ckpt = load_checkpoint(path, layout)
         except CorruptCheckpointError as error:
-            warn(f"warning: skipping checkpoint {error}")
-            continue
-        if ckpt.step != step:
-            warn(f"warning: skipping checkpoint {path}: /@step: {ckpt.step}, but the name says {step}")
+            problem = str(error)
+        if ckpt is not None and ckpt.step != step:
+            problem = f"{path}: /@step: {ckpt.step}, but the name says {step}"
+        problems = [p for p in agree(problem) if p]
+        if problems:
+            for text in dict.fromkeys(problems):
+                warn(f"warning: skipping checkpoint {text}")
             continue
         return ckpt
     return None
@@ -365,7 +487,9 @@ def prune_checkpoints(folder, keep, major_every=0):
     for step, path in list_checkpoints(folder)[:-keep]:
         if major_every > 0 and step % major_every == 0:
             continue
-        os.remove(path)
+        os.remove(path)  # first the main file: from here on the checkpoint does not count
+        for shard in _shard_files(folder, step):
+            _remove(shard)
         deleted.append(path)
     return deleted
 
@@ -383,13 +507,20 @@ def info(path):
     """A summary of a checkpoint (it is loaded and checked in full first)."""
     import h5py
 
-    with _open(path) as f:
-        num_shards = _Reader(path, f).int_attr("/optimizer", "num_shards")
-    ckpt = load_checkpoint(path, world_size=num_shards)
+    ckpt = load_checkpoint(path)  # checks every shard
     c = ckpt.model_config
+    shards = []
+    with h5py.File(path, "r") as f:
+        for index in range(ckpt.num_shards):
+            name = f[f"optimizer/shard_{index:03d}"].attrs.get("file")
+            where = "in this file" if name is None else \
+                f"in {name} ({_size(os.path.getsize(os.path.join(os.path.dirname(os.path.abspath(path)), name)))})"
+            shards.append(f"  shard {index}: {int(f[f'optimizer/shard_{index:03d}'].attrs['count']):,} elements {where}")
     lines = [
         f"{path}: {FORMAT} version {FORMAT_VERSION}, {_size(os.path.getsize(path))}",
-        f"step {ckpt.step} (AdamW step {ckpt.adamw_step}), optimizer shards: {ckpt.num_shards}",
+        f"step {ckpt.step} (AdamW step {ckpt.adamw_step}), optimizer shards: {ckpt.num_shards}"
+        + (" (ZeRO-1 slices of every tensor, one per rank)" if ckpt.num_shards > 1 else ""),
+        *shards,
         f"model: L={c.num_layers} C={c.channels} NH={c.num_heads} V={c.vocab_size} (padded {c.padded_vocab_size}) "
         f"maxT={c.max_seq_len}, {num_parameters(c):,} parameters",
     ]

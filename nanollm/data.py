@@ -206,6 +206,7 @@ class DataLoader:
         self.rng = ShuffleRNG(self.seed)
         self.shard_order = list(range(len(self.files)))
         self.epoch = -1
+        self.skipped_rest_of_shard = False  # set by load_state
         self.tokens = None
         self.reset()
 
@@ -279,10 +280,20 @@ class DataLoader:
         }
 
     def load_state(self, state):
-        """Resume from state(): the next batch is the one the saved loader would have served."""
+        """Resume from state(): the next batch is the one the saved loader would have served.
+
+        A state saved by another number of ranks (a job resumed on more or fewer GPUs) loads too.
+        With the same B*T*world_size (e.g. 2 ranks at B=8 -> 1 rank at B=16) every sample is the
+        same window, so the batches continue exactly. Otherwise the shard's samples are cut
+        differently and the ones not yet served cannot be told apart, so the loader goes on with
+        the next shard in the saved order (self.skipped_rest_of_shard says so): no token is
+        served twice in an epoch, and the rest of that shard waits for the next epoch.
+        Returns self.skipped_rest_of_shard."""
         expected = {"seed": self.seed, "shuffle": int(self.shuffle), "num_shards": len(self.files),
-                    "num_tokens": self.num_tokens, "B": self.B, "T": self.T,
-                    "world_size": self.world_size}
+                    "num_tokens": self.num_tokens, "T": self.T}
+        relayout = int(state["world_size"]) != self.world_size
+        if not relayout:  # the same job shape: the batch must be the same too
+            expected.update(B=self.B, world_size=self.world_size)
         for name, value in expected.items():
             if int(state[name]) != value:
                 raise ValueError(f"loader state does not fit this loader ({self.pattern!r}): "
@@ -298,10 +309,15 @@ class DataLoader:
         self.shard_idx = shard_idx
         self.rng.set_state(state["rng_key"], int(state["rng_pos"]))
         self._load_shard()  # redraws this shard's sample order, leaving the generator as it was
+        same_windows = int(state["B"]) * int(state["world_size"]) == self.B * self.world_size
+        self.skipped_rest_of_shard = relayout and not same_windows
+        if self.skipped_rest_of_shard:
+            sample_idx = self.num_samples  # used up: the next batch starts the next shard
         if not 0 <= sample_idx <= self.num_samples:
             raise ValueError(f"loader state: sample_idx {sample_idx} is not in "
                              f"[0, {self.num_samples}] for {self.files[self.file_idx]}")
         self.sample_idx = sample_idx
+        return self.skipped_rest_of_shard
 
 
 class EvalLoader:

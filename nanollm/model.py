@@ -17,6 +17,13 @@ forward: encoder -> per layer: layernorm -> qkv matmul (+bias) -> attention -> a
 backward: the reverse, with += into gradients so micro-steps accumulate. update: global norm,
 then AdamW per tensor (weight decay on the 2-D tensors only), stochastic rounding to bf16.
 
+Several ranks (nanollm/distributed.py, zero.py): the last micro-step's backward averages the
+gradients across ranks, layer by layer as each layer's backward finishes when the communicator
+queues on streams (NCCL: a second stream, ordered by events, so the transfers overlap the rest of
+the backward, as llm.c does), after the backward otherwise (MPI, through the host). Under -z 1
+that is a reduce-scatter, master/m/v hold this rank's shard only, AdamW updates the shard and the
+bf16 parameters are all-gathered.
+
 Shapes: B batch, T time, C channels, NH heads, L layers, V vocabulary, Vp padded vocabulary.
 """
 
@@ -27,14 +34,15 @@ import numpy as np
 from numba import cuda
 from numba.cuda.cudadrv.driver import device_memset
 
-from . import reference, startup
+from . import distributed, reference, startup, zero
 from .cuda_graph import GraphReplayer, is_supported as cuda_graphs_supported
 from .staging import PinnedUploads
 from .config import WEIGHT_DECAY_PARAMETERS, num_parameters, parameter_shapes
 from .kernels import adamw, attention, classifier, encoder, gelu, global_norm, layernorm, matmul
 
 attention_cudnn = None  # imported only when cuDNN attention is chosen (it loads cuDNN)
-from .kernels.bf16 import from_bf16_bits
+from .kernels.bf16 import from_bf16_bits, to_bf16_bits
+from .kernels.cuda_common import SIMULATOR
 
 
 class Buffers:
@@ -68,14 +76,16 @@ class GPT2:
     """GPT-2 for training on one GPU at micro-batch (B, T)."""
 
     def __init__(self, config, B, T, seed=42, gelu_fusion=2, recompute=1, grad_accum_steps=1, attention="numba",
-                 cuda_graphs=None, parameters=None):
+                 cuda_graphs=None, parameters=None, comm=None, layout=None):
         """attention: "numba" (llm.c's own kernels: permute, cuBLASLt products, softmax), "cudnn"
         (flash attention through cuDNN, as llm.c's USE_CUDNN build), or "auto" (cuDNN where it
         works for this shape, else numba; self.attention_note says why).
         cuda_graphs: replay the forward and backward of full batches as CUDA graphs (None: where
         supported, i.e. on a real GPU; see cuda_graph.py). The results are the same launches'.
         parameters: flat float parameters in llm.c's order to start from (e.g. a model file's);
-        None: GPT-2's initialisation drawn from `seed` (reference.init_parameters)."""
+        None: GPT-2's initialisation drawn from `seed` (reference.init_parameters).
+        comm: a distributed.Communicator (default: one process); layout: this rank's
+        zero.ShardLayout (default: -z 0)."""
         if T > config.max_seq_len:
             raise ValueError(f"T={T} exceeds the model's max_seq_len {config.max_seq_len}")
         if gelu_fusion not in (0, 1, 2) or recompute not in (0, 1):
@@ -102,13 +112,26 @@ class GPT2:
         self.graphs = GraphReplayer(self.stream) if cuda_graphs else None
         self._adamw_launches = None
         self._adamw_multi_tensor = None
+        self.comm = comm or distributed.SingleProcess(distributed.World())
+        self.layout = layout or zero.ShardLayout(config, self.comm.size, self.comm.rank)
+        if (self.layout.world_size, self.layout.rank) != (self.comm.size, self.comm.rank):
+            raise ValueError(f"layout of rank {self.layout.rank}/{self.layout.world_size} for communicator rank "
+                             f"{self.comm.rank}/{self.comm.size}")
+        for t in self.layout.tensors:  # (tensors start 8-element aligned in Buffers)
+            if self.layout.sharded and (t.count % 4 or t.stride % 4):  # the norm kernel reads a slice as uint64 words
+                raise zero.ShardingError(
+                    f"-z 1 over {self.layout.world_size} processes on the GPU: tensor {t.tensor}'s slices of "
+                    f"{t.count} elements do not start on 4-element boundaries; use another process count")
         shapes = parameter_shapes(config)
         self.params = Buffers(shapes, np.uint16)
         self.grads = Buffers(shapes, np.uint16)
-        self.master = Buffers(shapes, np.float32)
-        self.m = Buffers(shapes, np.float32)
-        self.v = Buffers(shapes, np.float32)
+        # the optimizer state of this rank's shard (every parameter at -z 0), per tensor packed
+        state_shapes = {t.tensor: (t.state_count,) for t in self.layout.tensors}
+        self.master = Buffers(state_shapes, np.float32)
+        self.m = Buffers(state_shapes, np.float32)
+        self.v = Buffers(state_shapes, np.float32)
         self._allocate_activations()
+        self._prepare_communication()
         self.step = 0  # AdamW steps taken
         self.seed = seed
         startup.mark("GPU buffers: parameters, gradients, AdamW state, activations", cuda.synchronize)
@@ -202,18 +225,56 @@ class GPT2:
         self.hyper_uploads = PinnedUploads(adamw.HYPER_WORDS, np.uint32, self.stream)
         self._results_ready = None  # an event after update_clipped's copies to host_out
 
+    def _prepare_communication(self):
+        """Views of every unit (zero.Unit: what one collective moves) of the gradients and parameters,
+        this rank's slices of the gradients (its share of the global norm), and under NCCL the
+        second stream the backward's reductions run on."""
+        tensor_start = {t.tensor: t.offset for t in self.layout.tensors}
+
+        def unit_view(buffers, unit):
+            start = buffers.offsets[unit.tensor] + unit.offset - tensor_start[unit.tensor]
+            return buffers.memory[start:start + unit.size]
+
+        self._layer_grads = [[unit_view(self.grads, u) for u in self.layout.layer_units(l)]
+                             for l in range(self.config.num_layers)]
+        self._non_layer_grads = [unit_view(self.grads, u) for u in self.layout.non_layer_units()]
+        self._param_units = [unit_view(self.params, u) for u in self.layout.units]
+        self._shard_grads = [self.grads.memory[start:start + t.count] for t in self.layout.tensors
+                             for start in (self.grads.offsets[t.tensor] + t.start + s * t.stride for s in range(t.slices))]
+        self.reduce_stream = self._events = None
+        if self.comm.stream_ordered:
+            self.reduce_stream = cuda.stream()
+            self._events = [cuda.event() if SIMULATOR else cuda.event(timing=False) for _ in range(2)]
+
+    def memory_note(self):
+        """What the model's buffers take on this GPU, the optimizer state's share under -z 1."""
+        mib = lambda *arrays: sum(a.nbytes for a in arrays) / 2**20  # noqa: E731
+        share = (f"1/{self.layout.world_size} of the parameters, ZeRO-1" if self.layout.sharded
+                 and self.layout.world_size > 1 else "all parameters")
+        return (f"parameters {mib(self.params.memory):.0f} MiB, gradients {mib(self.grads.memory):.0f} MiB, "
+                f"optimizer state {mib(self.master.memory, self.m.memory, self.v.memory):.0f} MiB "
+                f"(fp32 master, m, v of {share}), activations {mib(self.acts.memory, self.acts32.memory):.0f} MiB")
+
     def load_parameters(self, flat_params):
         """Set every parameter from a flat float array in llm.c's order (rounded to bf16), the
-        fp32 master weights from those bf16 values (as llm.c), and reset AdamW."""
+        fp32 master weights (of this rank's shard) from those bf16 values (as llm.c), and reset AdamW."""
         flat_params = np.asarray(flat_params, dtype=np.float32).reshape(-1)
         if flat_params.size != self.num_parameters:
             raise ValueError(f"expected {self.num_parameters} parameters, got {flat_params.size}")
-        # fp32 up into the master weights, rounded to bf16 on the GPU (the same bits as the host's
-        # to_bf16_bits: several numpy passes over every parameter on one core)
-        self._upload(self.master, flat_params)
-        for name, shape in self.params.shapes.items():
-            adamw.round_master_weights(self.params.memory, self.master.memory, offset=self.params.offsets[name],
-                                       count=math.prod(shape), state_offset=self.master.offsets[name])
+        if not self.layout.sharded:
+            # fp32 up into the master weights, rounded to bf16 on the GPU (the same bits as the host's
+            # to_bf16_bits: several numpy passes over every parameter on one core)
+            self._upload(self.master, flat_params)
+            for name, shape in self.params.shapes.items():
+                adamw.round_master_weights(self.params.memory, self.master.memory, offset=self.params.offsets[name],
+                                           count=math.prod(shape), state_offset=self.master.offsets[name])
+        else:  # this rank's master weights are a shard: every parameter is rounded on the host
+            self._upload(self.params, to_bf16_bits(flat_params))
+            for t in self.layout.tensors:
+                for s in range(t.slices):
+                    adamw.init_master_weights(self.master.memory, self.params.memory,
+                                              offset=self.params.offsets[t.tensor] + t.start + s * t.stride,
+                                              count=t.count, state_offset=self.master.offsets[t.tensor] + s * t.count)
         device_memset(self.m.memory, 0, self.m.memory.nbytes)
         device_memset(self.v.memory, 0, self.v.memory.nbytes)
         self.step = 0
@@ -249,16 +310,17 @@ class GPT2:
 
     def optimizer_state(self):
         """Everything a bit-exact resume needs, as host arrays in llm.c's flat order:
-        params_bf16 (uint16 bits), master, m, v (float32), AdamW's step and the stochastic-rounding
-        base seed (with the step it fixes every later update's rounding)."""
+        params_bf16 (uint16 bits), master, m, v (float32; this rank's shard, packed, under -z 1:
+        zero.ShardLayout), AdamW's step and the stochastic-rounding base seed (with the step it
+        fixes every later update's rounding)."""
         cuda.synchronize()
         return {"params_bf16": self._download(self.params), "master": self._download(self.master),
                 "m": self._download(self.m), "v": self._download(self.v), "step": self.step, "seed": self.seed}
 
     def load_optimizer_state(self, state):
         """Restore optimizer_state()'s output exactly (bit for bit); "seed" is optional."""
-        n = self.num_parameters
         for name, dtype in (("params_bf16", np.uint16), ("master", np.float32), ("m", np.float32), ("v", np.float32)):
+            n = self.num_parameters if name == "params_bf16" else self.layout.state_size
             array = np.asarray(state[name]).reshape(-1)
             if array.dtype != dtype or array.size != n:
                 raise ValueError(f"optimizer state {name}: expected ({n},) {np.dtype(dtype)}, "
@@ -437,18 +499,47 @@ class GPT2:
     def zero_grad(self):
         device_memset(self.grads.memory, 0, self.grads.memory.nbytes, stream=self.stream)
 
-    def backward(self):
+    def backward(self, reduce=False):
         """Gradients of the last forward's loss, added (+=) into self.grads. Returns without
-        waiting for the GPU."""
+        waiting for the GPU (except for a host-staged reduction). reduce (the last micro-step):
+        then average the gradients across the ranks, all-reduce at -z 0, reduce-scatter at -z 1
+        (only this rank's slices are averaged; it updates only those); with NCCL each layer's as
+        soon as its backward is done, on the reduce stream, inside the same graph."""
         if self.num_buckets is None:
             raise RuntimeError("backward() needs a forward(tokens, targets) of the full batch before it")
-        self._replay("backward", self._backward_layers)
+        reduce = reduce and self.comm.active
+        overlap = reduce and self.comm.stream_ordered
+        self._replay("backward+reduce" if overlap else "backward", lambda: self._backward_layers(overlap))
         # eager: its grid is the batch's number of distinct tokens
         encoder.encoder_backward_packed(self.grads.wte, self.grads.wpe, self.acts.dresidual, self.encoder_buckets,
                                         self.num_buckets, stream=self.stream)
+        if reduce:  # wte, wpe, lnfw, lnfb now (the layers' went during the backward, with NCCL)
+            self._reduce_gradients(self._non_layer_grads if overlap else
+                                   [v for layer in self._layer_grads for v in layer] + self._non_layer_grads,
+                                   self.stream)
 
-    def _backward_layers(self):
-        """backward() up to the encoder: lm head, the layers in reverse, d encoded in dresidual."""
+    def _reduce_gradients(self, views, stream):
+        collective = self.comm.reduce_scatter if self.layout.sharded else self.comm.all_reduce
+        with self.comm.group():
+            for view in views:
+                collective(view, "avg", stream=stream)
+
+    def _reduce_layer_on_side_stream(self, layer):
+        """Queue layer's gradient reduction on the reduce stream, after the work queued so far."""
+        ready = self._events[0]
+        ready.record(self.stream)
+        ready.wait(self.reduce_stream)
+        self._reduce_gradients(self._layer_grads[layer], self.reduce_stream)
+
+    def _join_reduce_stream(self):
+        done = self._events[1]
+        done.record(self.reduce_stream)
+        done.wait(self.stream)
+
+    def _backward_layers(self, reduce_layers=False):
+        """backward() up to the encoder: lm head, the layers in reverse, d encoded in dresidual.
+        reduce_layers: each layer's gradients go to the reduce stream when its backward is queued;
+        the model stream waits for them at the end (a captured graph must end joined)."""
         c, B, T, s = self.config, self.B, self.T, self.stream
         L, C, NH = c.num_layers, c.channels, c.num_heads
         a, a32, p, g = self.acts, self.acts32, self.params, self.grads
@@ -490,47 +581,88 @@ class GPT2:
                                    stream=s)
             layernorm.layernorm_backward(a.dresidual, g.ln1w[l], g.ln1b[l], ln_scratch, a.dbtc, residual,
                                          p.ln1w[l], a32.ln1_mean[l], a32.ln1_rstd[l], stream=s)
+            if reduce_layers:
+                self._reduce_layer_on_side_stream(l)
+        if reduce_layers:
+            self._join_reduce_stream()
 
     # ---- update -------------------------------------------------------------------------------
 
     def grad_norm(self):
-        """Global L2 norm of all gradients (one host synchronisation)."""
-        global_norm.global_norm_squared(self.acts32.norm, self.acts32.norm_scratch,
-                                        self.grads.memory[:self._flat_size()], stream=self.stream)
-        return math.sqrt(float(self._read(self.acts32.norm, 1)[0]))
+        """Global L2 norm of all gradients (one host synchronisation). After a -z 1 reduction each
+        rank holds the averaged gradients of its slices only: the squares of those, summed over the
+        ranks (as llm.c's gpt2_calculate_grad_norm)."""
+        if self.layout.sharded:  # one launch per slice: replayed as one graph
+            self._replay("shard norm", self._queue_norm_squared)
+        else:
+            self._queue_norm_squared()
+        total = float(self._read(self.acts32.norm, 1)[0])
+        return math.sqrt(self.comm.all_reduce_host(total, "sum") if self.layout.sharded else total)
+
+    def _queue_norm_squared(self):
+        """acts32.norm = the sum of squares of the gradients this rank holds averaged: all of them,
+        or under -z 1 its slices'. (The simulator spawns a Python thread per GPU thread, and a test
+        model's slices are tiny: small blocks there.)"""
+        a32 = self.acts32
+        if not self.layout.sharded:
+            global_norm.global_norm_squared(a32.norm, a32.norm_scratch, self.grads.memory[:self._flat_size()],
+                                            stream=self.stream)
+        else:
+            global_norm.global_norm_squared(a32.norm, a32.norm_scratch, self._shard_grads, stream=self.stream,
+                                            block_size=32 if SIMULATOR else global_norm.BLOCK_SIZE)
 
     def _flat_size(self):
         last = list(self.grads.shapes)[-1]
         return self.grads.offsets[last] + math.prod(self.grads.shapes[last])
 
     def update(self, learning_rate, weight_decay=0.0, grad_scale=1.0, beta1=0.9, beta2=0.95, eps=1e-8):
-        """One AdamW step; weight decay only on the 2-D tensors (WEIGHT_DECAY_PARAMETERS)."""
-        if self._adamw_launches is None:  # one prepared launch per tensor, built once
+        """One AdamW step; weight decay only on the 2-D tensors (WEIGHT_DECAY_PARAMETERS). Under
+        -z 1 on this rank's slices, then the parameters all-gathered."""
+        if self._adamw_launches is None:  # one prepared launch per tensor (all its slices), built once
             self._adamw_launches = [
-                (name in WEIGHT_DECAY_PARAMETERS,
+                (t.tensor in WEIGHT_DECAY_PARAMETERS,
                  adamw.prepare_adamw_update(self.params.memory, self.grads.memory, self.master.memory, self.m.memory,
-                                            self.v.memory, offset=self.params.offsets[name],
-                                            count=math.prod(shape)))
-                for name, shape in self.params.shapes.items()]
+                                            self.v.memory, offset=self.params.offsets[t.tensor] + t.start,
+                                            count=t.count, state_offset=self.master.offsets[t.tensor],
+                                            slices=t.slices, stride=t.stride, state_stride=t.count))
+                for t in self.layout.tensors]
         self.step += 1
         for index, (decayed, launch) in enumerate(self._adamw_launches):
             # a fresh stochastic-rounding seed per step; keyed on the element index within it
             seed = (self.seed * 1_000_003 + self.step * 7919 + index) & 0xFFFFFFFF
             launch(self.step, learning_rate, beta1, beta2, eps, weight_decay if decayed else 0.0, grad_scale, seed,
                    self.stream)
+        if self.layout.sharded and self.comm.active:
+            self._gather_parameters()
+
+    def _gather_parameters(self):
+        """Every rank's updated slices to every rank, on the model stream (the next forward needs
+        them); a fixed sequence of NCCL calls, so replayed as one graph."""
+        if self.comm.stream_ordered:
+            self._replay("gather parameters", self._queue_gather_parameters)
+        else:
+            self._queue_gather_parameters()
+
+    def _queue_gather_parameters(self):
+        with self.comm.group():
+            for view in self._param_units:
+                self.comm.all_gather(view, stream=self.stream)
 
     # ---- update without host synchronisation --------------------------------------------------
 
     def update_clipped(self, learning_rate, weight_decay=0.0, grad_clip=1.0, beta1=0.9, beta2=0.95, eps=1e-8):
-        """The step's end with no host synchronisation: global norm, clip scale (grad_clip / norm
-        when the norm exceeds grad_clip > 0, computed on the GPU), AdamW over every tensor in one
-        launch -- replayed as one CUDA graph where graphs are on -- then the micro-steps' losses and
-        the norm copied to pinned memory. step_results() waits for them. The same bits as
-        grad_norm() + update(learning_rate, weight_decay, grad_scale) with the host's clip scale."""
+        """The step's end with no host synchronisation: global norm (over all ranks), clip scale
+        (grad_clip / norm when the norm exceeds grad_clip > 0, computed on the GPU), AdamW over
+        every tensor (this rank's slices under -z 1) in one launch, the parameters all-gathered
+        under -z 1 -- replayed as one CUDA graph where graphs are on and the collectives are NCCL's
+        -- then the micro-steps' losses and the norm copied to pinned memory. step_results() waits
+        for them. The same bits as grad_norm() + update(learning_rate, weight_decay, grad_scale)
+        with the host's clip scale."""
         if self._adamw_multi_tensor is None:
-            ranges = [(self.params.offsets[name], math.prod(shape), self.master.offsets[name],
-                       name in WEIGHT_DECAY_PARAMETERS, index)
-                      for index, (name, shape) in enumerate(self.params.shapes.items())]
+            # every slice of every tensor this rank updates; update()'s seed index is the tensor's
+            ranges = [(self.params.offsets[t.tensor] + t.start + s * t.stride, t.count,
+                       self.master.offsets[t.tensor] + s * t.count, t.tensor in WEIGHT_DECAY_PARAMETERS, index)
+                      for index, t in enumerate(self.layout.tensors) for s in range(t.slices)]
             self._adamw_multi_tensor = adamw.prepare_adamw_multi_tensor(
                 self.params.memory, self.grads.memory, self.master.memory, self.m.memory, self.v.memory, ranges)
         self.step += 1
@@ -539,7 +671,10 @@ class GPT2:
         adamw.adamw_hyperparameters(self.step, learning_rate, beta1, beta2, eps, weight_decay,
                                     seed=self.seed * 1_000_003 + self.step * 7919, out=slot)
         self.hyper_uploads.send(slot, self.update_hyper, 0, adamw.HYPER_WORDS)
-        self._replay(("update", float(grad_clip)), lambda: self._queue_update(grad_clip))
+        if self.comm.active and not self.comm.stream_ordered:
+            self._queue_update(grad_clip)  # host-staged collectives (MPI) cannot be captured
+        else:
+            self._replay(("update", float(grad_clip)), lambda: self._queue_update(grad_clip))
         losses = self.acts32.losses
         n = losses.size
         losses.reshape(n).copy_to_host(self.host_out[:n], stream=self.stream)
@@ -549,14 +684,18 @@ class GPT2:
 
     def _queue_update(self, grad_clip):
         a32, s = self.acts32, self.stream
-        global_norm.global_norm_squared(a32.norm, a32.norm_scratch, self.grads.memory[:self._flat_size()], stream=s)
+        self._queue_norm_squared()
+        if self.layout.sharded and self.comm.active:  # each rank has its slices' share: the job's sum
+            self.comm.all_reduce(a32.norm, "sum", stream=s)
         global_norm.grad_clip_scale(a32.grad_scale, a32.norm, grad_clip, stream=s)
         self._adamw_multi_tensor(self.update_hyper, a32.grad_scale, stream=s)
+        if self.layout.sharded and self.comm.active:
+            self._queue_gather_parameters()
 
     def step_results(self):
-        """(mean loss over the micro-steps, global gradient norm) of the last update_clipped step,
-        once the GPU has run it (the step's one host synchronisation); the same numbers losses()
-        and grad_norm() give."""
+        """(mean loss over this rank's micro-steps, global gradient norm) of the last
+        update_clipped step, once the GPU has run it (the step's one host synchronisation); the
+        same numbers losses() and grad_norm() give."""
         if self._results_ready is None:
             raise RuntimeError("step_results() needs an update_clipped() before it")
         self._results_ready.synchronize()

@@ -11,6 +11,11 @@ ETA) goes to stdout and, with -o, llm.c's log format ("s:STEP trl:LOSS", "s:STEP
 "s:STEP eval:ACC") to OUT/main.log.
 On a GPU the model is nanollm.model.GPT2 (bf16, Numba kernels, cuBLASLt); with --device cpu (or
 no GPU) it is the numpy reference in float32, for small models.
+
+Under mpirun (or srun) every rank runs this same loop on its own window of each batch
+(nanollm/distributed.py): the backends average the gradients across ranks in the last
+micro-step's backward (all-reduce, or with -z 1 reduce-scatter, and the optimizer state sharded:
+nanollm/zero.py), the loss, norm and val loss are the job's, and rank 0 alone prints and logs.
 """
 
 import importlib.util
@@ -23,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import checkpoint, hellaswag, memory_plan, preemption, reference, startup, storage
+from . import checkpoint, distributed, hellaswag, memory_plan, preemption, reference, startup, storage, zero
 from .config import flops_per_token, from_descriptor, num_parameters
 from .cuda_libraries import MissingCudaLibrary
 from .data import DataLoader, EvalLoader, ShardError
@@ -38,6 +43,7 @@ from .train_config import TrainConfig, UsageError, main_parse, validate
 class TrainResult:
     steps: int                                        # optimizer steps taken
     train_losses: list = field(default_factory=list)  # one per step
+    grad_norms: list = field(default_factory=list)    # one per step (before clipping)
     val_losses: dict = field(default_factory=dict)    # step -> val loss
     samples: dict = field(default_factory=dict)       # step -> generated text
     hellaswag: dict = field(default_factory=dict)     # step -> HellaSwag accuracy (acc_norm), with -h 1
@@ -65,7 +71,7 @@ class TrainResult:
 class GpuBackend:
     """nanollm.model.GPT2: bf16 on the GPU."""
 
-    def __init__(self, config, cfg, grad_accum, init_params=None):
+    def __init__(self, config, cfg, grad_accum, init_params=None, comm=None, layout=None):
         from numba import cuda
 
         from . import cuda_libraries
@@ -78,29 +84,34 @@ class GpuBackend:
         self.model = GPT2(config, cfg.batch_size, cfg.seq_len, seed=cfg.seed, gelu_fusion=gelu_fusion,
                           recompute=cfg.recompute, grad_accum_steps=grad_accum, attention=cfg.attention,
                           cuda_graphs=None if cfg.cuda_graphs else False,  # 1: where supported
-                          parameters=init_params)  # None: GPT-2's initialisation from the seed
+                          parameters=init_params,  # None: GPT-2's initialisation from the seed
+                          comm=comm, layout=layout)
+        self.comm = self.model.comm
         device = cuda.get_current_device()
         name = device.name
         self.device_name = name.decode() if isinstance(name, bytes) else str(name)
+        self.placement = f"GPU {device.id} ({self.device_name})"
         try:  # for -lg: NVML finds the GPU by its PCI address
             self.pci_bus_id = "{pci_domain_id:04x}:{pci_bus_id:02x}:{pci_device_id:02x}.0".format(
                 **device.get_device_identity())
         except Exception:  # an attribute the driver will not give: NVML's device 0, as llm.c
             self.pci_bus_id = None
         free, total = cuda.current_context().get_memory_info()
-        self.description = (f"{self.device_name}, {(total - free) / 2**30:.1f} GiB in use after allocation; "
-                            f"cuBLASLt: {cublaslt_path}; attention: {self.model.attention_note}; "
+        self.description = (f"{self.device_name}, {(total - free) / 2**30:.1f} GiB in use after allocation "
+                            f"({self.model.memory_note()}); cuBLASLt: {cublaslt_path}; "
+                            f"attention: {self.model.attention_note}; "
                             f"CUDA graphs {'on' if self.model.graphs else 'off'}")
 
     def train_micro_step(self, x, y, micro_step):
         self.model.forward(x, y, micro_step)
-        self.model.backward()
+        # the last micro-step's backward also averages the gradients across the ranks
+        self.model.backward(reduce=micro_step == self.model.grad_accum_steps - 1)
 
     def zero_grad(self):
         self.model.zero_grad()
 
     def step_loss(self):
-        return self.model.losses()
+        return self.comm.all_reduce_host(self.model.losses(), "avg")
 
     def grad_norm(self):
         return self.model.grad_norm()
@@ -112,7 +123,8 @@ class GpuBackend:
         self.model.update_clipped(lr, weight_decay=weight_decay, grad_clip=grad_clip)
 
     def step_results(self):
-        return self.model.step_results()
+        loss, norm = self.model.step_results()  # the norm is the job's already
+        return self.comm.all_reduce_host(loss, "avg"), norm
 
     def evaluate(self, x, y):
         return self.model.evaluate(x, y)
@@ -137,30 +149,45 @@ class GpuBackend:
     def optimizer_state(self):
         return self.model.optimizer_state()
 
+    @property
+    def state_layout(self):
+        """The slicing load_optimizer_state takes: this rank's shard."""
+        return self.model.layout
+
     def load_optimizer_state(self, state):
         self.model.load_optimizer_state(state)
+
+    def close(self):
+        """Destroy the CUDA graphs: those of a multi-rank step hold NCCL work, so they go before the
+        communicator does."""
+        if self.model.graphs is not None:
+            self.model.graphs.clear()
 
 
 class CpuBackend:
     """The numpy reference model in float32: exact, slow, for small models without a GPU."""
 
-    def __init__(self, config, cfg, grad_accum, init_params=None):
+    def __init__(self, config, cfg, grad_accum, init_params=None, comm=None, layout=None):
         self.config = config
         self.grad_accum = grad_accum
         self.seed = cfg.seed
+        self.comm = comm or distributed.SingleProcess(distributed.World())
+        self.layout = layout or zero.ShardLayout(config)
         if init_params is None:
             self.params = reference.init_parameters(config, cfg.seed, np.float32)
         else:
             self.params = reference.ParameterTensors(config, np.float32)
             self.params.memory[:] = init_params
         self.grads = reference.ParameterTensors(config, np.float32)
-        self.m = reference.ParameterTensors(config, np.float32)
-        self.v = reference.ParameterTensors(config, np.float32)
+        # AdamW's moments for this rank's shard (all parameters unless -z 1 over several ranks)
+        self.m = np.zeros(self.layout.state_size, np.float32)
+        self.v = np.zeros(self.layout.state_size, np.float32)
         self.step = 0
         self.losses = []
         self.norm = None  # of the last update_clipped
-        self.device_name = "cpu"
-        self.description = f"CPU, numpy float32 reference model ({self.params.memory.nbytes / 2**20:.0f} MiB of parameters)"
+        self.device_name = self.placement = "CPU"
+        self.description = (f"CPU, numpy float32 reference model ({self.params.memory.nbytes / 2**20:.0f} MiB of "
+                            f"parameters, {2 * self.m.nbytes / 2**20:.0f} MiB of AdamW state)")
 
     def zero_grad(self):
         self.grads.zero()
@@ -170,17 +197,22 @@ class CpuBackend:
         _, loss, acts = reference.gpt2_forward(self.params, self.config, x, y)
         reference.gpt2_backward(self.grads, self.params, self.config, acts, dloss=1.0 / self.grad_accum)
         self.losses.append(loss)
+        if micro_step == self.grad_accum - 1:
+            zero.reduce_gradients(self.layout, self.grads.memory, self.comm)
 
     def step_loss(self):
-        return float(np.mean(self.losses))
+        return self.comm.all_reduce_host(float(np.mean(self.losses)), "avg")
 
     def grad_norm(self):
-        return reference.gpt2_grad_norm(self.grads)
+        if not self.layout.sharded:  # every rank holds every averaged gradient
+            return reference.gpt2_grad_norm(self.grads)
+        return math.sqrt(self.comm.all_reduce_host(zero.shard_sum_of_squares(self.layout, self.grads.memory)))
 
     def update(self, lr, weight_decay, grad_scale):
         self.step += 1
-        reference.gpt2_update(self.params, self.grads, self.m, self.v, self.step, lr, weight_decay=weight_decay,
-                              grad_scale=grad_scale)
+        zero.adamw_update_shard(self.layout, self.params.memory, self.grads.memory, self.m, self.v, self.step, lr,
+                                weight_decay=weight_decay, grad_scale=grad_scale)
+        zero.gather_parameters(self.layout, self.params.memory, self.comm)
 
     def update_clipped(self, lr, weight_decay, grad_clip):
         self.norm = self.grad_norm()
@@ -203,23 +235,33 @@ class CpuBackend:
     def synchronize(self):
         pass
 
+    def close(self):
+        pass
+
     def optimizer_state(self):
-        """As GPT2.optimizer_state: the float32 parameters are the master weights; params_bf16 is
-        their round-to-nearest bf16 image (what a GPU resuming from this file would hold)."""
+        """As GPT2.optimizer_state: the float32 parameters are the master weights (this rank's
+        shard of them, packed, under -z 1); params_bf16 is their round-to-nearest bf16 image (what
+        a GPU resuming from this file would hold)."""
         from .kernels.bf16 import to_bf16_bits
 
-        return {"params_bf16": to_bf16_bits(self.params.memory), "master": self.params.memory.copy(),
-                "m": self.m.memory.copy(), "v": self.v.memory.copy(), "step": self.step, "seed": self.seed}
+        return {"params_bf16": to_bf16_bits(self.params.memory), "master": self.layout.pack(self.params.memory),
+                "m": self.m.copy(), "v": self.v.copy(), "step": self.step, "seed": self.seed}
+
+    # load_optimizer_state takes the whole state, every shard's: under -z 1 each rank's float32
+    # parameters outside its shard are the other ranks' master weights (the GPU's are bf16)
+    state_layout = None
 
     def load_optimizer_state(self, state):
+        """A whole (flat-order) optimizer state, as checkpoint.load_checkpoint(path) returns; this
+        rank keeps its shard of m and v."""
         n = self.params.memory.size
         for name in ("master", "m", "v"):
             array = np.asarray(state[name]).reshape(-1)
             if array.dtype != np.float32 or array.size != n:
                 raise ValueError(f"optimizer state {name}: expected ({n},) float32, got {array.shape} {array.dtype}")
         self.params.memory[:] = state["master"].reshape(-1)
-        self.m.memory[:] = state["m"].reshape(-1)
-        self.v.memory[:] = state["v"].reshape(-1)
+        self.m[:] = self.layout.pack(state["m"])
+        self.v[:] = self.layout.pack(state["v"])
         self.step = int(state["step"])
         self.seed = int(state.get("seed", self.seed))
 
@@ -267,13 +309,15 @@ def sample(backend, tokenizer, num_tokens, rng):
 # ---- the loop ----------------------------------------------------------------------------------
 
 class Logger:
-    """stdout, and llm.c's main.log in the output directory (appending, as llm.c with -y 1)."""
+    """stdout, and llm.c's main.log in the output directory (appending, as llm.c with -y 1).
+    quiet (ranks other than 0): neither."""
 
-    def __init__(self, output_dir, append=False, storage_errors="stop"):
+    def __init__(self, output_dir, append=False, storage_errors="stop", quiet=False):
         self.path = ""
         self.file = None
         self.storage_errors = storage_errors
-        if output_dir:
+        self.quiet = quiet
+        if output_dir and not quiet:
             if os.path.exists(output_dir) and not os.path.isdir(output_dir):
                 raise UsageError(f"-o {output_dir}: exists and is not a directory")
             self.path = os.path.join(output_dir, "main.log")
@@ -284,7 +328,8 @@ class Logger:
                 raise UsageError(f"-o {output_dir}: cannot write {self.path}: {storage.reason(error)}") from None
 
     def print(self, text):
-        print(text, flush=True)
+        if not self.quiet:
+            print(text, flush=True)
 
     def record(self, line):
         if self.file:
@@ -307,52 +352,82 @@ class Logger:
                 pass
 
 
+# bad settings, data or installation, or a run that cannot fit or save: a clear message and exit
+# code 2, as for a bad flag
+BAD_INPUT = (UsageError, FileNotFoundError, ShardError, checkpoint.CheckpointError, storage.StorageError,
+             MissingCudaLibrary)
+
+
 def train(cfg=None, **overrides):
     """Train as `python -m nanollm.train` would with the same settings; returns a TrainResult.
-    cfg: a TrainConfig (default: llm.c's defaults); keyword arguments override its fields."""
+    cfg: a TrainConfig (default: llm.c's defaults); keyword arguments override its fields.
+    Under mpirun, every rank calls this; an exception in any rank ends the whole job."""
     cfg = cfg or TrainConfig()
     if overrides:
         cfg = TrainConfig(**{**cfg.__dict__, **overrides})
     validate(cfg)
+    world = distributed.init_world()
+    try:
+        return _train(cfg, world)
+    except preemption.Interrupted:  # every rank stops at the same step: each exits on its own
+        raise
+    except BaseException as error:
+        if world.size == 1:
+            raise
+        distributed.abort_job(world, error, 2 if isinstance(error, BAD_INPUT) else 1)
+
+
+def _train(cfg, world):
     start_time = time.perf_counter()
     startup.mark("python start-up and imports, to train()")
     startup.time_numba_kernels()
+    world.check_same_settings(cfg.__dict__)  # before anything is read or allocated
     config, init_params = _model_config(cfg)
     B, T = cfg.batch_size, cfg.seq_len
     if T > config.max_seq_len:
         raise UsageError(f"-t {T} exceeds the model's context of {config.max_seq_len}")
-    world_size, rank = 1, 0
+    world_size, rank = world.size, world.rank
     tokens_per_micro_step = B * T * world_size
     total_batch = cfg.total_batch_size if cfg.total_batch_size != -1 else tokens_per_micro_step
     if total_batch % tokens_per_micro_step:
         raise UsageError(f"-d {total_batch} must be a multiple of B*T*processes = {tokens_per_micro_step}")
     grad_accum = total_batch // tokens_per_micro_step
+    layout = zero.ShardLayout(config, world_size, rank, cfg.zero_stage)  # -z 1: N must divide every tensor
     if cfg.plan:  # --plan: the arithmetic only, no data or GPU needed
         return TrainResult(steps=0, memory_plan=memory_plan.print_plan(cfg, config, grad_accum, world_size,
                                                                        gpu_available()))
 
     train_loader = DataLoader(cfg.input_bin, B, T, rank, world_size, shuffle=True, seed=cfg.seed)
-    val_loader = EvalLoader(cfg.input_val_bin, B, T, rank, world_size, max_batches=cfg.val_max_steps) \
-        if cfg.val_loss_every > 0 else None
+    try:
+        val_loader = EvalLoader(cfg.input_val_bin, B, T, rank, world_size, max_batches=cfg.val_max_steps) \
+            if cfg.val_loss_every > 0 else None
+    except ShardError as error:  # a small val split: a val batch is one window of all ranks' B*T
+        raise ShardError(f"-j: {error}; -v 0 turns validation off") from None
     max_steps = cfg.max_steps if cfg.max_steps != -1 else max(1, train_loader.num_tokens // total_batch)
     hellaswag_path, hellaswag_examples = _hellaswag_examples(cfg, config) if cfg.hellaswag else (None, None)
 
     device = _choose_device(cfg)
-    log = Logger(cfg.output_dir, append=bool(cfg.resume), storage_errors=cfg.storage_errors)  # llm.c appends with -y 1
+    # each rank takes its local rank's GPU before any other CUDA call
+    gpus_on_host = distributed.select_gpu(world)[1] if device == "cuda" else 0
+    comm = distributed.make_communicator(world, cfg.comm, device, gpus_on_host)
+    # llm.c appends to main.log with -y 1
+    log = Logger(cfg.output_dir, append=bool(cfg.resume), storage_errors=cfg.storage_errors, quiet=rank > 0)
     if device == "cpu" and cfg.device == "auto":
         log.print("No CUDA GPU found: training on the CPU with the numpy reference model (slow; small models only).")
     startup.mark("model config, data loaders")
     # before anything large is allocated: print what the run needs, refuse one that does not fit
     plan = memory_plan.check(cfg, config, device, grad_accum, world_size, print=log.print,
                              attention=memory_plan.resolve_attention(cfg.attention) if device == "cuda" else None)
-    backend = (GpuBackend if device == "cuda" else CpuBackend)(config, cfg, grad_accum, init_params)
+    backend = (GpuBackend if device == "cuda" else CpuBackend)(config, cfg, grad_accum, init_params, comm, layout)
+    placements = world.allgather(backend.placement)
     from .tokenizer import get_tokenizer
 
-    tokenizer = get_tokenizer() if cfg.sample_every > 0 else None
+    tokenizer = get_tokenizer() if cfg.sample_every > 0 and rank == 0 else None
     sample_rng = np.random.default_rng(1337)
     start_step, resumed = 0, None
     if cfg.resume:
-        resumed = checkpoint.latest_checkpoint(cfg.output_dir, world_size, warn=log.print)
+        resumed = checkpoint.latest_checkpoint(cfg.output_dir, backend.state_layout, warn=log.print,
+                                               agree=comm.all_gather_object if world_size > 1 else None)
         found = checkpoint.list_checkpoints(cfg.output_dir)
         if resumed is None and found:  # starting over would silently throw away the run
             raise checkpoint.CheckpointError(
@@ -370,6 +445,11 @@ def train(cfg=None, **overrides):
     log.print(f"model {cfg.model}: L={config.num_layers} C={config.channels} NH={config.num_heads} "
               f"V={config.vocab_size} (padded {config.padded_vocab_size}), {num_parameters(config):,} parameters")
     log.print(f"device: {backend.description}")
+    if comm.active or comm.name == "nccl":
+        staged = " (through the host)" if comm.name == "mpi" and device == "cuda" else ""
+        staged += f" ({comm.library})" if comm.name == "nccl" else ""
+        log.print(f"{distributed.describe_ranks(world, placements)}; communicator: {comm.name}{staged}"
+                  + (f"; {layout.describe()}" if layout.describe() else ""))
     log.print(f"B={B} T={T} total batch {total_batch:,} tokens, grad accumulation {grad_accum}, {max_steps} steps; "
               f"train {train_loader.num_tokens:,} tokens in {len(train_loader.files)} shard(s)"
               + (f", val {len(val_loader)} batch(es)" if val_loader else ""))
@@ -382,14 +462,18 @@ def train(cfg=None, **overrides):
                          resumed_from=resumed.path if resumed else "", memory_plan=plan.table())
     step_times = []
     eta_origin = None  # (time, step) at the end of the first timed step: the ETA's clock starts there
-    stop = preemption.StopSignals().install()  # SIGTERM, SIGINT, SIGUSR1: stop after the step, with a checkpoint
+    # SIGTERM, SIGINT, SIGUSR1: stop after the step, with a checkpoint; every rank at the same step
+    agree = (lambda flag: comm.all_reduce_host(flag, "max")) if world_size > 1 else None
+    stop = preemption.StopSignals(agree=agree).install()
     try:
         for step in range(start_step, max_steps + 1):
             last = step == max_steps
             resuming = resumed is not None and step == start_step
             stopping = 0 if last else stop.stop_now()  # the one place a stop is decided (all ranks alike)
             if val_loader is not None and not stopping and (step % cfg.val_loss_every == 0 or last):
+                # each rank's windows of the same val batches, averaged over the ranks
                 val_loss = float(np.mean([backend.evaluate(x, y) for x, y in val_loader]))
+                val_loss = comm.all_reduce_host(val_loss, "avg")
                 result.val_losses[step] = val_loss
                 log.print(f"val loss {val_loss:.6f}")
                 log.record(f"s:{step} tel:{val_loss:.6f}")
@@ -397,20 +481,22 @@ def train(cfg=None, **overrides):
             if hellaswag_examples and ((cfg.val_loss_every > 0 and step > 0 and step % cfg.val_loss_every == 0)
                                        or last):
                 t_eval = time.perf_counter()
-                # the counts are per rank; sum_counts (hellaswag.local_sum today) adds them over ranks
-                hs = hellaswag.evaluate(backend.position_losses, hellaswag_examples, B, T, rank, world_size)
+                # each rank scores its share of the examples; the counts are summed over the ranks
+                hs = hellaswag.evaluate(backend.position_losses, hellaswag_examples, B, T, rank, world_size,
+                                        sum_counts=lambda counts: comm.all_reduce_host(counts, "sum"))
                 result.hellaswag[step] = hs.accuracy
                 log.print(f"HellaSwag: {hs.correct}/{hs.total} = {hs.accuracy:f} ({time.perf_counter() - t_eval:.1f} s)")
                 log.record(f"s:{step} eval:{hs.accuracy:.4f}")
             # on resume, this step's sample was drawn before the save (its generator state is saved)
-            if cfg.sample_every > 0 and step > 0 and (step % cfg.sample_every == 0 or last) and not resuming:
+            if cfg.sample_every > 0 and step > 0 and (step % cfg.sample_every == 0 or last) and not resuming \
+                    and rank == 0:  # as llm.c: rank 0 samples, from its full copy of the parameters
                 text = sample(backend, tokenizer, cfg.gen_tokens, sample_rng)
                 result.samples[step] = text
                 log.print(f"generating:\n---\n{text}\n---")
             saved = ""
             if (cfg.checkpoint_every > 0 and (step % cfg.checkpoint_every == 0 or last)
                     or stopping and cfg.output_dir) and not resuming and step > 0:
-                saved = _save(step, cfg, config, backend, train_loader, sample_rng, log)
+                saved = _save(step, cfg, config, backend, train_loader, sample_rng, log, comm, layout)
                 if saved:
                     result.checkpoints.append(saved)
             if stopping:
@@ -462,9 +548,10 @@ def train(cfg=None, **overrides):
                     log.print(startup.report())
             step_times.append(dt)
             result.train_losses.append(loss)
+            result.grad_norms.append(norm)
             result.steps = step + 1
             tokens_per_second = total_batch / dt
-            utilisation = mfu(step_flops, dt, backend.device_name)
+            utilisation = mfu(step_flops / world_size, dt, backend.device_name)  # per GPU
             mfu_text = f"{100 * utilisation:.1f}% bf16 MFU" if utilisation is not None else "MFU n/a"
             # ETA: the mean wall time per step since the first one (which compiles), evaluations included
             now = time.perf_counter()
@@ -484,6 +571,8 @@ def train(cfg=None, **overrides):
     finally:
         stop.restore()
         log.close()
+    backend.close()
+    comm.close()
     steady = sorted(step_times[1:] or step_times)
     if steady:
         result.ms_per_step = 1e3 * steady[len(steady) // 2]
@@ -566,9 +655,11 @@ def _model_config(cfg):
     return config, params
 
 
-def _save(step, cfg, config, backend, train_loader, sample_rng, log):
+def _save(step, cfg, config, backend, train_loader, sample_rng, log, comm, layout):
     """Write the step's checkpoint; returns its path, or "" if storage failed under
-    --storage-errors continue (under stop: storage.StorageError)."""
+    --storage-errors continue (under stop: storage.StorageError). Every rank calls this. -z 1 over
+    several ranks: each writes its shard (save_sharded_checkpoint); otherwise every rank holds the
+    whole state and rank 0 writes it."""
     state = backend.optimizer_state()
     ckpt = checkpoint.Checkpoint(
         step=step, model_config=config, params_bf16=state["params_bf16"], master=state["master"], m=state["m"],
@@ -577,25 +668,35 @@ def _save(step, cfg, config, backend, train_loader, sample_rng, log):
     t0 = time.perf_counter()
     path = checkpoint.checkpoint_path(cfg.output_dir, step)
     try:
-        checkpoint.save_checkpoint(path, ckpt)
+        if layout.sharded and comm.size > 1:
+            checkpoint.save_sharded_checkpoint(path, ckpt, layout, comm)
+        else:
+            if comm.rank == 0:
+                checkpoint.save_checkpoint(path, ckpt)
+            comm.barrier()  # the checkpoint is complete when any rank goes on
     except OSError as error:  # disk full, unwritable folder, ...: the atomic save left no partial file
         fault = storage.checkpoint_write_error(path, error, checkpoint.list_checkpoints(cfg.output_dir))
-        if cfg.storage_errors != "continue":
+        # several ranks would have to agree to go on without this checkpoint: they stop (the job ends)
+        if cfg.storage_errors != "continue" or comm.size > 1:
             raise fault from None
         log.print(f"warning: {fault}; --storage-errors continue: training on")
         return ""
-    log.print(f"saved checkpoint {path} ({os.path.getsize(path) / 2**20:.1f} MiB, {time.perf_counter() - t0:.2f} s)")
-    try:
-        for old in checkpoint.prune_checkpoints(cfg.output_dir, cfg.checkpoints_keep, cfg.major_checkpoint_every):
-            log.print(f"deleted checkpoint {old} (-nk {cfg.checkpoints_keep})")
-    except OSError as error:  # an old checkpoint left behind costs space, not the run
-        log.print(f"warning: -nk {cfg.checkpoints_keep}: cannot delete an old checkpoint: {error}")
+    if comm.rank == 0:
+        shards = f" + {comm.size - 1} shard file(s)" if layout.sharded and comm.size > 1 else ""
+        log.print(f"saved checkpoint {path} ({os.path.getsize(path) / 2**20:.1f} MiB{shards}, "
+                  f"{time.perf_counter() - t0:.2f} s)")
+        try:
+            for old in checkpoint.prune_checkpoints(cfg.output_dir, cfg.checkpoints_keep, cfg.major_checkpoint_every):
+                log.print(f"deleted checkpoint {old} (-nk {cfg.checkpoints_keep})")
+        except OSError as error:  # an old checkpoint left behind costs space, not the run
+            log.print(f"warning: -nk {cfg.checkpoints_keep}: cannot delete an old checkpoint: {error}")
     return path
 
 
-# What a resumed run must share with the checkpoint: the model's shape (checked here) and the data
-# layout (B, T, processes, seed, shards: DataLoader.load_state checks them). Everything else (-x,
-# -l, -n, -v, ...) may change between runs, as in llm.c; a changed setting is reported.
+# What a resumed run must share with the checkpoint: the model's shape (checked here) and the
+# data (T, seed, shards; B too unless the number of ranks changed: DataLoader.load_state checks
+# them). Everything else (-x, -l, -n, -v, ...) may change between runs, as in llm.c; a changed
+# setting is reported. Another number of ranks or -z re-slices the optimizer state.
 NOTED_ON_RESUME = ("total_batch_size", "learning_rate", "lr_scheduler", "warmup_iters", "final_lr_frac",
                    "weight_decay", "max_steps", "grad_clip", "input_bin")
 
@@ -605,7 +706,7 @@ def _resume(ckpt, cfg, config, backend, train_loader, sample_rng, log):
         raise checkpoint.CheckpointError(
             f"{ckpt.path}: /model/@config: the checkpoint holds {ckpt.model_config}, but -e {cfg.model} is {config}")
     try:
-        train_loader.load_state(ckpt.loader_state)
+        skipped = train_loader.load_state(ckpt.loader_state)
     except (ValueError, KeyError, TypeError) as error:
         raise checkpoint.CheckpointError(f"{ckpt.path}: /data/train_loader/@state: {error}") from None
     try:
@@ -615,6 +716,13 @@ def _resume(ckpt, cfg, config, backend, train_loader, sample_rng, log):
     backend.load_optimizer_state(ckpt.optimizer_state())
     changed = [f"{name} {ckpt.train_config[name]!r} -> {getattr(cfg, name)!r}" for name in NOTED_ON_RESUME
                if name in ckpt.train_config and ckpt.train_config[name] != getattr(cfg, name)]
+    ranks = ckpt.loader_state.get("world_size", 1)
+    if ranks != train_loader.world_size or ckpt.train_config.get("zero_stage", 0) != cfg.zero_stage:
+        changed.append(f"{ranks} rank(s) at -z {ckpt.train_config.get('zero_stage', 0)} -> {train_loader.world_size} "
+                       f"at -z {cfg.zero_stage}: optimizer state re-sliced")
+    if skipped:
+        changed.append(f"B*processes {ckpt.loader_state['B'] * ranks} -> {train_loader.B * train_loader.world_size}: "
+                       f"the data go on from the next shard")
     log.print(f"resuming from {ckpt.path} at step {ckpt.step}" + (f" (changed: {'; '.join(changed)})" if changed else ""))
     return ckpt.step
 
@@ -623,9 +731,7 @@ def main(argv=None):
     cfg = main_parse(argv)
     try:
         train(cfg)
-    except (UsageError, FileNotFoundError, ShardError, checkpoint.CheckpointError, storage.StorageError,
-            MissingCudaLibrary) as error:
-        # bad settings, data or installation, or a run that cannot fit or save: a clear message, exit code 2
+    except BAD_INPUT as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     except preemption.Interrupted as stop:

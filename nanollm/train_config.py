@@ -54,6 +54,7 @@ class TrainConfig:
     hellaswag_data: str = ""         # --hellaswag-data: -h 1's eval file ("" = data/hellaswag_val.bin or llm.c's path)
     plan: int = 0                    # --plan: print the memory plan and exit (memory_plan.py)
     storage_errors: str = "stop"     # --storage-errors: stop | continue when a checkpoint or the log cannot be written
+    comm: str = "auto"               # --comm: auto | nccl | mpi, how several processes exchange gradients
 
 
 # flag -> (field, help). Order is the --help order, as llm.c's error_usage.
@@ -87,7 +88,7 @@ FLAGS = {
     "-f": ("enable_tf32", "enable TF32 (no effect: nanollm computes in bf16 with fp32 accumulation)"),
     "-w": ("master_weights", "keep fp32 master weights for the optimizer (0/1)"),
     "-ge": ("gelu_fusion", "GELU fusion: 0 none, 1 forward, 2 forward+backward (-1 = 2 on sm_90+, else 0)"),
-    "-z": ("zero_stage", "ZeRO stage (0, 1)"),
+    "-z": ("zero_stage", "ZeRO stage: 0 all-reduce gradients, 1 also shard the optimizer state across processes"),
     "-r": ("recompute", "recompute in backward: 0 none, 1 GELU (saves memory)"),
     "--seed": ("seed", "random seed for model init and data shuffling"),
     "--device": ("device", "auto | cuda | cpu (cpu: the numpy reference model, small models only)"),
@@ -101,6 +102,8 @@ FLAGS = {
     "--storage-errors": ("storage_errors", "stop | continue: what to do when a checkpoint or main.log cannot be written "
                                            "(disk full, ...): exit 2, or warn and train on; the last complete "
                                            "checkpoint stays intact either way"),
+    "--comm": ("comm", "several processes (mpirun -np N): auto | nccl | mpi (host-staged; ranks may share a GPU); "
+                       "auto = NCCL when each rank has its own GPU, else MPI"),
 }
 SWITCHES = ("--plan",)  # flags that need no value (an explicit 0 or 1 may follow)
 
@@ -108,7 +111,6 @@ SWITCHES = ("--plan",)  # flags that need no value (an explicit 0 or 1 may follo
 # gets told, instead of a silent no-op.
 NOT_YET = [
     ("master_weights", 1, "-w 0 is not supported: nanollm always keeps fp32 master weights"),
-    ("zero_stage", 0, "-z (ZeRO) is not supported yet: it lands with multi-GPU training"),
 ]
 
 
@@ -191,6 +193,10 @@ def validate(config):
         (config.plan in (0, 1), f"--plan must be 0 or 1, got {config.plan}"),
         (config.storage_errors in STORAGE_POLICIES,
          f"--storage-errors must be {' or '.join(STORAGE_POLICIES)}, got {config.storage_errors!r}"),
+        (config.zero_stage in (0, 1), f"-z {config.zero_stage}: ZeRO stages 2 and 3 (sharded gradients, sharded "
+                                      f"parameters) are not supported, as in llm.c; use -z 0 or -z 1"
+         if config.zero_stage in (2, 3) else f"-z must be 0 or 1, got {config.zero_stage}"),
+        (config.comm in ("auto", "nccl", "mpi"), f"--comm must be auto, nccl or mpi, got {config.comm!r}"),
     ]
     for ok, message in checks:
         if not ok:

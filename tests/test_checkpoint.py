@@ -19,6 +19,7 @@ from nanollm.checkpoint import Checkpoint, CheckpointError, CorruptCheckpointErr
 from nanollm.config import GPT2Config, num_parameters
 from nanollm.data import write_shard
 from nanollm.train_config import UsageError
+from nanollm.zero import ShardLayout
 
 TINY = GPT2Config(max_seq_len=8, vocab_size=97, padded_vocab_size=128, num_layers=1, num_heads=2, channels=16)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -166,15 +167,80 @@ def test_file_layout_is_readable_by_hand(tmp_path, rng):
     assert "step 3" in proc.stdout and "L=1 C=16 NH=2" in proc.stdout and "/optimizer/shard_000/m" in proc.stdout
 
 
-def test_two_shard_file_round_trips_and_is_refused_by_one_rank(tmp_path, rng):
+def test_sharded_file_loads_whole_per_rank_and_resliced(tmp_path, rng):
+    """A file of 2 ZeRO-1 shards (llm.c's slicing, zero.py) loads whole, as each rank's packed
+    shard at N=2, and re-sliced for another number of ranks or -z 0."""
     ckpt = _tiny_checkpoint(rng)
     path = checkpoint.save_checkpoint(tmp_path / "checkpoint_00000003.h5", ckpt, num_shards=2)
-    back = checkpoint.load_checkpoint(path, world_size=2)
-    np.testing.assert_array_equal(back.v, ckpt.v)
-    with pytest.raises(CheckpointError, match=r"checkpoint_00000003\.h5: /optimizer/@num_shards: written by 2 rank"):
-        checkpoint.load_checkpoint(path, world_size=1)
-    with pytest.raises(CheckpointError, match="num_shards"):  # not skipped as damaged: a wrong job
-        checkpoint.latest_checkpoint(tmp_path, world_size=1)
+    whole = checkpoint.load_checkpoint(path)
+    for name in ("master", "m", "v"):
+        np.testing.assert_array_equal(getattr(whole, name), getattr(ckpt, name))
+    for world_size, zero_stage in ((2, 1), (4, 1), (1, 1), (1, 0), (2, 0)):
+        for rank in range(world_size):
+            layout = ShardLayout(TINY, world_size, rank, zero_stage)
+            part = checkpoint.load_checkpoint(path, layout)
+            for name in ("master", "m", "v"):
+                np.testing.assert_array_equal(getattr(part, name), layout.pack(getattr(ckpt, name)))
+    with h5py.File(path) as f:
+        assert f["optimizer"].attrs["num_shards"] == 2 and "zero1" in f["optimizer"].attrs["slicing"]
+        assert f["optimizer/shard_001"].attrs["count"] == num_parameters(TINY) // 2
+    with pytest.raises(CheckpointError, match=r"/model/@config: the checkpoint holds"):
+        checkpoint.load_checkpoint(path, ShardLayout(dataclasses.replace(TINY, num_layers=2), 2, 0, 1))
+
+
+class _RankInOrder:
+    """The communicator calls save_sharded_checkpoint makes, for ranks run one after another in
+    this process (the last rank first, so that rank 0's commit comes last, as the barrier makes it)."""
+
+    def __init__(self, rank, size, save_id):
+        self.rank, self.size, self.save_id = rank, size, save_id
+
+    def broadcast_object(self, obj, root=0):
+        return self.save_id
+
+    def barrier(self):
+        pass
+
+
+def _save_by_ranks(folder, ckpt, world_size, save_id):
+    path = checkpoint.checkpoint_path(folder, ckpt.step)
+    for rank in reversed(range(world_size)):
+        layout = ShardLayout(TINY, world_size, rank, 1)
+        part = dataclasses.replace(ckpt, master=layout.pack(ckpt.master), m=layout.pack(ckpt.m), v=layout.pack(ckpt.v))
+        checkpoint.save_sharded_checkpoint(path, part, layout, _RankInOrder(rank, world_size, save_id))
+    return path
+
+
+def test_multi_rank_save_writes_a_file_per_rank_and_commits_last(tmp_path, rng):
+    old = _save_by_ranks(tmp_path, _tiny_checkpoint(rng, step=3), 2, "aaaa0001")
+    ckpt = _tiny_checkpoint(rng, step=6)
+    path = _save_by_ranks(tmp_path, ckpt, 2, "bbbb0002")
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint_00000003.h5", "checkpoint_00000003.shard001of002.aaaa0001.h5",
+                                            "checkpoint_00000006.h5", "checkpoint_00000006.shard001of002.bbbb0002.h5"]
+    back = checkpoint.load_checkpoint(path)
+    for name in ("params_bf16", "master", "m", "v"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(ckpt, name))
+    proc = _info(path)
+    assert proc.returncode == 0, proc.stderr
+    assert "optimizer shards: 2" in proc.stdout and "checkpoint_00000006.shard001of002.bbbb0002.h5" in proc.stdout
+    # saving step 6 again (a resumed run reaching it): the new save's shard replaces the old one's
+    _save_by_ranks(tmp_path, ckpt, 2, "cccc0003")
+    assert "checkpoint_00000006.shard001of002.bbbb0002.h5" not in os.listdir(tmp_path)
+    # a shard file missing, or from another save: the checkpoint does not count, resume takes the older one
+    shard = tmp_path / "checkpoint_00000006.shard001of002.cccc0003.h5"
+    os.rename(shard, tmp_path / "elsewhere.h5")
+    with pytest.raises(CorruptCheckpointError, match="shard_001/@file: the shard file .* is missing"):
+        checkpoint.load_checkpoint(path)
+    shutil.copy(tmp_path / "checkpoint_00000003.shard001of002.aaaa0001.h5", shard)
+    warnings = []
+    assert checkpoint.latest_checkpoint(tmp_path, warn=warnings.append).path == old
+    assert "belongs to another save" in warnings[0]
+    # every rank of a job agrees: a part only one rank cannot read makes all of them skip the file
+    agree = lambda problem: [problem, "rank 1: damaged"]  # noqa: E731
+    assert checkpoint.latest_checkpoint(tmp_path, agree=agree, warn=warnings.append) is None
+    # pruning deletes a checkpoint's shard files with it
+    checkpoint.prune_checkpoints(tmp_path, keep=1)
+    assert not any(name.startswith("checkpoint_00000003") for name in os.listdir(tmp_path))
 
 
 def _damage_truncate(path):

@@ -228,6 +228,27 @@ def test_state_must_fit_the_loader(tmp_path):
         DataLoader(pattern, 2, 4, seed=6).load_state(state)
 
 
+def test_state_of_another_rank_count(tmp_path):
+    """A job resumed on other ranks: with B*world_size unchanged the global batches continue
+    exactly; otherwise the loader goes on from the next shard of the saved order."""
+    pattern, _ = make_shards(tmp_path, [161, 97, 81])
+    ranks = [DataLoader(pattern, 2, 4, rank=r, world_size=2, seed=5) for r in range(2)]
+    for loader in ranks:
+        batch_starts(loader, 4)  # mid-shard
+    state = json.loads(json.dumps(ranks[0].state()))
+    two_ranks = [batch_starts(loader, 12) for loader in ranks]
+    one = DataLoader(pattern, 4, 4, rank=0, world_size=1, seed=5)
+    assert one.load_state(state) is False
+    assert batch_starts(one, 12) == two_ranks[0]  # rank 0's window starts each global batch
+    smaller = DataLoader(pattern, 2, 4, rank=0, world_size=1, seed=5)
+    assert smaller.load_state(state) is True and smaller.skipped_rest_of_shard
+    assert (smaller.shard_idx, smaller.sample_idx) == (state["shard_idx"], smaller.num_samples)
+    next_shard = state["shard_order"][state["shard_idx"] + 1]
+    assert {start // 10000 for start in batch_starts(smaller, 5)} == {next_shard}
+    with pytest.raises(ValueError, match="T is 4 in the state, 8 here"):
+        DataLoader(pattern, 1, 8, world_size=1, seed=5).load_state(state)
+
+
 def test_eval_loader(tmp_path):
     B, T = 2, 4
     pattern, _ = make_shards(tmp_path, [41, 17])  # 5 + 2 batches

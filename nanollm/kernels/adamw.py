@@ -14,9 +14,11 @@ bf16 parameter). Each thread takes four parameters: one uint64 word of bf16 for 
 the parameter, two uint64 words (two fp32 each) for master, m and v. The caller gives a range
 [offset, offset + count) of the parameter and gradient arrays (weight decay applies per tensor,
 so one call per tensor, or per shard), and where the range starts in the optimizer-state arrays
-(state_offset; ZeRO-1 keeps only a shard of master, m and v). The few elements before the first
-aligned word and after the last go through a one-element-per-thread kernel, as does a range that
-cannot be aligned (offset and state_offset of different parity).
+(state_offset; ZeRO-1 keeps only a shard of master, m and v). As llm.c's num_slices, one launch may
+cover `slices` such ranges, `stride` elements apart in params and `state_stride` apart in the state
+(ZeRO-1's slice of each layer of a stacked tensor): the grid's second dimension is the slice. The
+few elements before the first aligned word and after the last go through a one-element-per-thread
+kernel, as does a range that cannot be aligned (offset and state_offset of different parity).
 
 adamw_multi_tensor_kernel updates many such ranges in one launch (a table of ranges, each with its
 weight decay on or off and its seed), reading the step's values (learning rate, bias corrections,
@@ -113,25 +115,29 @@ def adamw_element(params, grads, master, m, v, element, state, lr, beta1, beta2,
 
 
 @kernel
-def adamw_kernel(params, grads, master, m, v, first_word, first_state_word, n_words, lr, beta1, beta2,
-                 beta1_correction, beta2_correction, eps, weight_decay, grad_scale, seed):
+def adamw_kernel(params, grads, master, m, v, first_word, first_state_word, n_words, slice_words, slice_state_words,
+                 lr, beta1, beta2, beta1_correction, beta2_correction, eps, weight_decay, grad_scale, seed):
     # params, grads: uint64 words of four bf16; master, m, v: uint64 words of two fp32.
-    # Thread i updates the four parameters in params/grads word first_word + i, whose state is in
-    # words first_state_word + 2i and + 2i + 1 of master, m, v.
+    # Thread i of slice s (blockIdx.y) updates the four parameters in params/grads word
+    # first_word + s * slice_words + i, whose state is in words first_state_word + s * slice_state_words
+    # + 2i and + 2i + 1 of master, m, v.
     i = cuda.grid(1)
     if i < n_words:
-        adamw_word(params, grads, master, m, v, first_word + i, first_state_word + 2 * i, lr, beta1, beta2,
+        adamw_word(params, grads, master, m, v, first_word + cuda.blockIdx.y * slice_words + i,
+                   first_state_word + cuda.blockIdx.y * slice_state_words + 2 * i, lr, beta1, beta2,
                    beta1_correction, beta2_correction, eps, weight_decay, grad_scale, seed)
 
 
 @kernel
-def adamw_scalar_kernel(params, grads, master, m, v, start, state_start, count, lr, beta1, beta2,
-                        beta1_correction, beta2_correction, eps, weight_decay, grad_scale, seed):
+def adamw_scalar_kernel(params, grads, master, m, v, start, state_start, count, stride, state_stride, lr, beta1,
+                        beta2, beta1_correction, beta2_correction, eps, weight_decay, grad_scale, seed):
     # params, grads: bf16 (uint16); master, m, v: fp32. One parameter per thread: element
-    # start + i of params/grads, start_state + i of master, m, v. For the unaligned ends of a range.
+    # start + s * stride + i of params/grads, state_start + s * state_stride + i of master, m, v
+    # (s = blockIdx.y, the slice). For the unaligned ends of a range.
     i = cuda.grid(1)
     if i < count:
-        adamw_element(params, grads, master, m, v, start + i, state_start + i, lr, beta1, beta2, beta1_correction,
+        adamw_element(params, grads, master, m, v, start + cuda.blockIdx.y * stride + i,
+                      state_start + cuda.blockIdx.y * state_stride + i, lr, beta1, beta2, beta1_correction,
                       beta2_correction, eps, weight_decay, grad_scale, seed)
 
 
@@ -213,8 +219,10 @@ def round_master_weights_kernel(params, master, start, state_start, count):
 
 _HYPER = "float32, float32, float32, float32, float32, float32, float32, float32, uint32"
 PTX_SIGNATURES = {
-    adamw_kernel: f"void(uint64[::1], uint64[::1], uint64[::1], uint64[::1], uint64[::1], int64, int64, int64, {_HYPER})",
-    adamw_scalar_kernel: f"void(uint16[::1], uint16[::1], float32[::1], float32[::1], float32[::1], int64, int64, int64, {_HYPER})",
+    adamw_kernel: f"void(uint64[::1], uint64[::1], uint64[::1], uint64[::1], uint64[::1], int64, int64, int64, int64, "
+                  f"int64, {_HYPER})",
+    adamw_scalar_kernel: f"void(uint16[::1], uint16[::1], float32[::1], float32[::1], float32[::1], int64, int64, int64, "
+                         f"int64, int64, {_HYPER})",
     init_master_weights_kernel: "void(float32[::1], uint16[::1], int64, int64, int64)",
     round_master_weights_kernel: "void(uint16[::1], float32[::1], int64, int64, int64)",
     adamw_multi_tensor_kernel: "void(uint16[::1], uint16[::1], float32[::1], float32[::1], float32[::1], "
@@ -230,15 +238,18 @@ def _flat(name, array, dtype):
     return array.reshape(array.size)
 
 
-def _range(params, master, offset, count, state_offset):
+def _range(params, master, offset, count, state_offset, slices=1, stride=0, state_stride=0):
     if count is None:
         count = params.size - offset
     if state_offset is None:
         state_offset = offset
-    if offset < 0 or count < 0 or offset + count > params.size:
-        raise ValueError(f"range [{offset}, {offset + count}) lies outside the {params.size} parameters")
-    if state_offset < 0 or state_offset + count > master.size:
-        raise ValueError(f"state range [{state_offset}, {state_offset + count}) lies outside the "
+    if slices < 1 or stride < 0 or state_stride < 0:
+        raise ValueError(f"slices must be >= 1 and strides >= 0, got {slices}, {stride}, {state_stride}")
+    end, state_end = offset + (slices - 1) * stride + count, state_offset + (slices - 1) * state_stride + count
+    if offset < 0 or count < 0 or end > params.size:
+        raise ValueError(f"range [{offset}, {end}) lies outside the {params.size} parameters")
+    if state_offset < 0 or state_end > master.size:
+        raise ValueError(f"state range [{state_offset}, {state_end}) lies outside the "
                          f"{master.size}-element master weights / m / v")
     return int(offset), int(count), int(state_offset)
 
@@ -271,7 +282,8 @@ def _words(array, per_word):
 
 
 def adamw_update(params, grads, master, m, v, step, lr, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0,
-                 grad_scale=1.0, seed=0, offset=0, count=None, state_offset=None, block_size=BLOCK_SIZE, stream=0):
+                 grad_scale=1.0, seed=0, offset=0, count=None, state_offset=None, block_size=BLOCK_SIZE, stream=0,
+                 slices=1, stride=0, state_stride=0):
     """One AdamW step (step counts from 1) on parameters [offset, offset + count).
 
     params, grads: bf16 (uint16) arrays of N elements (any shape, read flat); master, m, v: fp32
@@ -279,37 +291,43 @@ def adamw_update(params, grads, master, m, v, step, lr, beta1=0.9, beta2=0.95, e
     i.e. full-size state arrays). count defaults to the rest of params. Updates master, m, v and
     params in place; params gets master rounded stochastically with `seed` (uint32).
     grad_scale multiplies the gradient first (clipping). weight_decay is for the whole range: the
-    caller decays 2-D weights only, one call per tensor.
+    caller decays 2-D weights only, one call per tensor. slices > 1: also the ranges starting
+    s * stride further in params (s * state_stride in the state), s < slices, in the same launch.
     """
-    launch = prepare_adamw_update(params, grads, master, m, v, offset, count, state_offset, block_size)
+    launch = prepare_adamw_update(params, grads, master, m, v, offset, count, state_offset, block_size, slices,
+                                  stride, state_stride)
     launch(step, lr, beta1, beta2, eps, weight_decay, grad_scale, seed, stream)
 
 
-def prepare_adamw_update(params, grads, master, m, v, offset=0, count=None, state_offset=None, block_size=BLOCK_SIZE):
+def prepare_adamw_update(params, grads, master, m, v, offset=0, count=None, state_offset=None, block_size=BLOCK_SIZE,
+                         slices=1, stride=0, state_stride=0):
     """adamw_update's checks and array views, done once: returns
     launch(step, lr, beta1, beta2, eps, weight_decay, grad_scale, seed, stream), which only
     launches. (Building the views costs ~0.5 ms of host time per call; a training step updates
     16 tensors.)"""
     params, grads, master, m, v = _check_arrays(params, grads, master, m, v, block_size)
-    offset, count, state_offset = _range(params, master, offset, count, state_offset)
+    offset, count, state_offset = _range(params, master, offset, count, state_offset, slices, stride, state_stride)
     launches = []  # (kernel, grid, leading arguments)
 
     def scalar(start, state_start, n):
         if n > 0:
-            launches.append((adamw_scalar_kernel, ceil_div(n, block_size),
-                             (params, grads, master, m, v, np.int64(start), np.int64(state_start), np.int64(n))))
+            launches.append((adamw_scalar_kernel, (ceil_div(n, block_size), slices),
+                             (params, grads, master, m, v, np.int64(start), np.int64(state_start), np.int64(n),
+                              np.int64(stride), np.int64(state_stride))))
 
     head = min(count, -offset % 4)  # elements before the first whole uint64 word of params
     n_words = (count - head) // 4
     aligned = ((state_offset + head) % 2 == 0
+               and (slices == 1 or (stride % 4 == 0 and state_stride % 2 == 0))  # every slice aligned alike
                and all(device_address(a) % 8 == 0 for a in (params, grads, master, m, v)))
     if not aligned or n_words == 0:
         scalar(offset, state_offset, count)
     else:
         scalar(offset, state_offset, head)
-        launches.append((adamw_kernel, ceil_div(n_words, block_size),
+        launches.append((adamw_kernel, (ceil_div(n_words, block_size), slices),
                          (_words(params, 4), _words(grads, 4), _words(master, 2), _words(m, 2), _words(v, 2),
-                          np.int64((offset + head) // 4), np.int64((state_offset + head) // 2), np.int64(n_words))))
+                          np.int64((offset + head) // 4), np.int64((state_offset + head) // 2), np.int64(n_words),
+                          np.int64(stride // 4), np.int64(state_stride // 2))))
         done = head + 4 * n_words
         scalar(offset + done, state_offset + done, count - done)
 

@@ -120,6 +120,25 @@ def test_adamw_same_bits_whole_or_in_pieces(rng):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("offset, count, stride", [(8, 52, 200), (9, 50, 201)], ids=["words", "scalar"])
+def test_adamw_slices_in_one_launch_match_one_launch_each(rng, offset, count, stride):
+    # ZeRO-1's shard of a stacked tensor: one run per layer, `stride` apart; the state packed
+    n, slices, seed = 1000, 3, int(rng.integers(2**32))
+    sliced, each = State(rng, n, slices * count), State(rng, n, slices * count)
+    for source, target in zip(sliced.device, each.device):
+        target.copy_to_device(source)
+    adamw.adamw_update(*sliced.device, 3, seed=seed, offset=offset, count=count, state_offset=0, slices=slices,
+                       stride=stride, state_stride=count, block_size=32, weight_decay=0.1, **HYPER)
+    for s in range(slices):
+        adamw.adamw_update(*each.device, 3, seed=seed, offset=offset + s * stride, count=count,
+                           state_offset=s * count, block_size=32, weight_decay=0.1, **HYPER)
+    for a, b in zip(sliced.download(), each.download()):
+        np.testing.assert_array_equal(a, b)
+    params = sliced.download()[0]
+    changed = np.flatnonzero(params != sliced.params_bits)
+    assert changed.size > 0.9 * slices * count and all((changed - offset) % stride < count)
+
+
 def test_init_master_weights(rng):
     bits = to_bf16_bits(rng.standard_normal(1030).astype(np.float32))
     master = poisoned_f32(1030)
