@@ -34,7 +34,8 @@ COMMON = ["-e", "d12", "-t", "1024", "-s", "0", "-l", "6e-4", "-u", "10", "-c", 
 RUN_A = ["-b", "64", "-d", "65536", "-x", "30", "-v", "0"]
 RUN_B = ["-d", "32768", "-x", "20", "-v", "20", "-m", "4"]  # with -b 16 on one process, -b 8 on two
 B_ONE, B_TWO = "16", "8"
-STEP = re.compile(r"step\s+(\d+)/\d+ \| loss ([\d.naninf]+) \| norm ([\d.]+) .*?\| ([\d.]+) ms")
+# "step    5/30 | loss 7.123456 (+nanz)| norm 1.2345 (+nanz)| lr ... | 116.31 ms | ...": llm.c's step line
+STEP = re.compile(r"step\s+(\d+)/\d+ \| loss ([\d.naninf]+) (?:\([^)]*\))?\s*\| norm ([\d.naninf]+) .*?\| ([\d.]+) ms")
 OPTIMIZER = re.compile(r"optimizer state (\d+) MiB")
 VAL = re.compile(r"val loss ([\d.]+)")
 

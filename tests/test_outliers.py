@@ -54,8 +54,8 @@ class ScriptedBackend:
     norm = {}   # step -> norm (default: a noisy 1.0)
     updates = []
 
-    def __init__(self, config, cfg, grad_accum, init_params=None):
-        self.device_name, self.description = "cpu", "scripted back end"
+    def __init__(self, config, cfg, grad_accum, init_params=None, comm=None, layout=None):
+        self.device_name, self.placement, self.description = "cpu", "CPU", "scripted back end"
         self.step = -1
         self.noise = np.random.default_rng(0)
         type(self).updates = []
@@ -75,7 +75,16 @@ class ScriptedBackend:
     def update(self, lr, weight_decay, grad_scale):
         type(self).updates.append(self.step)
 
+    def update_clipped(self, lr, weight_decay, grad_clip):  # the loop's path without -sl/-sg
+        self.update(lr, weight_decay, 1.0)
+
+    def step_results(self):
+        return self.step_loss(), self.grad_norm()
+
     def synchronize(self):
+        pass
+
+    def close(self):
         pass
 
 
