@@ -434,8 +434,7 @@ def load_model(path, master=False):
             from .kernels.bf16 import from_bf16_bits
 
             return config, from_bf16_bits(r.array("/model/params_bf16", np.uint16, n))
-        num_shards = r.int_attr("/optimizer", "num_shards")
-    return config, load_checkpoint(path, world_size=num_shards).master
+    return config, load_checkpoint(path).master  # every shard, in the flat order
 
 
 # ---- the checkpoint folder ------------------------------------------------------------------------

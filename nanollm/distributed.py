@@ -398,7 +398,7 @@ def select_gpu(world):
     count = len(cuda.gpus)
     index = world.local_rank % count
     cuda.select_device(index)
-    name = cuda.get_current_device().name
+    name = getattr(cuda.get_current_device(), "name", "CUDA simulator")  # the simulator's device has none
     return index, count, name.decode() if isinstance(name, bytes) else str(name)
 
 

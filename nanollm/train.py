@@ -88,9 +88,9 @@ class GpuBackend:
                           comm=comm, layout=layout)
         self.comm = self.model.comm
         device = cuda.get_current_device()
-        name = device.name
+        name = getattr(device, "name", "CUDA simulator")  # the simulator's device has no name or id
         self.device_name = name.decode() if isinstance(name, bytes) else str(name)
-        self.placement = f"GPU {device.id} ({self.device_name})"
+        self.placement = f"GPU {getattr(device, 'id', 0)} ({self.device_name})"
         try:  # for -lg: NVML finds the GPU by its PCI address
             self.pci_bus_id = "{pci_domain_id:04x}:{pci_bus_id:02x}:{pci_device_id:02x}.0".format(
                 **device.get_device_identity())

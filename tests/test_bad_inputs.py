@@ -147,8 +147,12 @@ ROWS = [
     # resuming
     ("-y 1: checkpoint of another model", lambda f: _run(f, "-o", str(f / "other_model"), "-y", "1"),
      "other_model/checkpoint_00000001.h5: /model/@config"),
-    ("-y 1: checkpoint of two ranks", lambda f: _run(f, "-o", str(f / "two_ranks"), "-y", "1"),
-     "two_ranks/checkpoint_00000001.h5: /optimizer/@num_shards"),
+    # (a checkpoint of two ranks resumes in one process: test_distributed re-slices it)
+    ("-y 1: checkpoint of two ranks and another model", lambda f: _run(f, "-o", str(f / "two_ranks"), "-y", "1"),
+     "two_ranks/checkpoint_00000001.h5: /model/@config"),
+    # several processes
+    ("-z 2", lambda f: _run(f, "-z", "2"), "-z 2: ZeRO stages 2 and 3"),
+    ("--comm bogus", lambda f: _run(f, "--comm", "bogus"), "--comm must be auto, nccl or mpi"),
     ("-y 1: checkpoint of a newer format", lambda f: _run(f, "-o", str(f / "future"), "-y", "1"),
      "future/checkpoint_00000001.h5: /@format_version"),
     ("-y 1: only a damaged checkpoint", lambda f: _run(f, "-o", str(f / "damaged"), "-y", "1"),
