@@ -369,8 +369,12 @@ def train(cfg=None, **overrides):
     world = distributed.init_world()
     try:
         return _train(cfg, world)
-    except preemption.Interrupted:  # every rank stops at the same step: each exits on its own
-        raise
+    except preemption.Interrupted as stop:
+        # a stop after the step: every rank stops at the same step and exits on its own; a second
+        # signal's immediate stop may hit one rank only, which must not leave the others waiting
+        if world.size == 1 or not stop.immediate:
+            raise
+        distributed.abort_job(world, stop, stop.exit_status)
     except BaseException as error:
         if world.size == 1:
             raise

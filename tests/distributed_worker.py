@@ -115,14 +115,22 @@ def gpu_model(out):
     config = GPT2Config(max_seq_len=4, vocab_size=29, padded_vocab_size=32, num_layers=1, num_heads=2, channels=8)
     tokens, targets = np.random.default_rng(7).integers(0, config.vocab_size, (2, world.size, 4))
     results = {}
-    for name, comm, stage in (("z0", distributed.MpiCommunicator(world), 0), ("z1", StreamOrderedMpi(world), 1)):
+    # z1u: the training loop's update_clipped at -z 1 (the norm summed over the ranks on the device,
+    # one AdamW launch over this rank's slices, the all-gather), host-staged: the z1 bits
+    runs = (("z0", distributed.MpiCommunicator(world), 0, False), ("z1", StreamOrderedMpi(world), 1, False),
+            ("z1u", distributed.MpiCommunicator(world), 1, True))
+    for name, comm, stage, clipped_on_device in runs:
         layout = zero.ShardLayout(config, world.size, world.rank, stage)
         model = GPT2(config, 1, 4, seed=5, comm=comm, layout=layout)
         model.zero_grad()
         model.forward(tokens[world.rank:world.rank + 1], targets[world.rank:world.rank + 1])
         model.backward(reduce=True)
-        norm = model.grad_norm()
-        model.update(1e-2, weight_decay=0.1)
+        if clipped_on_device:
+            model.update_clipped(1e-2, weight_decay=0.1, grad_clip=1e9)  # no clipping: as update()'s default
+            norm = model.step_results()[1]
+        else:
+            norm = model.grad_norm()
+            model.update(1e-2, weight_decay=0.1)
         state = model.optimizer_state()
         whole = {}
         for key in ("master", "m", "v"):  # every rank's shard, put together in the flat order

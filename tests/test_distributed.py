@@ -207,7 +207,8 @@ def test_mpi_communicator_collectives():
 def test_gpu_model_sharded_update_on_the_simulator(tmp_path):
     """Each rank's own tokens: at -z 0 (gradients all-reduced after the backward) and at -z 1
     (reduce-scattered layer by layer inside the backward, as with NCCL; shard update; all-gather),
-    the ranks end with the same parameters (the worker checks), and the two stages agree bit for bit."""
+    the ranks end with the same parameters (the worker checks), and the two stages agree bit for
+    bit; so does the training loop's update_clipped at -z 1."""
     proc = _mpiexec(2, sys.executable, WORKER, "gpu-model", str(tmp_path / "model.npz"), timeout=600)
     assert proc.returncode == 0, proc.stderr
     result = np.load(tmp_path / "model.npz")
@@ -216,6 +217,11 @@ def test_gpu_model_sharded_update_on_the_simulator(tmp_path):
         np.testing.assert_array_equal(result[f"z0_{name}"], result[f"z1_{name}"], err_msg=name)
     assert abs(result["z0_norm"] - result["z1_norm"]) < 1e-6 * result["z0_norm"]
     assert result["z0_m"].any()
+    # the loop's GPU-side update (update_clipped) at -z 1 over two ranks: the same bits and norm
+    for name in ("params", "master", "m", "v"):
+        np.testing.assert_array_equal(result[f"z1u_{name}"], result[f"z1_{name}"], err_msg=f"update_clipped {name}")
+    # (its ranks' sums of squares add in fp32 on the device, grad_norm()'s in float64 on the host)
+    assert abs(result["z1u_norm"] - result["z1_norm"]) < 1e-6 * result["z1_norm"]
 
 
 @pytest.mark.gpu
