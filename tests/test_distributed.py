@@ -93,11 +93,13 @@ def test_two_ranks_train_as_one_process_over_the_same_tokens(runs):
                                    [one.val_losses[s] for s in (0, 2, 4)], rtol=1e-6, err_msg=stage)
         a, b = _state(one.checkpoints[-1]), _state(ranks["checkpoints"][-1])
         assert a.adamw_step == b.adamw_step == 4
-        # float32 rounding of the gradient sums (observed: 3e-6 of the largest value at most, 3e-9 on
-        # average; Adam amplifies it where a gradient is near zero)
-        for name in ("master", "m", "v"):
+        # float32 rounding of the gradient sums (3e-9 on average). Adam amplifies it where a gradient
+        # is near zero, up to a step's worth of the learning rate there: the largest master weight
+        # differences seen were 3e-6 to 6e-5 (lr 3e-3) with fresh random data
+        for name in ("m", "v"):
             expected, got = getattr(a, name), getattr(b, name)
-            assert np.abs(got - expected).max() <= 3e-5 * np.abs(expected).max(), (stage, name)
+            assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max(), (stage, name)
+        assert np.abs(b.master - a.master).max() <= 0.1 * COMMON["learning_rate"], stage
         assert np.abs(b.master - a.master).mean() < 1e-7
     # -z 0 and -z 1 over the same ranks: the same sums, the same elementwise update
     np.testing.assert_array_equal(runs["z0"]["train_losses"], runs["z1"]["train_losses"])
