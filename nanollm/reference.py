@@ -356,8 +356,10 @@ def gpt2_grad_norm(grads):
 
 
 def grad_clip_scale(grad_norm, grad_clip=1.0):
-    """llm.c's clipping rule: scale the gradient by grad_clip / norm when the norm exceeds it."""
-    return grad_clip / grad_norm if grad_norm > grad_clip else 1.0
+    """llm.c's clipping rule: scale the gradient by grad_clip / norm when the norm exceeds it
+    (grad_clip <= 0: never, nanollm's --grad-clip 0). The GPU computes the same in
+    kernels.global_norm.grad_clip_scale."""
+    return grad_clip / grad_norm if grad_clip > 0 and grad_norm > grad_clip else 1.0
 
 
 def gpt2_update(params, grads, m, v, t, learning_rate, beta1=0.9, beta2=0.95, eps=1e-8,

@@ -216,7 +216,7 @@ class CpuBackend:
 
     def update_clipped(self, lr, weight_decay, grad_clip):
         self.norm = self.grad_norm()
-        self.update(lr, weight_decay, clip_scale(self.norm, grad_clip))
+        self.update(lr, weight_decay, reference.grad_clip_scale(self.norm, grad_clip))
 
     def step_results(self):
         return self.step_loss(), self.norm
@@ -264,12 +264,6 @@ class CpuBackend:
         self.v[:] = self.layout.pack(state["v"])
         self.step = int(state["step"])
         self.seed = int(state.get("seed", self.seed))
-
-
-def clip_scale(norm, grad_clip):
-    """llm.c's clipping: scale the gradients by grad_clip / norm when the norm exceeds grad_clip
-    (grad_clip <= 0: never). The GPU computes the same in global_norm.grad_clip_scale."""
-    return grad_clip / norm if grad_clip > 0 and norm > grad_clip else 1.0
 
 
 def gpu_available():
@@ -533,8 +527,7 @@ def _train(cfg, world):
                     log.print(f"skipping update due to {skip}")
                     result.skipped_updates.append(step)
                 else:
-                    grad_scale = cfg.grad_clip / norm if cfg.grad_clip > 0 and norm > cfg.grad_clip else 1.0
-                    backend.update(lr, cfg.weight_decay, grad_scale)
+                    backend.update(lr, cfg.weight_decay, reference.grad_clip_scale(norm, cfg.grad_clip))
                 backend.synchronize()  # the step's time includes the update
             else:
                 # global norm, clipping and AdamW queued with no host synchronisation (the clip scale is

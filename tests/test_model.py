@@ -102,7 +102,7 @@ def test_update_clipped_is_grad_norm_then_update_bit_for_bit(rng):
     synchronisation) leaves the bits grad_norm() + update() with the host's clip scale leave, clipped
     or not, and step_results() returns what losses() and grad_norm() return."""
     from nanollm.kernels.bf16 import to_bf16_bits
-    from nanollm.train import clip_scale
+    from nanollm.reference import grad_clip_scale as clip_scale
 
     seed = int(rng.integers(1000))
     host, device = GPT2(MICRO, 1, 4, seed=seed), GPT2(MICRO, 1, 4, seed=seed)

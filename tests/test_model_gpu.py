@@ -129,7 +129,7 @@ def test_update_clipped_in_a_graph_matches_host_clipping(attention):
     graph from the third step) against the host path it replaces (grad_norm read back, clip scale on
     the host, per-tensor AdamW launches): four steps of two micro-steps at d12, clipped at 1.0 (early
     norms exceed it) -- losses, norms, parameters, master weights, m and v equal bit for bit."""
-    from nanollm.train import clip_scale
+    from nanollm.reference import grad_clip_scale as clip_scale
 
     config = from_descriptor("d12")
     B, T = 4, 64

@@ -279,6 +279,7 @@ def test_grad_clip_scale_is_llmc_rule():
     assert grad_clip_scale(4.0, 1.0) == 0.25
     assert grad_clip_scale(0.5, 1.0) == 1.0
     assert grad_clip_scale(1.0, 1.0) == 1.0
+    assert grad_clip_scale(4.0, 0.0) == 1.0  # --grad-clip 0: off
 
 
 def test_gradient_accumulation_of_two_half_batches_equals_full_batch(rng):
