@@ -32,6 +32,7 @@ import os
 import socket
 import sys
 import threading
+import time
 import traceback
 
 import numpy as np
@@ -442,4 +443,9 @@ def abort_job(world, error, exit_code):
         thread = threading.Thread(target=comm.abort, daemon=True)
         thread.start()
         thread.join(5.0)
+    # The launcher forwards our stderr through a pipe but acts on MPI_Abort through its control socket;
+    # MPICH's hydra sometimes handled the abort first and killed the job with the message still in the
+    # pipe (1 run in 8 on two cores). A second is enough for it to forward what was written.
+    if world.size > 1:
+        time.sleep(1.0)
     world.abort(exit_code)
