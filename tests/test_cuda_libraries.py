@@ -95,3 +95,36 @@ def test_importing_nanollm_needs_no_gpu_library():
     assert result["mapped"] == []
     assert result["gpu_available"] is False and result["cudnn_available"] is False
     assert "install the nvidia-cublas pip package" in result["cublasLt"]
+
+
+# The cuDNN frontend's wrapper imports PyTorch when it can (seconds of start-up, and PyTorch's own
+# CUDA libraries in the process); nanollm loads the frontend without it. A stand-in torch package
+# that fails loudly on import shows whether anything imported it, and that it can be imported after.
+FAKE_TORCH_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from nanollm.kernels import attention_cudnn
+    result = {"load_error": attention_cudnn._load_error, "torch_imported": "torch" in sys.modules,
+              "frontend": attention_cudnn.cudnn is not None}
+    try:
+        import torch
+        result["later_import"] = "no error"
+    except RuntimeError as error:
+        result["later_import"] = str(error)
+    print(json.dumps(result))
+""")
+
+
+def test_cudnn_frontend_loads_without_importing_torch(tmp_path):
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("raise RuntimeError('the stand-in torch was imported')\n")
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", FAKE_TORCH_SCRIPT], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["load_error"] is None and result["frontend"], result
+    assert result["torch_imported"] is False
+    assert result["later_import"] == "the stand-in torch was imported"  # the block was lifted

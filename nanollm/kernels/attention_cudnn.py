@@ -39,6 +39,7 @@ the model can fall back to attention.py (llm.c's default path) and say why.
 
 import ctypes
 import math
+import sys
 
 import numpy as np
 from numba import cuda
@@ -132,7 +133,18 @@ def _load():
     cuda_majors = _load_cudnn_library()
     _load_cuda_runtime(cuda_majors)
     _load_nvrtc(cuda_majors)
-    import cudnn as frontend  # its own loader now finds the libcudnn.so.9 loaded above
+    # The frontend's wrapper module imports PyTorch when it is installed, for helpers nanollm never
+    # uses (it hands cuDNN raw pointers): 2-3 s of start-up on a machine with PyTorch, and PyTorch's
+    # own copies of the CUDA libraries in the process. An import of torch fails while cudnn loads
+    # (the wrapper catches the ImportError), unless the program imported torch itself already.
+    block_torch = "torch" not in sys.modules
+    if block_torch:
+        sys.modules["torch"] = None
+    try:
+        import cudnn as frontend  # its own loader now finds the libcudnn.so.9 loaded above
+    finally:
+        if block_torch and "torch" in sys.modules and sys.modules["torch"] is None:
+            del sys.modules["torch"]
 
     if not hasattr(frontend, "pygraph"):
         raise RuntimeError(f"the module 'cudnn' at {getattr(frontend, '__file__', '?')} is not the cuDNN frontend")
