@@ -93,8 +93,8 @@ class GPT2:
         if attention not in ("numba", "cudnn", "auto"):
             raise ValueError(f"attention must be numba, cudnn or auto, got {attention!r}")
         self.config, self.B, self.T = config, B, T
-        if parameters is None:  # numpy's RNG releases the GIL: the weights are drawn on a second
-            # thread while cuDNN loads, the CUDA context starts and the buffers are allocated
+        if parameters is None:  # numpy's RNG releases the GIL: the weights are drawn on other
+            # threads (init_parameters' pool) while cuDNN loads and the buffers are allocated
             drawing = concurrent.futures.ThreadPoolExecutor(max_workers=1)
             parameters = drawing.submit(lambda: reference.init_parameters(config, seed).memory)
             drawing.shutdown(wait=False)
@@ -137,7 +137,7 @@ class GPT2:
         startup.mark("GPU buffers: parameters, gradients, AdamW state, activations", cuda.synchronize)
         if isinstance(parameters, concurrent.futures.Future):
             parameters = parameters.result()
-            startup.mark("parameter init: the rest of numpy's RNG (float64, one core; began at the start)")
+            startup.mark("parameter init: the rest of numpy's RNG (on every core; began at the start)")
         self.load_parameters(parameters)
         startup.mark("parameter upload, bf16 rounding on the GPU")
 

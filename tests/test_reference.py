@@ -337,9 +337,23 @@ def test_init_is_reproducible_from_the_seed():
     c = init_parameters(TINY, seed=8)
     assert np.array_equal(a.memory, b.memory)
     assert not np.array_equal(a.memory, c.memory)
-    # one seed, one model: float32 is the float64 draw rounded
+    # one seed, one model: drawn in float32, so the float64 model holds the same values
     d = init_parameters(TINY, seed=7, dtype=np.float64)
     assert np.array_equal(a.memory, d.memory.astype(np.float32))
+
+
+def test_init_is_the_same_for_any_thread_count(monkeypatch):
+    # blocks of 100 elements: every weight tensor of TINY spans several, drawn by several threads
+    monkeypatch.setattr(reference, "INIT_BLOCK", 100)
+    one = init_parameters(TINY, seed=11, threads=1)
+    many = init_parameters(TINY, seed=11, threads=5)
+    assert np.array_equal(one.memory, many.memory)
+    # each block has its own stream: no block repeats another's numbers
+    qkvw = one.qkvw.reshape(-1)
+    assert not np.array_equal(qkvw[:100], qkvw[100:200])
+    assert not np.array_equal(one.wpe.reshape(-1)[:100], qkvw[:100])
+    monkeypatch.setattr(reference, "INIT_BLOCK", 1 << 20)  # the block size is part of the draw
+    assert not np.array_equal(init_parameters(TINY, seed=11).memory, one.memory)
 
 
 def test_parameter_views_tile_one_flat_array():
