@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import checkpoint, distributed, hellaswag, memory_plan, preemption, reference, startup, storage, zero
+from . import checkpoint, distributed, hellaswag, memory_plan, precompile, preemption, reference, startup, storage, zero
 from .config import flops_per_token, from_descriptor, num_parameters
 from .cuda_libraries import MissingCudaLibrary
 from .data import DataLoader, EvalLoader, ShardError
@@ -406,13 +406,16 @@ def _train(cfg, world):
 
     device = _choose_device(cfg)
     # each rank takes its local rank's GPU before any other CUDA call
-    gpus_on_host = distributed.select_gpu(world)[1] if device == "cuda" else 0
+    gpu_index, gpus_on_host = distributed.select_gpu(world)[:2] if device == "cuda" else (0, 0)
     comm = distributed.make_communicator(world, cfg.comm, device, gpus_on_host)
     # llm.c appends to main.log with -y 1
     log = Logger(cfg.output_dir, append=bool(cfg.resume), storage_errors=cfg.storage_errors, quiet=rank > 0)
     if device == "cpu" and cfg.device == "auto":
         log.print("No CUDA GPU found: training on the CPU with the numpy reference model (slow; small models only).")
     startup.mark("model config, data loaders")
+    if device == "cuda":  # a machine's first run: the kernels compile in parallel, not one by one at first launch
+        precompile.before_training(world, gpu_index, print=log.print)
+        startup.mark("kernel cache check (and, when cold, compilation in parallel processes)")
     # before anything large is allocated: print what the run needs, refuse one that does not fit
     plan = memory_plan.check(cfg, config, device, grad_accum, world_size, print=log.print,
                              attention=memory_plan.resolve_attention(cfg.attention) if device == "cuda" else None)

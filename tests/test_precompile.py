@@ -1,0 +1,146 @@
+"""nanollm.precompile: the signatures it compiles are the ones training launches (recorded on the
+simulator over training steps with several flag sets), the worker pool (to PTX, no GPU needed), and
+when train() uses it. That the cache it fills is the cache a launch reads is a GPU check
+(benchmarks/startup_times.py's cold row)."""
+
+import pytest
+
+from nanollm import precompile
+from nanollm.config import GPT2Config
+
+MICRO = GPT2Config(max_seq_len=4, vocab_size=13, padded_vocab_size=16, num_layers=1, num_heads=1, channels=8)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """{(module, kernel): {argument types}} of every kernel launch (not device calls) from now on."""
+    import numba
+    from numba.cuda.simulator import kernel as simulator_kernel
+
+    seen = {}
+    original = simulator_kernel.FakeCUDAKernel.__call__
+
+    def recording(self, *args):
+        if not (self._device or simulator_kernel._kernel_context):
+            seen.setdefault((self.fn.__module__, self.fn.__name__), set()).add(tuple(numba.typeof(a) for a in args))
+        return original(self, *args)
+
+    monkeypatch.setattr(simulator_kernel.FakeCUDAKernel, "__call__", recording)
+    return seen
+
+
+@pytest.mark.parametrize("flags", [dict(recompute=1, gelu_fusion=0), dict(recompute=0, gelu_fusion=2)])
+def test_training_launches_only_the_precompiled_signatures(launches, rng, flags):
+    from nanollm.model import GPT2
+
+    model = GPT2(MICRO, 2, 4, seed=int(rng.integers(1000)), attention="numba", grad_accum_steps=2, **flags)
+    tokens, targets = rng.integers(0, MICRO.vocab_size, (2, 2, 4))
+    model.zero_grad()
+    for _ in range(2):
+        model.forward(tokens, targets)
+        model.backward()
+    model.update_clipped(1e-3, 0.1, 1.0)
+    model.forward(tokens)  # inference (no targets): the logits kept
+    jobs = precompile.kernel_jobs()
+    assert len(launches) >= 15, sorted(launches)
+    for (module_name, kernel_name), signatures in launches.items():
+        assert (module_name, kernel_name) in jobs, f"{module_name}.{kernel_name} is launched but has no PTX signature"
+        _, signature = precompile._lookup(module_name, kernel_name)
+        assert signatures == {precompile._argument_types(signature)}, \
+            f"{module_name}.{kernel_name}: launched with {signatures}, precompiled as {signature}"
+
+
+def test_jobs_are_every_kernel_of_the_signature_modules():
+    jobs = precompile.kernel_jobs()
+    assert len(jobs) == len(set(jobs)) >= 25
+    assert ("nanollm.kernels.layernorm", "layernorm_backward_kernel") in jobs
+    assert "nanollm.kernels.attention_cudnn" not in precompile.kernel_modules()  # no kernels; loads cuDNN
+
+
+def test_pool_compiles_and_reports_each_job(monkeypatch):
+    monkeypatch.setenv("NUMBA_ENABLE_CUDASIM", "0")  # the workers use the real compiler (to PTX)
+    jobs = [("nanollm.kernels.gelu", "gelu_forward_kernel"), ("nanollm.kernels.gelu", "no_such_kernel"),
+            ("nanollm.kernels.residual_nowhere", "kernel")]
+    results = precompile.compile_kernels(jobs, workers=2, target="ptx")
+    by_job = {(m, k): error for m, k, _, error in results}
+    assert set(by_job) == set(jobs)
+    assert by_job[jobs[0]] is None
+    assert "KeyError" in by_job[jobs[1]] and "ModuleNotFoundError" in by_job[jobs[2]]
+
+
+def test_a_worker_that_dies_fails_its_job_only(monkeypatch, tmp_path):
+    # a stand-in nanollm.precompile whose workers exit at once: every job fails, the caller returns
+    fake = tmp_path / "nanollm"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("")
+    (fake / "precompile.py").write_text("import sys\nsys.exit(3)\n")
+    monkeypatch.setattr(precompile, "__file__", str(fake / "precompile.py"))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    results = precompile.compile_kernels([("a", "b"), ("c", "d")], workers=2, target="ptx")
+    assert sorted((m, k, e) for m, k, _, e in results) == [("a", "b", "worker process exited with status 3"),
+                                                           ("c", "d", "worker process exited with status 3")]
+
+
+class _World:
+    def __init__(self, local_rank=0, size=1):
+        self.local_rank, self.size, self.gathers = local_rank, size, 0
+
+    def allgather(self, obj):
+        self.gathers += 1
+        return [obj] * self.size
+
+
+def _not_simulated(monkeypatch, missing, results=()):
+    """before_training as on a GPU: the cache check and the pool replaced by stand-ins."""
+    from nanollm.kernels import cuda_common
+
+    monkeypatch.setattr(cuda_common, "SIMULATOR", False)
+    calls = []
+    monkeypatch.setattr(precompile, "kernel_jobs", lambda: [("m", "a"), ("m", "b"), ("m", "c")])
+    if isinstance(missing, Exception):
+        def check(jobs):
+            raise missing
+    else:
+        def check(jobs):
+            return [job for job in jobs if job[1] in missing]
+    monkeypatch.setattr(precompile, "missing_from_cache", check)
+
+    def pool(jobs, workers, target, device_index):
+        calls.append((jobs, target, device_index))
+        return [(m, k, 1.0, "SyntaxError: no" if k in results else None) for m, k in jobs]
+
+    monkeypatch.setattr(precompile, "compile_kernels", pool)
+    return calls
+
+
+def test_before_training_compiles_only_what_is_missing(monkeypatch):
+    calls = _not_simulated(monkeypatch, missing={"a", "c"}, results={"c"})
+    printed = []
+    precompile.before_training(_World(), 3, print=printed.append, environ={})
+    assert calls == [([("m", "a"), ("m", "c")], "cache", 3)]
+    assert len(printed) == 1 and printed[0].startswith("compiled 1 of 2 kernels for this GPU into Numba's cache")
+    assert printed[0].endswith("; at first launch instead: m.c")
+
+
+def test_before_training_does_nothing_when_warm_off_or_not_first_on_host(monkeypatch):
+    calls = _not_simulated(monkeypatch, missing=set())
+    printed = []
+    precompile.before_training(_World(), 0, print=printed.append, environ={})  # warm
+    _not_simulated(monkeypatch, missing={"a"})
+    precompile.before_training(_World(), 0, print=printed.append, environ={"NANOLLM_PRECOMPILE": "0"})
+    world = _World(local_rank=1, size=2)
+    precompile.before_training(world, 0, print=printed.append, environ={})
+    assert calls == [] and printed == []
+    assert world.gathers == 1  # the host's other ranks wait for the first one
+
+
+def test_before_training_survives_a_failing_cache_check(monkeypatch):
+    calls = _not_simulated(monkeypatch, missing=AttributeError("'CUDACache' object has no attribute '_cache_file'"))
+    printed = []
+    assert precompile.before_training(_World(), 0, print=printed.append, environ={}) == []
+    assert calls == [] and "kernel cache check failed (AttributeError" in printed[0]
+
+
+def test_before_training_is_off_on_the_simulator(monkeypatch):
+    monkeypatch.setattr(precompile, "kernel_jobs", lambda: pytest.fail("checked the cache on the simulator"))
+    assert precompile.before_training(_World(), 0, print=print, environ={}) == []
