@@ -137,11 +137,12 @@ def default_workers(jobs):
     return max(1, min(cores, len(jobs), 16))
 
 
-def compile_kernels(jobs, workers=None, target="cache", device_index=0):
+def compile_kernels(jobs, workers=None, target="cache", device_index=0, timeout=600.0):
     """Compile each (module, kernel) job in `workers` worker processes, each handed its next job
     when it answers. target "cache": for the GPU `device_index` into Numba's disk cache; "ptx": to
     PTX for sm_90 (no GPU). Returns [(module, kernel, seconds, error or None)] in completion order;
-    a worker that dies fails its job (never the caller)."""
+    a worker that dies fails its job, and after `timeout` seconds the workers are killed and the
+    jobs not done fail (never the caller)."""
     if not jobs:
         return []
     workers = min(workers or default_workers(jobs), len(jobs))
@@ -154,20 +155,31 @@ def compile_kernels(jobs, workers=None, target="cache", device_index=0):
     selector = selectors.DefaultSelector()
 
     def hand_out(proc):
-        if pending:
-            job = pending.pop(0)
-            in_flight[proc] = job
-            proc.stdin.write(f"{job[0]} {job[1]}\n")
-            proc.stdin.flush()
-        else:
-            proc.stdin.close()
+        """The worker's next job, or the end of its input; a worker gone fails the job it was given."""
+        try:
+            if pending:
+                in_flight[proc] = pending.pop(0)
+                proc.stdin.write(f"{in_flight[proc][0]} {in_flight[proc][1]}\n")
+                proc.stdin.flush()
+            else:
+                proc.stdin.close()
+        except OSError:  # BrokenPipeError: its exit status is read when its output ends
+            pass
 
     try:
         for proc in procs:
             selector.register(proc.stdout, selectors.EVENT_READ, proc)
             hand_out(proc)
+        deadline = time.monotonic() + timeout
         while in_flight:
-            for key, _ in selector.select():
+            ready = selector.select(max(0.0, deadline - time.monotonic()))
+            if not ready and time.monotonic() >= deadline:
+                for proc in procs:
+                    proc.kill()
+                results += [(*job, timeout, f"not done after {timeout:.0f} s") for job in in_flight.values()]
+                results += [(*job, 0.0, f"not started after {timeout:.0f} s") for job in pending]
+                break
+            for key, _ in ready:
                 proc = key.data
                 line = proc.stdout.readline()
                 job = in_flight.pop(proc, None)
@@ -178,11 +190,16 @@ def compile_kernels(jobs, workers=None, target="cache", device_index=0):
                     continue
                 results.append(tuple(json.loads(line)))
                 hand_out(proc)
+            if not in_flight and pending and not selector.get_map():  # every worker is gone
+                results += [(*job, 0.0, "no worker process left") for job in pending]
+                pending.clear()
     finally:
         selector.close()
         for proc in procs:
-            if proc.stdin and not proc.stdin.closed:
+            try:
                 proc.stdin.close()
+            except OSError:  # a dead worker's pipe
+                pass
         for proc in procs:
             try:
                 proc.wait(timeout=30)

@@ -75,10 +75,22 @@ def test_a_worker_that_dies_fails_its_job_only(monkeypatch, tmp_path):
     (fake / "__init__.py").write_text("")
     (fake / "precompile.py").write_text("import sys\nsys.exit(3)\n")
     monkeypatch.setattr(precompile, "__file__", str(fake / "precompile.py"))
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
-    results = precompile.compile_kernels([("a", "b"), ("c", "d")], workers=2, target="ptx")
+    results = precompile.compile_kernels([("a", "b"), ("c", "d"), ("e", "f")], workers=2, target="ptx")
     assert sorted((m, k, e) for m, k, _, e in results) == [("a", "b", "worker process exited with status 3"),
-                                                           ("c", "d", "worker process exited with status 3")]
+                                                           ("c", "d", "worker process exited with status 3"),
+                                                           ("e", "f", "no worker process left")]
+
+
+def test_workers_past_the_timeout_are_killed_and_their_jobs_fail(monkeypatch, tmp_path):
+    fake = tmp_path / "nanollm"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("")
+    (fake / "precompile.py").write_text("import time\ntime.sleep(60)\n")
+    monkeypatch.setattr(precompile, "__file__", str(fake / "precompile.py"))
+    results = precompile.compile_kernels([("a", "b"), ("c", "d"), ("e", "f")], workers=2, target="ptx", timeout=1.0)
+    assert sorted((m, k, e) for m, k, _, e in results) == [("a", "b", "not done after 1 s"),
+                                                           ("c", "d", "not done after 1 s"),
+                                                           ("e", "f", "not started after 1 s")]
 
 
 class _World:
