@@ -59,7 +59,9 @@ def run_once(tree, flags, env, log_path, timeout):
     text = "".join(lines)
     own = re.search(r"time to first step: ([0-9.]+) s", text)
     table = re.search(r"start-up times.*?(?=\nstep|\Z)", text, re.S)
-    return first, own.group(1) if own else "-", table.group(0) if table else "(no start-up table)", rc
+    table = table.group(0) if table else "(no start-up table)"
+    compiled = re.search(r"^compiled \d+ of \d+ kernels.*$", text, re.M)  # nanollm.precompile, cold only
+    return first, own.group(1) if own else "-", (compiled.group(0) + "\n" if compiled else "") + table, rc
 
 
 def main():
