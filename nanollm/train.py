@@ -385,6 +385,8 @@ def _train(cfg, world):
     if T > config.max_seq_len:
         raise UsageError(f"-t {T} exceeds the model's context of {config.max_seq_len}")
     world_size, rank = world.size, world.rank
+    if cfg.plan and cfg.plan_ranks:  # --plan --plan-ranks N: rank 0 of a job of N processes, on paper
+        world_size, rank = cfg.plan_ranks, 0
     tokens_per_micro_step = B * T * world_size
     total_batch = cfg.total_batch_size if cfg.total_batch_size != -1 else tokens_per_micro_step
     if total_batch % tokens_per_micro_step:

@@ -53,6 +53,7 @@ class TrainConfig:
     cuda_graphs: int = 1             # --cuda-graphs: replay forward/backward as CUDA graphs (1) or launch eagerly (0)
     hellaswag_data: str = ""         # --hellaswag-data: -h 1's eval file ("" = data/hellaswag_val.bin or llm.c's path)
     plan: int = 0                    # --plan: print the memory plan and exit (memory_plan.py)
+    plan_ranks: int = 0              # --plan-ranks: with --plan, size a job of this many processes (0 = this job's)
     storage_errors: str = "stop"     # --storage-errors: stop | continue when a checkpoint or the log cannot be written
     comm: str = "auto"               # --comm: auto | nccl | mpi, how several processes exchange gradients
 
@@ -99,6 +100,8 @@ FLAGS = {
                                            "(default: data/hellaswag_val.bin, else dev/data/hellaswag/hellaswag_val.bin)"),
     "--plan": ("plan", "print the memory plan (GPU path; with --device cpu the CPU path's host memory), whether it "
                        "fits, and exit; no GPU or data needed; takes no value"),
+    "--plan-ranks": ("plan_ranks", "with --plan: plan one rank of a job of this many processes (mpirun -np N), e.g. "
+                                   "to size a -z 1 run on a laptop; default: this job's process count"),
     "--storage-errors": ("storage_errors", "stop | continue: what to do when a checkpoint or main.log cannot be written "
                                            "(disk full, ...): exit 2, or warn and train on; the last complete "
                                            "checkpoint stays intact either way"),
@@ -191,6 +194,9 @@ def validate(config):
         (not config.hellaswag or config.batch_size >= 4,
          f"-h 1 needs -b >= 4: each HellaSwag example takes 4 rows of the batch (got -b {config.batch_size})"),
         (config.plan in (0, 1), f"--plan must be 0 or 1, got {config.plan}"),
+        (config.plan_ranks >= 0, f"--plan-ranks must be a process count (0 = this job's), got {config.plan_ranks}"),
+        (not config.plan_ranks or config.plan, "--plan-ranks sizes a job for --plan; add --plan (a real job's "
+                                               "process count comes from its launcher)"),
         (config.storage_errors in STORAGE_POLICIES,
          f"--storage-errors must be {' or '.join(STORAGE_POLICIES)}, got {config.storage_errors!r}"),
         (config.zero_stage in (0, 1), f"-z {config.zero_stage}: ZeRO stages 2 and 3 (sharded gradients, sharded "

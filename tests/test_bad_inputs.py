@@ -153,6 +153,9 @@ ROWS = [
     # several processes
     ("-z 2", lambda f: _run(f, "-z", "2"), "-z 2: ZeRO stages 2 and 3"),
     ("--comm bogus", lambda f: _run(f, "--comm", "bogus"), "--comm must be auto, nccl or mpi"),
+    ("--plan-ranks without --plan", lambda f: _run(f, "--plan-ranks", "8"), "--plan-ranks sizes a job for --plan"),
+    ("--plan-ranks not dividing a tensor at -z 1", lambda f: _run(f, "--plan", "--plan-ranks", "7", "-z", "1"),
+     "-z 1"),
     ("-y 1: checkpoint of a newer format", lambda f: _run(f, "-o", str(f / "future"), "-y", "1"),
      "future/checkpoint_00000001.h5: /@format_version"),
     ("-y 1: only a damaged checkpoint", lambda f: _run(f, "-o", str(f / "damaged"), "-y", "1"),

@@ -147,3 +147,21 @@ def test_plan_flag_prints_and_exits_0_without_data_or_gpu(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert result.steps == 0 and result.memory_plan in out and "MemAvailable: does NOT fit" in out
     assert "to fit: the largest -b that fits is" in out
+
+
+def test_plan_ranks_sizes_one_rank_of_a_bigger_job(capsys):
+    """llm.c's 1.5B run (-z 1 on 8 GPUs), planned from one process: the optimizer state is 1/8, the
+    gradient accumulation that of 8 processes, and the same plan as gpu_plan's at world size 8."""
+    result = nanollm.train(model="d48", batch_size=16, seq_len=1024, total_batch_size=1048576, recompute=0,
+                           zero_stage=1, plan=1, plan_ranks=8, attention="cudnn")
+    out = capsys.readouterr().out
+    assert "grad accumulation 8," in out and "8 GPUs, -z 1" in out and "1/8 each (-z 1)" in out
+    c = from_descriptor("d48")
+    expected = memory_plan.gpu_plan(c, 16, 1024, 8, 0, "cudnn", world_size=8, zero_stage=1).total
+    total = [line for line in result.memory_plan.splitlines() if line.strip().startswith("total")]
+    assert total and total[0].split()[1] == f"{expected / 2**30:.2f}", (total, expected)
+    one_rank = memory_plan.gpu_plan(c, 16, 1024, 64, 0, "cudnn").total
+    # one process keeps all the fp32 master weights, m and v, a rank of 8 an eighth plus NCCL's buffers;
+    # the one process also keeps 64 micro-steps' losses (B*T fp32 each) where a rank keeps 8
+    saved = 7 / 8 * 3 * 4 * num_parameters(c) - memory_plan.NCCL_BYTES + (64 - 8) * 16 * 1024 * 4
+    assert (one_rank - expected) == saved, (one_rank - expected, saved)
