@@ -76,6 +76,7 @@ def missing_from_cache(jobs):
         cache = dispatcher._cache
         if not hasattr(cache, "_index_key"):  # NullCache: caching off; nothing to gain
             continue
+        dispatcher.targetctx.refresh()  # as Cache.load_overload does before it computes the key
         key = cache._index_key(_argument_types(signature), dispatcher.targetctx.codegen())
         if key not in cache._cache_file._load_index():
             missing.append((module_name, kernel_name))
