@@ -3,6 +3,12 @@ simulator over training steps with several flag sets), the worker pool (to PTX, 
 when train() uses it. That the cache it fills is the cache a launch reads is a GPU check
 (benchmarks/startup_times.py's cold row)."""
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 
 from nanollm import precompile
@@ -91,6 +97,37 @@ def test_workers_past_the_timeout_are_killed_and_their_jobs_fail(monkeypatch, tm
     assert sorted((m, k, e) for m, k, _, e in results) == [("a", "b", "not done after 1 s"),
                                                            ("c", "d", "not done after 1 s"),
                                                            ("e", "f", "not started after 1 s")]
+
+
+# Numba's cache internals that missing_from_cache reads, exercised without a GPU: the GPU's identity
+# (compute capability, CUDA version) stood in, an entry written under the key a launch computes.
+CACHE_CHECK_SCRIPT = textwrap.dedent("""
+    import json, types
+    import numba.cuda.dispatcher as dispatcher_module
+    from numba.cuda import codegen
+    dispatcher_module.get_current_device = lambda: types.SimpleNamespace(compute_capability=(9, 0))
+    codegen.JITCUDACodegen.magic_tuple = lambda self: ((13, 0), (9, 0))
+    from nanollm import precompile
+    jobs = [("nanollm.kernels.gelu", "gelu_forward_kernel"), ("nanollm.kernels.gelu", "gelu_backward_inplace_kernel")]
+    before = precompile.missing_from_cache(jobs)
+    dispatcher, signature = precompile._lookup(*jobs[0])
+    cache = dispatcher._cache
+    cache._impl.locator.ensure_cache_path()
+    key = cache._index_key(precompile._argument_types(signature), dispatcher.targetctx.codegen())
+    cache._cache_file.save(key, b"a stand-in entry")
+    print(json.dumps([before, precompile.missing_from_cache(jobs)]))
+""")
+
+
+def test_cache_check_finds_an_entry_under_the_launch_key(tmp_path):
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0", NUMBA_CACHE_DIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", CACHE_CHECK_SCRIPT], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before, after = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert before == [["nanollm.kernels.gelu", "gelu_forward_kernel"], ["nanollm.kernels.gelu",
+                                                                          "gelu_backward_inplace_kernel"]]
+    assert after == [["nanollm.kernels.gelu", "gelu_backward_inplace_kernel"]]
 
 
 class _World:
