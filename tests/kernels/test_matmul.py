@@ -16,7 +16,7 @@ from nvmath.bindings import cublasLt as real_cublaslt
 
 from nanollm import reference
 from nanollm.kernels import matmul
-from nanollm.kernels.bf16 import from_bf16_bits, to_bf16_bits
+from nanollm.kernels.bf16 import bf16_ulps_apart, from_bf16_bits, to_bf16_bits
 
 from .helpers import BF16_ONE_ROUNDING, download_bf16, poisoned_bf16, random_bf16, relative_error
 
@@ -144,13 +144,6 @@ def test_matmul_backward_bias(rng, rows, OC, block):
 
 # ---- the bias-gradient candidates (NANOLLM_BIAS_GRAD) ----------------------------------------------
 
-def _ulps_apart(a_bits, b_bits):
-    """Largest distance between two bf16 arrays in units of the last place of the larger value."""
-    a, b = from_bf16_bits(a_bits).astype(np.float64), from_bf16_bits(b_bits).astype(np.float64)
-    ulp = np.exp2(np.floor(np.log2(np.maximum(np.maximum(np.abs(a), np.abs(b)), 2.0 ** -126))) - 7)
-    return float(np.max(np.abs(a - b) / ulp))
-
-
 def _order_sensitive_bf16(rng, rows, OC):
     """bf16 columns whose fp32 sum depends visibly on the summation order: small values plus
     +-2^24 in pairs that cancel exactly. While a +2^24 is in a running sum (fp32 spacing 2 there)
@@ -238,7 +231,7 @@ def test_bias_grad_epilogue_at_d12(rng, monkeypatch, C, OC):
     expected = from_bf16_bits(start_bits) + dout_ref.sum(axis=0)
     assert relative_error(from_bf16_bits(results[1]), expected) < BF16_ONE_ROUNDING
     np.testing.assert_array_equal(results[2], results[1], err_msg="the epilogue's sums are not deterministic")
-    assert _ulps_apart(results[1], results[0]) <= 1.0
+    assert bf16_ulps_apart(results[1], results[0]) <= 1.0
 
 
 def test_bias_grad_variable():
