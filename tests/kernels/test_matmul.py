@@ -1,5 +1,5 @@
 """cuBLASLt matmuls (forward with BIAS / GELU_AUX_BIAS, backward with DGELU, the bias-gradient
-kernels, strided-batched products) against the numpy reference.
+kernels and their NANOLLM_BIAS_GRAD candidates, strided-batched products) against the numpy reference.
 
 On the simulator the products run through matmul's numpy fallback and the bias kernels as Numba
 code; under `pytest -m gpu` the same tests run cuBLASLt at GPT-2 124M shapes.
@@ -145,14 +145,14 @@ def test_matmul_backward_bias(rng, rows, OC, block):
 # ---- the bias-gradient candidates (NANOLLM_BIAS_GRAD) ----------------------------------------------
 
 def _order_sensitive_bf16(rng, rows, OC):
-    """bf16 columns whose fp32 sum depends visibly on the summation order: small values plus
-    +-2^24 in pairs that cancel exactly. While a +2^24 is in a running sum (fp32 spacing 2 there)
-    the small values it meets are rounded to even integers, so which ones meet it, in which
-    order, changes the result by whole units, far more than a bf16 unit of the small total."""
+    """bf16 columns whose fp32 sum depends visibly on the summation order: N(0, 4^2) values plus
+    +-2^30 in pairs that cancel exactly. A running sum holding a 2^30 (fp32 spacing 128 there)
+    drops the small values it meets, so which of them reach the result depends on the order of
+    the additions, by many bf16 units of the small total."""
     values = rng.standard_normal((rows, OC)).astype(np.float32) * np.float32(4.0)
     for column in range(OC):
         picked = rng.choice(rows, size=2 * min(3, rows // 2), replace=False)
-        values[picked, column] = np.float32(2.0 ** 24) * np.repeat(np.float32([1, -1]), len(picked) // 2)
+        values[picked, column] = np.float32(2.0 ** 30) * np.repeat(np.float32([1, -1]), len(picked) // 2)
     return to_bf16_bits(values)
 
 
