@@ -89,6 +89,69 @@ def block_reduce_max(value, shared):
     return biggest
 
 
+# ---- 16-byte loads -----------------------------------------------------------------------------
+# Numba emits one load per array element (8 bytes at most) and never merges neighbours (it cannot
+# prove their 16-byte alignment), so these two are inline PTX. The caller guarantees the alignment:
+# the element index a multiple of two (uint64) or four (float32) in a 16-byte aligned array. The
+# simulator has no intrinsics: there they are plain element reads.
+
+if SIMULATOR:
+    @device_function
+    def load_u64x2(array, index):
+        """array[index], array[index + 1] (uint64) in one 16-byte load, through the read-only
+        (non-coherent) cache: only for data no thread writes while the kernel runs."""
+        return array[index], array[index + 1]
+
+    @device_function
+    def load_f32x4_coherent(array, index):
+        """array[index .. index + 3] (float32) in one 16-byte load that bypasses L1 (ld.cg) and is
+        kept in program order: data other blocks of this launch wrote before a fence."""
+        return array[index], array[index + 1], array[index + 2], array[index + 3]
+else:
+    from llvmlite import ir
+    from numba import types
+    from numba.cuda import cgutils
+    from numba.cuda.extending import intrinsic
+
+    def _element_pointer(context, builder, array_type, array, index_type, index):
+        array = context.make_array(array_type)(context, builder, value=array)
+        index = context.cast(builder, index, index_type, types.intp)
+        return cgutils.get_item_pointer(context, builder, array_type, array, [index], wraparound=False)
+
+    def _vector_load(element, count, ptx, side_effect):
+        """An intrinsic (array, index) -> UniTuple(element, count) from one PTX vector load."""
+        register = {types.uint64: "l", types.float32: "f"}[element]
+
+        def typer(typingctx, array, index):
+            if not (isinstance(array, types.Array) and array.ndim == 1 and array.dtype == element
+                    and isinstance(index, types.Integer)):
+                return None
+            signature = types.UniTuple(element, count)(array, index)
+
+            def codegen(context, builder, sig, args):
+                pointer = _element_pointer(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+                value = context.get_value_type(element)
+                asm_type = ir.FunctionType(ir.LiteralStructType([value] * count), [pointer.type])
+                outputs = ",".join(["=" + register] * count)
+                # generic -> global address first: ld.global wants a global-space address
+                code = ("{ .reg .u64 address; cvta.to.global.u64 address, $" + str(count) + "; "
+                        + ptx + " {" + ", ".join(f"${i}" for i in range(count)) + "}, [address]; }")
+                loaded = builder.call(ir.InlineAsm(asm_type, code, outputs + ",l", side_effect=side_effect), [pointer])
+                return context.make_tuple(builder, sig.return_type,
+                                          [builder.extract_value(loaded, i) for i in range(count)])
+
+            return signature, codegen
+
+        return intrinsic(typer)
+
+    # dout-style inputs: free to schedule (nothing writes them during the kernel)
+    load_u64x2 = _vector_load(types.uint64, 2, "ld.global.nc.v2.u64", side_effect=False)
+    load_u64x2.__doc__ = "array[index], array[index + 1] (uint64) in one 16-byte read-only load."
+    # another block's results after a fence: never hoisted above it, never served from a stale L1
+    load_f32x4_coherent = _vector_load(types.float32, 4, "ld.global.cg.v4.f32", side_effect=True)
+    load_f32x4_coherent.__doc__ = "array[index .. index + 3] (float32), one 16-byte ld.cg kept in program order."
+
+
 def device_address(array):
     """Where an array's data starts (host address under the simulator): wide loads need alignment."""
     interface = getattr(array, "__cuda_array_interface__", None) or array.__array_interface__

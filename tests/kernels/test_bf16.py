@@ -3,8 +3,8 @@
 import numpy as np
 from numba import cuda
 
-from nanollm.kernels.bf16 import (float_to_bf16, float_to_bf16_stochastic, from_bf16_bits, pack_bf16x2,
-                                  bf16_to_float, bf16x2_high, bf16x2_low, to_bf16_bits)
+from nanollm.kernels.bf16 import (bf16_ulps_apart, float_to_bf16, float_to_bf16_stochastic, from_bf16_bits,
+                                  pack_bf16x2, bf16_to_float, bf16x2_high, bf16x2_low, to_bf16_bits)
 from nanollm.kernels.cuda_common import kernel, warp_reduce_max, warp_reduce_sum
 
 SPECIAL = np.array([0.0, -0.0, 1.0, -1.5, np.inf, -np.inf, np.nan, 1e-40, -3e-39, 3.3895314e38,
@@ -101,3 +101,11 @@ def test_warp_reductions(rng):
     warp_reduce_kernel[1, 64](sums, maxes, cuda.to_device(values))
     np.testing.assert_allclose(sums.copy_to_host(), values.reshape(2, 32).sum(axis=1), rtol=1e-5)
     np.testing.assert_array_equal(maxes.copy_to_host(), values.reshape(2, 32).max(axis=1))
+
+
+def test_ulps_apart_counts_units_in_the_last_place_of_the_larger():
+    bits = to_bf16_bits(np.float32([1.0, 256.0, -3.0, 0.0]))
+    assert bf16_ulps_apart(bits, bits) == 0.0
+    assert bf16_ulps_apart(bits, bits + np.uint16(1)) == 1.0  # the next bf16 up (down for -3)
+    assert bf16_ulps_apart(to_bf16_bits(np.float32([256.0])), to_bf16_bits(np.float32([260.0]))) == 2.0
+    assert bf16_ulps_apart(to_bf16_bits(np.float32([1.0])), to_bf16_bits(np.float32([-1.0]))) == 256.0
