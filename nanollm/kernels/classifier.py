@@ -89,6 +89,40 @@ def dlogits_word(word, first_column, target, row_max, inverse_sum, dloss):
     return join_halves(pack_bf16x2(d0, d1), pack_bf16x2(d2, d3))
 
 
+@device_function
+def block_row(logits, targets, words_per_row):
+    """This block's row (in reverse order, see the docstring): (row, its first word, its target, the
+    target's logit). Thread 0 reads that logit, the others get 0; read before anyone can overwrite
+    it, as the block reductions' barriers come between it and pass 2's writes."""
+    row = cuda.gridDim.x - 1 - cuda.blockIdx.x
+    row_start = row * words_per_row
+    target = targets[row]
+    target_logit = float32(0.0)
+    if cuda.threadIdx.x == 0:
+        target_logit = bf16x4_lane(logits[row_start + target // 4], target % 4)
+    return row, row_start, target, target_logit
+
+
+@device_function
+def row_layout(V, threads):
+    """(words with four real columns, real lanes of the word after them (0: none), the thread whose
+    strided walk w = tid, tid + threads, ... reaches that straddling word)."""
+    full_words = V // 4
+    return full_words, V - 4 * full_words, full_words % threads
+
+
+@device_function
+def row_max_and_sum(running_max, running_sum, shared_max, shared_sum, losses, row, target_logit):
+    """The row's max and sum of exp(x - max) from each thread's running pair (every thread gets
+    them); thread 0 writes the row's loss."""
+    row_max = block_reduce_max(running_max, shared_max)
+    running_sum *= math.exp(running_max - row_max)
+    row_sum = block_reduce_sum(running_sum, shared_sum)
+    if cuda.threadIdx.x == 0:
+        losses[row] = math.log(row_sum) + (row_max - target_logit)
+    return row_max, row_sum
+
+
 @kernel(fastmath=True)
 def fused_classifier_kernel(logits, losses, targets, dloss, V, words_per_row, write_dlogits):
     # logits: (BT * Vp/4,) uint64 words, row r at words [r*words_per_row, (r+1)*words_per_row);
@@ -96,19 +130,10 @@ def fused_classifier_kernel(logits, losses, targets, dloss, V, words_per_row, wr
     # losses: (BT,) fp32 <- -log prob[target]; targets: (BT,) int32, each in [0, V)
     shared_max = cuda.shared.array(32, float32)
     shared_sum = cuda.shared.array(32, float32)
-    row = cuda.gridDim.x - 1 - cuda.blockIdx.x
-    row_start = row * words_per_row
+    row, row_start, target, target_logit = block_row(logits, targets, words_per_row)
     tid = cuda.threadIdx.x
     threads = cuda.blockDim.x
-    target = targets[row]
-    full_words = V // 4  # words with four real columns; then one straddling word if V % 4
-    boundary_lanes = V - 4 * full_words
-    boundary_thread = full_words % threads  # the thread whose strided walk reaches that word
-
-    # read the target's logit before anyone can overwrite it; the barriers below order it
-    target_logit = float32(0.0)
-    if tid == 0:
-        target_logit = bf16x4_lane(logits[row_start + target // 4], target % 4)
+    full_words, boundary_lanes, boundary_thread = row_layout(V, threads)
 
     # pass 1: running max and sum of exp over the real columns
     running_max = float32(NEG_BIG)
@@ -125,11 +150,7 @@ def fused_classifier_kernel(logits, losses, targets, dloss, V, words_per_row, wr
     if boundary_lanes > 0 and tid == boundary_thread:
         running_max, running_sum = online_softmax_word(logits[row_start + full_words], boundary_lanes,
                                                        running_max, running_sum)
-    row_max = block_reduce_max(running_max, shared_max)
-    running_sum *= math.exp(running_max - row_max)
-    row_sum = block_reduce_sum(running_sum, shared_sum)
-    if tid == 0:
-        losses[row] = math.log(row_sum) + (row_max - target_logit)
+    row_max, row_sum = row_max_and_sum(running_max, running_sum, shared_max, shared_sum, losses, row, target_logit)
     if not write_dlogits:
         return
 
@@ -199,18 +220,10 @@ def fused_classifier_staged_kernel(logits, losses, targets, dloss, V, words_per_
     staged = cuda.shared.array(0, uint64)  # word w is written and read back by the thread that loaded it
     shared_max = cuda.shared.array(32, float32)
     shared_sum = cuda.shared.array(32, float32)
-    row = cuda.gridDim.x - 1 - cuda.blockIdx.x
-    row_start = row * words_per_row
+    row, row_start, target, target_logit = block_row(logits, targets, words_per_row)
     tid = cuda.threadIdx.x
     threads = cuda.blockDim.x
-    target = targets[row]
-    full_words = V // 4
-    boundary_lanes = V - 4 * full_words
-    boundary_thread = full_words % threads
-
-    target_logit = float32(0.0)
-    if tid == 0:
-        target_logit = bf16x4_lane(logits[row_start + target // 4], target % 4)
+    full_words, boundary_lanes, boundary_thread = row_layout(V, threads)
     boundary_word = uint64(0)
     if boundary_lanes > 0 and tid == boundary_thread:  # loaded now, folded last (as v1): no lone load at the end
         boundary_word = logits[row_start + full_words]
@@ -234,11 +247,7 @@ def fused_classifier_staged_kernel(logits, losses, targets, dloss, V, words_per_
         if write_dlogits:
             staged[full_words] = boundary_word
         running_max, running_sum = online_softmax_word(boundary_word, boundary_lanes, running_max, running_sum)
-    row_max = block_reduce_max(running_max, shared_max)
-    running_sum *= math.exp(running_max - row_max)
-    row_sum = block_reduce_sum(running_sum, shared_sum)
-    if tid == 0:
-        losses[row] = math.log(row_sum) + (row_max - target_logit)
+    row_max, row_sum = row_max_and_sum(running_max, running_sum, shared_max, shared_sum, losses, row, target_logit)
     if not write_dlogits:
         return
 
