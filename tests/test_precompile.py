@@ -35,10 +35,14 @@ def launches(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("flags", [dict(recompute=1, gelu_fusion=0), dict(recompute=0, gelu_fusion=2)])
-def test_training_launches_only_the_precompiled_signatures(launches, rng, flags):
+# the second flag set also runs the classifier's candidate kernel (NANOLLM_CLASSIFIER=v2)
+@pytest.mark.parametrize("flags", [dict(recompute=1, gelu_fusion=0), dict(recompute=0, gelu_fusion=2, classifier="v2")])
+def test_training_launches_only_the_precompiled_signatures(launches, rng, monkeypatch, flags):
+    from nanollm.kernels import classifier
     from nanollm.model import GPT2
 
+    flags = dict(flags)
+    monkeypatch.setattr(classifier, "VARIANT", flags.pop("classifier", classifier.VARIANT))
     model = GPT2(MICRO, 2, 4, seed=int(rng.integers(1000)), attention="numba", grad_accum_steps=2, **flags)
     tokens, targets = rng.integers(0, MICRO.vocab_size, (2, 2, 4))
     model.zero_grad()
@@ -49,6 +53,8 @@ def test_training_launches_only_the_precompiled_signatures(launches, rng, flags)
     model.forward(tokens)  # inference (no targets): the logits kept
     jobs = precompile.kernel_jobs()
     assert len(launches) >= 15, sorted(launches)
+    chosen = {"v1": "fused_classifier_kernel", "v2": "fused_classifier_staged_kernel"}[classifier.VARIANT]
+    assert ("nanollm.kernels.classifier", chosen) in launches
     for (module_name, kernel_name), signatures in launches.items():
         assert (module_name, kernel_name) in jobs, f"{module_name}.{kernel_name} is launched but has no PTX signature"
         _, signature = precompile._lookup(module_name, kernel_name)

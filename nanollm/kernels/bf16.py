@@ -4,14 +4,17 @@ Storage is bf16, arithmetic fp32, as in llm.c. Numba's own bf16 type does not ru
 simulator, so bf16 values live in uint16 arrays (two of them in a uint32 word for wide loads)
 and are converted with integer operations that compile to plain integer instructions.
 float -> bf16 rounds to nearest even, as __float2bfloat16 does; NaN stays NaN.
+pack_bf16x2_rn does the same rounding in one hardware instruction (sm_80+) where pack_bf16x2 needs
+about sixteen integer ones; the simulator stands in for that instruction with numpy.
 """
 
 import numpy as np
-from numba import cuda, float32, int32, uint16, uint32, uint64
+from numba import cuda, float32, int32, types, uint16, uint32, uint64
 
-from .cuda_common import check_contiguous, device_function
+from .cuda_common import SIMULATOR, check_contiguous, device_function
 
-BF16_QUIET_NAN = 0x7FC0
+BF16_QUIET_NAN = 0x7FC0  # what float_to_bf16 makes of a NaN
+BF16_CANONICAL_NAN = 0x7FFF  # what the hardware's conversion makes of one
 
 
 @device_function
@@ -42,6 +45,33 @@ def bf16x2_high(word):
 @device_function
 def pack_bf16x2(low, high):
     return uint32(float_to_bf16(low)) | (uint32(float_to_bf16(high)) << uint32(16))
+
+
+if SIMULATOR:
+    def cvt_rn_bf16x2(high, low):
+        """The simulator's stand-in for the instruction below, bit for bit (NaN -> 0x7FFF)."""
+        bits = to_bf16_bits(np.array([low, high], dtype=np.float32))
+        bits[np.isnan(np.array([low, high], dtype=np.float32))] = BF16_CANONICAL_NAN
+        return uint32(bits[0]) | (uint32(bits[1]) << uint32(16))
+else:
+    from llvmlite import ir
+    from numba.cuda.extending import intrinsic
+
+    @intrinsic
+    def cvt_rn_bf16x2(typingctx, high, low):
+        """PTX cvt.rn.bf16x2.f32: high and low rounded to nearest even, packed high:low in a uint32.
+        A NaN becomes the canonical bf16 NaN 0x7FFF (pack_bf16x2 gives 0x7FC0); all else is the same."""
+        def codegen(context, builder, signature, args):
+            function_type = ir.FunctionType(ir.IntType(32), [ir.FloatType(), ir.FloatType()])
+            return builder.call(ir.InlineAsm(function_type, "cvt.rn.bf16x2.f32 $0, $1, $2;", "=r,f,f"), args)
+
+        return types.uint32(types.float32, types.float32), codegen
+
+
+@device_function
+def pack_bf16x2_rn(low, high):
+    """pack_bf16x2 in one instruction (sm_80+): the same bits, except that a NaN becomes 0x7FFF."""
+    return cvt_rn_bf16x2(float32(high), float32(low))
 
 
 @device_function

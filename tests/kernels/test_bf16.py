@@ -3,8 +3,9 @@
 import numpy as np
 from numba import cuda
 
-from nanollm.kernels.bf16 import (bf16_ulps_apart, float_to_bf16, float_to_bf16_stochastic, from_bf16_bits,
-                                  pack_bf16x2, bf16_to_float, bf16x2_high, bf16x2_low, to_bf16_bits)
+from nanollm.kernels.bf16 import (BF16_CANONICAL_NAN, bf16_ulps_apart, float_to_bf16, float_to_bf16_stochastic,
+                                  from_bf16_bits, pack_bf16x2, pack_bf16x2_rn, bf16_to_float, bf16x2_high, bf16x2_low,
+                                  to_bf16_bits)
 from nanollm.kernels.cuda_common import kernel, warp_reduce_max, warp_reduce_sum
 
 SPECIAL = np.array([0.0, -0.0, 1.0, -1.5, np.inf, -np.inf, np.nan, 1e-40, -3e-39, 3.3895314e38,
@@ -35,6 +36,13 @@ def pack_kernel(out_words, out_low, out_high, low, high):
         out_words[i] = word
         out_low[i] = bf16x2_low(word)
         out_high[i] = bf16x2_high(word)
+
+
+@kernel
+def pack_rn_kernel(out_words, low, high):
+    i = cuda.grid(1)
+    if i < low.shape[0]:
+        out_words[i] = pack_bf16x2_rn(low[i], high[i])
 
 
 @kernel
@@ -73,6 +81,21 @@ def test_pack_and_unpack(rng):
     np.testing.assert_array_equal(words.copy_to_host(), expected)
     np.testing.assert_array_equal(out_low.copy_to_host(), from_bf16_bits(to_bf16_bits(low)))
     np.testing.assert_array_equal(out_high.copy_to_host(), from_bf16_bits(to_bf16_bits(high)))
+
+
+def test_hardware_pack_rounds_as_the_integer_code(rng):
+    # cvt.rn.bf16x2.f32 on a GPU, its numpy stand-in on the simulator: pack_bf16x2's bits, NaN aside
+    ties = np.float32(1.0) + np.float32(2**-8) * np.arange(1, 8, 2, dtype=np.float32)  # halfway, odd and even
+    wide = (rng.standard_normal(60) * 10.0 ** rng.integers(-40, 38, 60)).astype(np.float32)
+    values = np.concatenate([SPECIAL, ties, -ties, wide])
+    low, high = values, rng.permutation(values)
+    words = cuda.to_device(np.zeros(values.size, dtype=np.uint32))
+    pack_rn_kernel[1, 128](words, cuda.to_device(low), cuda.to_device(high))
+    out = words.copy_to_host()
+    for half, inputs in ((out & 0xFFFF, low), (out >> 16, high)):
+        expected = to_bf16_bits(inputs).astype(np.uint32)
+        expected[np.isnan(inputs)] = BF16_CANONICAL_NAN
+        np.testing.assert_array_equal(half, expected)
 
 
 def test_stochastic_rounding_is_unbiased_and_brackets(rng):
