@@ -4,7 +4,8 @@ import numpy as np
 from numba import cuda
 
 from nanollm.kernels.bf16 import (float_to_bf16, float_to_bf16_stochastic, from_bf16_bits, pack_bf16x2,
-                                  bf16_to_float, bf16x2_high, bf16x2_low, to_bf16_bits)
+                                  bf16_to_float, bf16x2_high, bf16x2_low, bf16x4_pack, bf16x4_unpack,
+                                  to_bf16_bits)
 from nanollm.kernels.cuda_common import kernel, warp_reduce_max, warp_reduce_sum
 
 SPECIAL = np.array([0.0, -0.0, 1.0, -1.5, np.inf, -np.inf, np.nan, 1e-40, -3e-39, 3.3895314e38,
@@ -35,6 +36,20 @@ def pack_kernel(out_words, out_low, out_high, low, high):
         out_words[i] = word
         out_low[i] = bf16x2_low(word)
         out_high[i] = bf16x2_high(word)
+
+
+@kernel
+def pack4_kernel(out_words, out_floats, inp):
+    # four floats a word: bf16x4_pack (float_to_bf16_branchless), then bf16x4_unpack
+    i = cuda.grid(1)
+    if i < out_words.shape[0]:
+        word = bf16x4_pack(inp[4 * i], inp[4 * i + 1], inp[4 * i + 2], inp[4 * i + 3])
+        out_words[i] = word
+        v0, v1, v2, v3 = bf16x4_unpack(word)
+        out_floats[4 * i] = v0
+        out_floats[4 * i + 1] = v1
+        out_floats[4 * i + 2] = v2
+        out_floats[4 * i + 3] = v3
 
 
 @kernel
@@ -73,6 +88,21 @@ def test_pack_and_unpack(rng):
     np.testing.assert_array_equal(words.copy_to_host(), expected)
     np.testing.assert_array_equal(out_low.copy_to_host(), from_bf16_bits(to_bf16_bits(low)))
     np.testing.assert_array_equal(out_high.copy_to_host(), from_bf16_bits(to_bf16_bits(high)))
+
+
+def test_branchless_pack_matches_host_rounding(rng):
+    # float_to_bf16_branchless's 32-bit sum wraps for negative NaNs (bits above 0xFFFF7FFF): the
+    # select must still give 0x7FC0, as float_to_bf16 and the host do
+    negative_nans = np.array([0xFFFFFFFF, 0xFFFF8000, 0xFFC00000, 0xFF800001], dtype=np.uint32).view(np.float32)
+    values = np.concatenate([SPECIAL, negative_nans, np.float32([-np.nan, 1.0 + 2**-8, -(1.0 + 2**-8)]),
+                             (rng.standard_normal(42) * 10.0 ** rng.integers(-30, 30, 42)).astype(np.float32)])
+    assert values.size % 4 == 0
+    words = cuda.to_device(np.zeros(values.size // 4, dtype=np.uint64))
+    floats = cuda.to_device(np.full(values.size, 7.0, dtype=np.float32))
+    pack4_kernel[1, 32](words, floats, cuda.to_device(values))
+    expected = to_bf16_bits(values)
+    np.testing.assert_array_equal(words.copy_to_host().view(np.uint16), expected)
+    np.testing.assert_array_equal(floats.copy_to_host().view(np.uint32), from_bf16_bits(expected).view(np.uint32))
 
 
 def test_stochastic_rounding_is_unbiased_and_brackets(rng):
