@@ -9,7 +9,7 @@ float -> bf16 rounds to nearest even, as __float2bfloat16 does; NaN stays NaN.
 import numpy as np
 from numba import cuda, float32, int32, uint16, uint32, uint64
 
-from .cuda_common import check_contiguous, device_function
+from .cuda_common import SIMULATOR, check_contiguous, device_function
 
 BF16_QUIET_NAN = 0x7FC0
 
@@ -144,6 +144,39 @@ def bf16x4_pack(v0, v1, v2, v3):
     low = uint32(float_to_bf16_branchless(v0)) | uint32(uint32(float_to_bf16_branchless(v1)) << uint32(16))
     high = uint32(float_to_bf16_branchless(v2)) | uint32(uint32(float_to_bf16_branchless(v3)) << uint32(16))
     return join_halves(low, high)
+
+
+if SIMULATOR:  # no inline PTX there: the same bits for every non-NaN value, from integer code
+    @device_function
+    def pack_bf16x2_cvt(low, high):
+        return uint32(float_to_bf16_branchless(low)) | uint32(uint32(float_to_bf16_branchless(high)) << uint32(16))
+else:
+    from llvmlite import ir
+    from numba import types
+    from numba.cuda.extending import intrinsic
+
+    @intrinsic
+    def _cvt_rn_bf16x2_f32(typingctx, high, low):
+        """PTX cvt.rn.bf16x2.f32 (sm_80+): high to the upper, low to the lower bf16 of a uint32."""
+        def codegen(context, builder, signature, args):
+            convert = ir.InlineAsm(ir.FunctionType(ir.IntType(32), [ir.FloatType(), ir.FloatType()]),
+                                   "cvt.rn.bf16x2.f32 $0, $1, $2;", "=r,f,f")
+            return builder.call(convert, args)
+        return types.uint32(types.float32, types.float32), codegen
+
+    @device_function
+    def pack_bf16x2_cvt(low, high):
+        return _cvt_rn_bf16x2_f32(float32(high), float32(low))
+pack_bf16x2_cvt.__doc__ = """Two floats rounded to bf16 by the GPU's own conversion instruction (nearest even, one
+instruction for the pair; integer rounding takes ~7 per value), low at the lower address of a uint32.
+The same bits as float_to_bf16 except for NaN, which comes out as the canonical 0x7FFF (llm.c's
+__float2bfloat16 gives the same) instead of 0x7FC0. On the simulator, integer code."""
+
+
+@device_function
+def bf16x4_pack_cvt(v0, v1, v2, v3):
+    """bf16x4_pack through pack_bf16x2_cvt (NaN: 0x7FFF on a GPU)."""
+    return join_halves(pack_bf16x2_cvt(v0, v1), pack_bf16x2_cvt(v2, v3))
 
 
 @device_function

@@ -36,11 +36,16 @@ row, from kernels compiled for 6 words per lane as at C=768); none of this is ti
   instructions per word instead of 232 in the fused forward (96 instead of 160 in the plain one),
   mostly integer ones, which Hopper issues at half the fp32 rate: at B=64, T=1024, C=768 v1's
   fused forward needs ~100 us of issue per SM against ~85 us to move its 403 MB.
+- NANOLLM_LN_FORWARD=v3: v2 rounding with the GPU's cvt.rn.bf16x2.f32 (two values per
+  instruction, inline PTX; bf16.pack_bf16x2_cvt): 80 instructions per word in the fused forward,
+  64 in the plain one. The same bits as v1 except NaN outputs (0x7FFF instead of 0x7FC0, as
+  llm.c's __float2bfloat16). On the simulator it runs v2's integer rounding.
 - NANOLLM_LN_BACKWARD=v2: v1's layout, grid, partials and per-row arithmetic (the same dinp bits,
   and the same dweight/dbias bits: the summation order is v1's), with the next row's mean and rstd
   loaded along with its words (v1 waited a memory latency for them at the start of every row) and
   the forward's leaner bf16 code; 70 registers instead of 80, so two 416-thread blocks (C=1600)
-  fit an SM, as two 384-thread ones (C=768) did.
+  fit an SM, as two 384-thread ones (C=768) did. NANOLLM_LN_BACKWARD=v3: the same with v3's
+  rounding of dinp (NaN as there).
 """
 
 import math
@@ -49,8 +54,8 @@ import os
 import numpy as np
 from numba import cuda, float32, uint64
 
-from .bf16 import (add_bf16x4, add_fp32_to_bf16x4, as_words, bf16x4_get, bf16x4_pack, bf16x4_put,
-                   bf16x4_unpack)
+from .bf16 import (add_bf16x4, add_fp32_to_bf16x4, as_words, bf16x4_get, bf16x4_pack, bf16x4_pack_cvt,
+                   bf16x4_put, bf16x4_unpack)
 from .cuda_common import WARP_SIZE, ceil_div, check_contiguous, device_function, kernel, warp_reduce_sum
 
 LAYERNORM_EPS = 1e-5
@@ -61,8 +66,8 @@ BACKWARD_BLOCKS = 256  # most blocks (fp32 partial rows in scratch) of layernorm
 ROW_SUMS_SHARED = 2 * 32 * 2  # fp32 at the start of the backward's shared memory: 2 parities, 32 warps, 2 sums
 PARAM_GRAD_ROWS = 16  # threads summing partials per channel word in layernorm_param_grad_kernel
 ELEMENTWISE_BLOCK = 256
-FORWARD_VARIANTS = ("v1", "v2")
-BACKWARD_VARIANTS = ("v1", "v2")
+FORWARD_VARIANTS = ("v1", "v2", "v3")
+BACKWARD_VARIANTS = ("v1", "v2", "v3")
 
 
 def _variant(name, choices):
@@ -343,9 +348,18 @@ def layernorm_param_grad_kernel(dweight, dbias, partials, num_blocks, C4):
 # ---- candidates: NANOLLM_LN_FORWARD=v2, NANOLLM_LN_BACKWARD=v2 (see the module docstring) --------
 
 @device_function
-def normalize_row_lean(out, mean, rstd, x, weight, bias, row, C4, lane):
+def pack_word(cvt, v0, v1, v2, v3):
+    """Four floats rounded to bf16 in a word: by the GPU's conversion instruction (cvt) or by
+    integer code with float_to_bf16's bits. cvt is a constant in each kernel: one is compiled."""
+    if cvt:
+        return bf16x4_pack_cvt(v0, v1, v2, v3)
+    return bf16x4_pack(v0, v1, v2, v3)
+
+
+@device_function
+def normalize_row_lean(out, mean, rstd, x, weight, bias, row, C4, lane, cvt):
     """normalize_row's arithmetic in the same order (the same bits) with fewer integer
-    instructions: bf16x4_unpack/bf16x4_pack, and unsigned indices (Numba adds a negative-index
+    instructions: bf16x4_unpack/pack_word, and unsigned indices (Numba adds a negative-index
     wraparound to every signed one). Every lane of the warp must call it (shuffles)."""
     inv_C = float32(1.0) / float32(4 * C4)
     total = float32(0.0)
@@ -372,49 +386,68 @@ def normalize_row_lean(out, mean, rstd, x, weight, bias, row, C4, lane):
             v0, v1, v2, v3 = bf16x4_unpack(x[k])
             w0, w1, w2, w3 = bf16x4_unpack(weight[uint64(c)])
             b0, b1, b2, b3 = bf16x4_unpack(bias[uint64(c)])
-            out[uint64(row * C4 + c)] = bf16x4_pack((v0 - m) * s * w0 + b0, (v1 - m) * s * w1 + b1,
-                                                    (v2 - m) * s * w2 + b2, (v3 - m) * s * w3 + b3)
+            out[uint64(row * C4 + c)] = pack_word(cvt, (v0 - m) * s * w0 + b0, (v1 - m) * s * w1 + b1,
+                                                  (v2 - m) * s * w2 + b2, (v3 - m) * s * w3 + b3)
     if lane == 0:
         mean[uint64(row)] = m
         rstd[uint64(row)] = s
 
 
-@kernel(launch_bounds=(1024, 1))
-def layernorm_forward_lean_kernel(out, mean, rstd, inp, weight, bias, C4):
-    # layernorm_forward_kernel with normalize_row_lean: the same launch and bits, fewer instructions
+@device_function
+def layernorm_forward_lean(out, mean, rstd, inp, weight, bias, C4, cvt):
+    """layernorm_forward_kernel's body with normalize_row_lean: the same launch and bits."""
     lane = cuda.threadIdx.x
     row = cuda.blockIdx.x * cuda.blockDim.y + cuda.threadIdx.y
-    if row >= mean.shape[0]:
-        return
-    x = cuda.local.array(ROW_WORDS, uint64)
-    for k in range(ROW_WORDS):
-        c = lane + k * WARP_SIZE
-        if c < C4:
-            x[k] = inp[uint64(row * C4 + c)]
-    normalize_row_lean(out, mean, rstd, x, weight, bias, row, C4, lane)
+    if row < mean.shape[0]:  # else the whole warp has no row: no shuffle partners elsewhere
+        x = cuda.local.array(ROW_WORDS, uint64)
+        for k in range(ROW_WORDS):
+            c = lane + k * WARP_SIZE
+            if c < C4:
+                x[k] = inp[uint64(row * C4 + c)]
+        normalize_row_lean(out, mean, rstd, x, weight, bias, row, C4, lane, cvt)
+
+
+@device_function
+def fused_residual_layernorm_forward_lean(residual, normed, mean, rstd, inp1, inp2, weight, bias, C4, cvt):
+    """fused_residual_layernorm_forward_kernel's body with normalize_row_lean."""
+    lane = cuda.threadIdx.x
+    row = cuda.blockIdx.x * cuda.blockDim.y + cuda.threadIdx.y
+    if row < mean.shape[0]:
+        x = cuda.local.array(ROW_WORDS, uint64)
+        for k in range(ROW_WORDS):
+            c = lane + k * WARP_SIZE
+            if c < C4:
+                i = uint64(row * C4 + c)
+                a0, a1, a2, a3 = bf16x4_unpack(inp1[i])
+                b0, b1, b2, b3 = bf16x4_unpack(inp2[i])
+                x[k] = pack_word(cvt, a0 + b0, a1 + b1, a2 + b2, a3 + b3)
+                residual[i] = x[k]
+        normalize_row_lean(normed, mean, rstd, x, weight, bias, row, C4, lane, cvt)
+
+
+# at most 64 registers: 32 warps per SM
+@kernel(launch_bounds=(1024, 1))
+def layernorm_forward_lean_kernel(out, mean, rstd, inp, weight, bias, C4):
+    layernorm_forward_lean(out, mean, rstd, inp, weight, bias, C4, False)
+
+
+@kernel(launch_bounds=(1024, 1))
+def layernorm_forward_cvt_kernel(out, mean, rstd, inp, weight, bias, C4):
+    layernorm_forward_lean(out, mean, rstd, inp, weight, bias, C4, True)
 
 
 @kernel(launch_bounds=(1024, 1))
 def fused_residual_layernorm_forward_lean_kernel(residual, normed, mean, rstd, inp1, inp2, weight, bias, C4):
-    # fused_residual_layernorm_forward_kernel with normalize_row_lean
-    lane = cuda.threadIdx.x
-    row = cuda.blockIdx.x * cuda.blockDim.y + cuda.threadIdx.y
-    if row >= mean.shape[0]:
-        return
-    x = cuda.local.array(ROW_WORDS, uint64)
-    for k in range(ROW_WORDS):
-        c = lane + k * WARP_SIZE
-        if c < C4:
-            i = uint64(row * C4 + c)
-            a0, a1, a2, a3 = bf16x4_unpack(inp1[i])
-            b0, b1, b2, b3 = bf16x4_unpack(inp2[i])
-            x[k] = bf16x4_pack(a0 + b0, a1 + b1, a2 + b2, a3 + b3)
-            residual[i] = x[k]
-    normalize_row_lean(normed, mean, rstd, x, weight, bias, row, C4, lane)
+    fused_residual_layernorm_forward_lean(residual, normed, mean, rstd, inp1, inp2, weight, bias, C4, False)
 
 
-@kernel
-def layernorm_backward_prefetch_kernel(dinp, partials, dout, inp, weight, mean, rstd, C4):
+@kernel(launch_bounds=(1024, 1))
+def fused_residual_layernorm_forward_cvt_kernel(residual, normed, mean, rstd, inp1, inp2, weight, bias, C4):
+    fused_residual_layernorm_forward_lean(residual, normed, mean, rstd, inp1, inp2, weight, bias, C4, True)
+
+
+@device_function
+def layernorm_backward_prefetch(dinp, partials, dout, inp, weight, mean, rstd, C4, cvt):
     # layernorm_backward_kernel's layout, arithmetic and partials (block (width, slots), thread c
     # owns word c of a row, blocks stride over the rows), with the next row's mean and rstd loaded
     # ahead with its words (v1 loads them when the row starts: a memory latency per row that
@@ -458,12 +491,22 @@ def layernorm_backward_prefetch_kernel(dinp, partials, dout, inp, weight, mean, 
                                                       warps_per_row, lane, c, inv_C)
         if live:
             o0, o1, o2, o3 = bf16x4_unpack(old)
-            dinp[uint64(row * C4 + c)] = bf16x4_pack(o0 + dinp_term(w0, g0, x0, m, s, dnorm_mean, dnorm_norm_mean),
-                                                     o1 + dinp_term(w1, g1, x1, m, s, dnorm_mean, dnorm_norm_mean),
-                                                     o2 + dinp_term(w2, g2, x2, m, s, dnorm_mean, dnorm_norm_mean),
-                                                     o3 + dinp_term(w3, g3, x3, m, s, dnorm_mean, dnorm_norm_mean))
+            dinp[uint64(row * C4 + c)] = pack_word(cvt, o0 + dinp_term(w0, g0, x0, m, s, dnorm_mean, dnorm_norm_mean),
+                                                          o1 + dinp_term(w1, g1, x1, m, s, dnorm_mean, dnorm_norm_mean),
+                                                          o2 + dinp_term(w2, g2, x2, m, s, dnorm_mean, dnorm_norm_mean),
+                                                          o3 + dinp_term(w3, g3, x3, m, s, dnorm_mean, dnorm_norm_mean))
         parity = 1 - parity
     write_block_partial(partials, shared, ROW_SUMS_SHARED, acc, slot, slots, c, C4)
+
+
+@kernel
+def layernorm_backward_prefetch_kernel(dinp, partials, dout, inp, weight, mean, rstd, C4):
+    layernorm_backward_prefetch(dinp, partials, dout, inp, weight, mean, rstd, C4, False)
+
+
+@kernel
+def layernorm_backward_cvt_kernel(dinp, partials, dout, inp, weight, mean, rstd, C4):
+    layernorm_backward_prefetch(dinp, partials, dout, inp, weight, mean, rstd, C4, True)
 
 
 _WORDS = "uint64[::1]"
@@ -475,11 +518,21 @@ PTX_SIGNATURES = {
     residual_forward_kernel: f"void({_WORDS}, {_WORDS}, {_WORDS})",
     layernorm_backward_kernel: f"void({_WORDS}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, {_F32}, {_F32}, int64)",
     layernorm_backward_prefetch_kernel: f"void({_WORDS}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, {_F32}, {_F32}, int64)",
+    layernorm_backward_cvt_kernel: f"void({_WORDS}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, {_F32}, {_F32}, int64)",
     layernorm_param_grad_kernel: f"void({_WORDS}, {_WORDS}, {_F32}, int64, int64)",
     layernorm_forward_lean_kernel: f"void({_WORDS}, {_F32}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, int64)",
+    layernorm_forward_cvt_kernel: f"void({_WORDS}, {_F32}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, int64)",
     fused_residual_layernorm_forward_lean_kernel:
         f"void({_WORDS}, {_WORDS}, {_F32}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, {_WORDS}, int64)",
+    fused_residual_layernorm_forward_cvt_kernel:
+        f"void({_WORDS}, {_WORDS}, {_F32}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, {_WORDS}, int64)",
 }
+
+FORWARD_KERNELS = dict(v1=layernorm_forward_kernel, v2=layernorm_forward_lean_kernel, v3=layernorm_forward_cvt_kernel)
+FUSED_FORWARD_KERNELS = dict(v1=fused_residual_layernorm_forward_kernel, v2=fused_residual_layernorm_forward_lean_kernel,
+                             v3=fused_residual_layernorm_forward_cvt_kernel)
+BACKWARD_KERNELS = dict(v1=layernorm_backward_kernel, v2=layernorm_backward_prefetch_kernel,
+                        v3=layernorm_backward_cvt_kernel)
 
 
 # ---- launchers -------------------------------------------------------------------------------
@@ -510,7 +563,7 @@ def layernorm_forward(out, mean, rstd, inp, weight, bias, stream=0, warps_per_bl
                       variant=None):
     """out = layernorm(inp) * weight + bias; saves mean and rstd.
     inp, out are (B,T,C) bf16; weight, bias (C,) bf16; mean, rstd (B,T) fp32.
-    variant: "v1" or "v2" (the same bits); None takes NANOLLM_LN_FORWARD's."""
+    variant: one of FORWARD_VARIANTS (the same bits, NaN aside); None takes NANOLLM_LN_FORWARD's."""
     variant = _check_variant(variant or FORWARD_VARIANT, FORWARD_VARIANTS)
     shape, N, C = _rows("inp", inp)
     inp_words, out_words = as_words("inp", inp, shape), as_words("out", out, shape)
@@ -518,16 +571,15 @@ def layernorm_forward(out, mean, rstd, inp, weight, bias, stream=0, warps_per_bl
     check_contiguous("mean", mean, np.float32, shape[:-1])
     check_contiguous("rstd", rstd, np.float32, shape[:-1])
     grid, block = _forward_grid(N, warps_per_block)
-    forward_kernel = layernorm_forward_lean_kernel if variant == "v2" else layernorm_forward_kernel
-    forward_kernel[grid, block, stream](out_words, mean.reshape(N), rstd.reshape(N), inp_words,
-                                        weight_words, bias_words, C // 4)
+    FORWARD_KERNELS[variant][grid, block, stream](out_words, mean.reshape(N), rstd.reshape(N), inp_words,
+                                                  weight_words, bias_words, C // 4)
 
 
 def fused_residual_layernorm_forward(residual, normed, mean, rstd, inp1, inp2, weight, bias, stream=0,
                                      warps_per_block=FORWARD_WARPS, variant=None):
     """residual = inp1 + inp2; normed = layernorm(residual) * weight + bias; saves mean, rstd.
     residual, normed, inp1, inp2 are (B,T,C) bf16; weight, bias (C,) bf16; mean, rstd (B,T) fp32.
-    variant: "v1" or "v2" (the same bits); None takes NANOLLM_LN_FORWARD's."""
+    variant: one of FORWARD_VARIANTS (the same bits, NaN aside); None takes NANOLLM_LN_FORWARD's."""
     variant = _check_variant(variant or FORWARD_VARIANT, FORWARD_VARIANTS)
     shape, N, C = _rows("inp1", inp1)
     words = [as_words(name, array, shape) for name, array in
@@ -536,10 +588,8 @@ def fused_residual_layernorm_forward(residual, normed, mean, rstd, inp1, inp2, w
     check_contiguous("mean", mean, np.float32, shape[:-1])
     check_contiguous("rstd", rstd, np.float32, shape[:-1])
     grid, block = _forward_grid(N, warps_per_block)
-    fused_kernel = (fused_residual_layernorm_forward_lean_kernel if variant == "v2"
-                    else fused_residual_layernorm_forward_kernel)
-    fused_kernel[grid, block, stream](words[0], words[1], mean.reshape(N), rstd.reshape(N), words[2], words[3],
-                                      weight_words, bias_words, C // 4)
+    FUSED_FORWARD_KERNELS[variant][grid, block, stream](words[0], words[1], mean.reshape(N), rstd.reshape(N),
+                                                        words[2], words[3], weight_words, bias_words, C // 4)
 
 
 def residual_forward(out, inp1, inp2, stream=0):
@@ -572,7 +622,7 @@ def layernorm_backward(dinp, dweight, dbias, scratch, dout, inp, weight, mean, r
     dinp, dout, inp are (B,T,C) bf16; dweight, dbias, weight (C,) bf16; mean, rstd (B,T) fp32 from
     the forward; scratch: fp32 device array of at least layernorm_backward_scratch_size(C, num_blocks)
     elements (overwritten). num_blocks caps the grid, i.e. the fp32 partial rows in scratch.
-    variant: "v1" or "v2" (the same bits); None takes NANOLLM_LN_BACKWARD's."""
+    variant: one of BACKWARD_VARIANTS (the same bits, NaN aside); None takes NANOLLM_LN_BACKWARD's."""
     variant = _check_variant(variant or BACKWARD_VARIANT, BACKWARD_VARIANTS)
     shape, N, C = _rows("inp", inp)
     inp_words = as_words("inp", inp, shape)
@@ -590,8 +640,7 @@ def layernorm_backward(dinp, dweight, dbias, scratch, dout, inp, weight, mean, r
     partials = scratch[:needed]
     C4 = C // 4
     shared_bytes = (ROW_SUMS_SHARED + rows * 8 * C4) * 4
-    backward_kernel = layernorm_backward_prefetch_kernel if variant == "v2" else layernorm_backward_kernel
-    backward_kernel[blocks, (width, rows), stream, shared_bytes](
+    BACKWARD_KERNELS[variant][blocks, (width, rows), stream, shared_bytes](
         dinp_words, partials, dout_words, inp_words, weight_words, mean.reshape(N), rstd.reshape(N), C4)
     layernorm_param_grad_kernel[(ceil_div(C4, WARP_SIZE), 2), (WARP_SIZE, PARAM_GRAD_ROWS), stream,
                                 PARAM_GRAD_ROWS * 4 * WARP_SIZE * 4](

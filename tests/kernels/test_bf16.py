@@ -1,10 +1,11 @@
 """bf16 conversions and warp reductions: device helpers against numpy, on awkward values too."""
 
 import numpy as np
+import pytest
 from numba import cuda
 
 from nanollm.kernels.bf16 import (float_to_bf16, float_to_bf16_stochastic, from_bf16_bits, pack_bf16x2,
-                                  bf16_to_float, bf16x2_high, bf16x2_low, bf16x4_pack, bf16x4_unpack,
+                                  bf16_to_float, bf16x2_high, bf16x2_low, bf16x4_pack, bf16x4_pack_cvt, bf16x4_unpack,
                                   to_bf16_bits)
 from nanollm.kernels.cuda_common import kernel, warp_reduce_max, warp_reduce_sum
 
@@ -50,6 +51,13 @@ def pack4_kernel(out_words, out_floats, inp):
         out_floats[4 * i + 1] = v1
         out_floats[4 * i + 2] = v2
         out_floats[4 * i + 3] = v3
+
+
+@kernel
+def pack4_cvt_kernel(out_words, inp):
+    i = cuda.grid(1)
+    if i < out_words.shape[0]:
+        out_words[i] = bf16x4_pack_cvt(inp[4 * i], inp[4 * i + 1], inp[4 * i + 2], inp[4 * i + 3])
 
 
 @kernel
@@ -103,6 +111,22 @@ def test_branchless_pack_matches_host_rounding(rng):
     expected = to_bf16_bits(values)
     np.testing.assert_array_equal(words.copy_to_host().view(np.uint16), expected)
     np.testing.assert_array_equal(floats.copy_to_host().view(np.uint32), from_bf16_bits(expected).view(np.uint32))
+
+
+@pytest.mark.parametrize("count", [pytest.param(64, id="small"),
+                                   pytest.param(1 << 22, id="4M", marks=pytest.mark.gpu)])
+def test_cvt_pack_matches_host_rounding_nan_aside(rng, count):
+    """The GPU's cvt.rn.bf16x2.f32 (on the simulator: integer code) rounds as the host does; a NaN
+    stays a NaN (its bits may differ: the instruction gives 0x7FFF)."""
+    bits = rng.integers(0, 2**32, count, dtype=np.uint64).astype(np.uint32)  # every kind of float
+    values = np.concatenate([SPECIAL, np.float32([-np.nan]), bits.view(np.float32)])[:count]
+    words = cuda.to_device(np.zeros(count // 4, dtype=np.uint64))
+    pack4_cvt_kernel[-(-count // 4 // 64), 64](words, cuda.to_device(values))
+    got = words.copy_to_host().view(np.uint16)
+    expected = to_bf16_bits(values)
+    nan = np.isnan(values)
+    np.testing.assert_array_equal(got[~nan], expected[~nan])
+    assert np.isnan(from_bf16_bits(got[nan])).all()
 
 
 def test_stochastic_rounding_is_unbiased_and_brackets(rng):
