@@ -456,6 +456,32 @@ def fused_residual_layernorm_forward_cvt_kernel(residual, normed, mean, rstd, in
 
 
 @device_function
+def backward_row(dinp, acc, shared, w, g, x, old, m, s, row, N, parity, slot, warps_per_row, c, C4, cvt):
+    """One row of the backward from word c of its dout (g), inp (x) and dinp (old) (zeros past N or
+    C4) and its mean and rstd, in v1's arithmetic: the row's two sums over the block (a barrier:
+    every thread of the block must call it), dinp += for a live row, its dbias and dweight terms
+    added to acc."""
+    live = row < N and c < C4
+    w0, w1, w2, w3 = bf16x4_unpack(w)
+    g0, g1, g2, g3 = bf16x4_unpack(g)
+    x0, x1, x2, x3 = bf16x4_unpack(x)
+    dnorm_sum = float32(0.0)
+    dnorm_norm_sum = float32(0.0)
+    dnorm_sum, dnorm_norm_sum = add_channel_terms(acc, 0, live, dnorm_sum, dnorm_norm_sum, w0, g0, x0, m, s)
+    dnorm_sum, dnorm_norm_sum = add_channel_terms(acc, 1, live, dnorm_sum, dnorm_norm_sum, w1, g1, x1, m, s)
+    dnorm_sum, dnorm_norm_sum = add_channel_terms(acc, 2, live, dnorm_sum, dnorm_norm_sum, w2, g2, x2, m, s)
+    dnorm_sum, dnorm_norm_sum = add_channel_terms(acc, 3, live, dnorm_sum, dnorm_norm_sum, w3, g3, x3, m, s)
+    dnorm_mean, dnorm_norm_mean = block_row_means(shared, dnorm_sum, dnorm_norm_sum, parity, slot, warps_per_row,
+                                                  c % WARP_SIZE, c, float32(1.0) / float32(4 * C4))
+    if live:
+        o0, o1, o2, o3 = bf16x4_unpack(old)
+        dinp[uint64(row * C4 + c)] = pack_word(cvt, o0 + dinp_term(w0, g0, x0, m, s, dnorm_mean, dnorm_norm_mean),
+                                               o1 + dinp_term(w1, g1, x1, m, s, dnorm_mean, dnorm_norm_mean),
+                                               o2 + dinp_term(w2, g2, x2, m, s, dnorm_mean, dnorm_norm_mean),
+                                               o3 + dinp_term(w3, g3, x3, m, s, dnorm_mean, dnorm_norm_mean))
+
+
+@device_function
 def layernorm_backward_prefetch(dinp, partials, dout, inp, weight, mean, rstd, C4, cvt):
     # layernorm_backward_kernel's layout, arithmetic and partials (block (width, slots), thread c
     # owns word c of a row, blocks stride over the rows), with the next row's mean and rstd loaded
@@ -466,12 +492,9 @@ def layernorm_backward_prefetch(dinp, partials, dout, inp, weight, mean, rstd, C
     slot = cuda.threadIdx.y
     slots = cuda.blockDim.y
     warps_per_row = cuda.blockDim.x // WARP_SIZE
-    lane = c % WARP_SIZE
-    inv_C = float32(1.0) / float32(4 * C4)
     w = uint64(0)  # threads past C4 compute on zeros: they add nothing to the row sums
     if c < C4:
         w = weight[uint64(c)]
-    w0, w1, w2, w3 = bf16x4_unpack(w)
     acc = cuda.local.array(8, float32)  # dbias (0..3) and dweight (4..7) of the thread's channels
     for q in range(8):
         acc[q] = float32(0.0)
@@ -487,23 +510,7 @@ def layernorm_backward_prefetch(dinp, partials, dout, inp, weight, mean, rstd, C
         g, x, old, m, s = g_next, x_next, old_next, m_next, s_next
         g_next, x_next, old_next, m_next, s_next = load_row_ahead(dinp, dout, inp, mean, rstd,
                                                                   row + stride, N, C4, c)
-        live = row < N and c < C4
-        g0, g1, g2, g3 = bf16x4_unpack(g)
-        x0, x1, x2, x3 = bf16x4_unpack(x)
-        dnorm_sum = float32(0.0)
-        dnorm_norm_sum = float32(0.0)
-        dnorm_sum, dnorm_norm_sum = add_channel_terms(acc, 0, live, dnorm_sum, dnorm_norm_sum, w0, g0, x0, m, s)
-        dnorm_sum, dnorm_norm_sum = add_channel_terms(acc, 1, live, dnorm_sum, dnorm_norm_sum, w1, g1, x1, m, s)
-        dnorm_sum, dnorm_norm_sum = add_channel_terms(acc, 2, live, dnorm_sum, dnorm_norm_sum, w2, g2, x2, m, s)
-        dnorm_sum, dnorm_norm_sum = add_channel_terms(acc, 3, live, dnorm_sum, dnorm_norm_sum, w3, g3, x3, m, s)
-        dnorm_mean, dnorm_norm_mean = block_row_means(shared, dnorm_sum, dnorm_norm_sum, parity, slot,
-                                                      warps_per_row, lane, c, inv_C)
-        if live:
-            o0, o1, o2, o3 = bf16x4_unpack(old)
-            dinp[uint64(row * C4 + c)] = pack_word(cvt, o0 + dinp_term(w0, g0, x0, m, s, dnorm_mean, dnorm_norm_mean),
-                                                          o1 + dinp_term(w1, g1, x1, m, s, dnorm_mean, dnorm_norm_mean),
-                                                          o2 + dinp_term(w2, g2, x2, m, s, dnorm_mean, dnorm_norm_mean),
-                                                          o3 + dinp_term(w3, g3, x3, m, s, dnorm_mean, dnorm_norm_mean))
+        backward_row(dinp, acc, shared, w, g, x, old, m, s, row, N, parity, slot, warps_per_row, c, C4, cvt)
         parity = 1 - parity
     write_block_partial(partials, shared, ROW_SUMS_SHARED, acc, slot, slots, c, C4)
 
@@ -573,12 +580,9 @@ def layernorm_backward_async_kernel(dinp, partials, dout, inp, weight, mean, rst
     slot = cuda.threadIdx.y
     slots = cuda.blockDim.y
     warps_per_row = cuda.blockDim.x // WARP_SIZE
-    lane = c % WARP_SIZE
-    inv_C = float32(1.0) / float32(4 * C4)
     w = uint64(0)
     if c < C4:
         w = weight[uint64(c)]
-    w0, w1, w2, w3 = bf16x4_unpack(w)
     acc = cuda.local.array(8, float32)
     for q in range(8):
         acc[q] = float32(0.0)
@@ -598,23 +602,7 @@ def layernorm_backward_async_kernel(dinp, partials, dout, inp, weight, mean, rst
         copy_row_ahead(ring, shared, (slot_in_ring + ASYNC_ROWS_AHEAD) % (ASYNC_ROWS_AHEAD + 1), dinp, dout, inp,
                        mean, rstd, row + ASYNC_ROWS_AHEAD * stride, N, C4, c)
         slot_in_ring = (slot_in_ring + 1) % (ASYNC_ROWS_AHEAD + 1)
-        live = row < N and c < C4
-        g0, g1, g2, g3 = bf16x4_unpack(g)
-        x0, x1, x2, x3 = bf16x4_unpack(x)
-        dnorm_sum = float32(0.0)
-        dnorm_norm_sum = float32(0.0)
-        dnorm_sum, dnorm_norm_sum = add_channel_terms(acc, 0, live, dnorm_sum, dnorm_norm_sum, w0, g0, x0, m, s)
-        dnorm_sum, dnorm_norm_sum = add_channel_terms(acc, 1, live, dnorm_sum, dnorm_norm_sum, w1, g1, x1, m, s)
-        dnorm_sum, dnorm_norm_sum = add_channel_terms(acc, 2, live, dnorm_sum, dnorm_norm_sum, w2, g2, x2, m, s)
-        dnorm_sum, dnorm_norm_sum = add_channel_terms(acc, 3, live, dnorm_sum, dnorm_norm_sum, w3, g3, x3, m, s)
-        dnorm_mean, dnorm_norm_mean = block_row_means(shared, dnorm_sum, dnorm_norm_sum, parity, slot,
-                                                      warps_per_row, lane, c, inv_C)
-        if live:
-            o0, o1, o2, o3 = bf16x4_unpack(old)
-            dinp[uint64(row * C4 + c)] = pack_word(True, o0 + dinp_term(w0, g0, x0, m, s, dnorm_mean, dnorm_norm_mean),
-                                                   o1 + dinp_term(w1, g1, x1, m, s, dnorm_mean, dnorm_norm_mean),
-                                                   o2 + dinp_term(w2, g2, x2, m, s, dnorm_mean, dnorm_norm_mean),
-                                                   o3 + dinp_term(w3, g3, x3, m, s, dnorm_mean, dnorm_norm_mean))
+        backward_row(dinp, acc, shared, w, g, x, old, m, s, row, N, parity, slot, warps_per_row, c, C4, True)
         parity = 1 - parity
     async_copy_wait(0)  # none are left (every row copied is worked on), but never leave one in flight
     # every thread is past the last row's barrier, after which no one reads the ring
