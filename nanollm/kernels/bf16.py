@@ -146,7 +146,12 @@ def bf16x4_pack(v0, v1, v2, v3):
     return join_halves(low, high)
 
 
-if SIMULATOR:  # no inline PTX there: the same bits for every non-NaN value, from integer code
+# pack_bf16x2_cvt(low, high): two floats rounded to bf16 by the GPU's own conversion instruction
+# (cvt.rn.bf16x2.f32, sm_80+: nearest even, one instruction for the pair where integer rounding
+# takes ~7 per value), low at the lower address of a uint32. The same bits as float_to_bf16 except
+# for NaN, which comes out as the canonical 0x7FFF (as from llm.c's __float2bfloat16) instead of
+# 0x7FC0. The simulator has no inline PTX: there it is integer code, NaN included as float_to_bf16.
+if SIMULATOR:
     @device_function
     def pack_bf16x2_cvt(low, high):
         return uint32(float_to_bf16_branchless(low)) | uint32(uint32(float_to_bf16_branchless(high)) << uint32(16))
@@ -157,7 +162,7 @@ else:
 
     @intrinsic
     def _cvt_rn_bf16x2_f32(typingctx, high, low):
-        """PTX cvt.rn.bf16x2.f32 (sm_80+): high to the upper, low to the lower bf16 of a uint32."""
+        """PTX cvt.rn.bf16x2.f32: high to the upper, low to the lower bf16 of a uint32."""
         def codegen(context, builder, signature, args):
             convert = ir.InlineAsm(ir.FunctionType(ir.IntType(32), [ir.FloatType(), ir.FloatType()]),
                                    "cvt.rn.bf16x2.f32 $0, $1, $2;", "=r,f,f")
@@ -167,10 +172,6 @@ else:
     @device_function
     def pack_bf16x2_cvt(low, high):
         return _cvt_rn_bf16x2_f32(float32(high), float32(low))
-pack_bf16x2_cvt.__doc__ = """Two floats rounded to bf16 by the GPU's own conversion instruction (nearest even, one
-instruction for the pair; integer rounding takes ~7 per value), low at the lower address of a uint32.
-The same bits as float_to_bf16 except for NaN, which comes out as the canonical 0x7FFF (llm.c's
-__float2bfloat16 gives the same) instead of 0x7FC0. On the simulator, integer code."""
 
 
 @device_function

@@ -354,7 +354,7 @@ def layernorm_param_grad_kernel(dweight, dbias, partials, num_blocks, C4):
             dweight[c] = add_fp32_to_bf16x4(dweight[c], acc)
 
 
-# ---- candidates: NANOLLM_LN_FORWARD=v2, NANOLLM_LN_BACKWARD=v2 (see the module docstring) --------
+# ---- candidates v2..v4 (NANOLLM_LN_FORWARD, NANOLLM_LN_BACKWARD; see the module docstring) --------
 
 @device_function
 def pack_word(cvt, v0, v1, v2, v3):
@@ -486,7 +486,7 @@ def layernorm_backward_prefetch(dinp, partials, dout, inp, weight, mean, rstd, C
     # layernorm_backward_kernel's layout, arithmetic and partials (block (width, slots), thread c
     # owns word c of a row, blocks stride over the rows), with the next row's mean and rstd loaded
     # ahead with its words (v1 loads them when the row starts: a memory latency per row that
-    # nothing overlaps), and bf16x4_unpack/bf16x4_pack with unsigned indices
+    # nothing overlaps), with bf16x4_unpack, pack_word and unsigned indices
     N = mean.shape[0]
     c = cuda.threadIdx.x
     slot = cuda.threadIdx.y
@@ -609,11 +609,6 @@ def layernorm_backward_async_kernel(dinp, partials, dout, inp, weight, mean, rst
     write_block_partial(partials, shared, ROW_SUMS_SHARED, acc, slot, slots, c, C4)
 
 
-def layernorm_backward_async_shared_bytes(width, rows):
-    """Dynamic shared memory of layernorm_backward_async_kernel for a (width, rows) block."""
-    return (ROW_SUMS_SHARED + (ASYNC_ROWS_AHEAD + 1) * 8 * width * rows) * 4
-
-
 _WORDS = "uint64[::1]"
 _F32 = "float32[::1]"
 PTX_SIGNATURES = {
@@ -715,6 +710,11 @@ def layernorm_backward_block(C, rows=None):
     if width * rows > 1024:
         raise ValueError(f"layernorm_backward: {rows} rows of {width} threads exceed 1024 threads per block")
     return width, rows
+
+
+def layernorm_backward_async_shared_bytes(width, rows):
+    """Dynamic shared memory of layernorm_backward_async_kernel for a (width, rows) block."""
+    return (ROW_SUMS_SHARED + (ASYNC_ROWS_AHEAD + 1) * 8 * width * rows) * 4
 
 
 def layernorm_backward_scratch_size(C, num_blocks=BACKWARD_BLOCKS):

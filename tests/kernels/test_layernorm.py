@@ -22,7 +22,6 @@ SHAPES = [
 ]
 
 
-
 def with_variants(shapes, variants, simulated, others_at_first_shape=True):
     """(shape, launch, variant) parameters: every variant at the GPU shapes; on the simulator, which
     is slow, the variants in `simulated` at every shape and the others at the first shape only
