@@ -146,6 +146,43 @@ def add_bf16x4(a, b):
 
 
 @device_function
+def float_to_bf16_branchless(x):
+    """float_to_bf16's bits for every input (nearest even, NaN -> 0x7FC0) in fewer instructions:
+    Numba widens uint32 sums to 64 bits and compiled float_to_bf16's NaN test to a branch around
+    the rounding (~11 integer instructions, several 64-bit); here 32-bit arithmetic and a select
+    (~7). The 32-bit sum wraps only for negative NaNs, which the select replaces."""
+    u = uint32(cuda.libdevice.float_as_int(float32(x)))
+    rounded = uint32(u + uint32(0x7FFF) + ((u >> uint32(16)) & uint32(1))) >> uint32(16)
+    return uint16(BF16_QUIET_NAN) if (u & uint32(0x7FFFFFFF)) > uint32(0x7F800000) else uint16(rounded)
+
+
+@device_function
+def bf16x4_unpack(word):
+    """The four bf16 of a uint64 word as floats, lowest address first, each from one 32-bit
+    half with one shift or mask."""
+    low = low_half(word)
+    high = high_half(word)
+    return (cuda.libdevice.int_as_float(int32(low << uint32(16))),
+            cuda.libdevice.int_as_float(int32(low & uint32(0xFFFF0000))),
+            cuda.libdevice.int_as_float(int32(high << uint32(16))),
+            cuda.libdevice.int_as_float(int32(high & uint32(0xFFFF0000))))
+
+
+@device_function
+def bf16x4_pack(v0, v1, v2, v3):
+    """Four floats rounded to bf16 (float_to_bf16's bits), lowest address first, as a uint64 word."""
+    low = uint32(float_to_bf16_branchless(v0)) | uint32(uint32(float_to_bf16_branchless(v1)) << uint32(16))
+    high = uint32(float_to_bf16_branchless(v2)) | uint32(uint32(float_to_bf16_branchless(v3)) << uint32(16))
+    return join_halves(low, high)
+
+
+@device_function
+def bf16x4_pack_cvt(v0, v1, v2, v3):
+    """bf16x4_pack through pack_bf16x2_rn, the GPU's conversion instruction (NaN: 0x7FFF)."""
+    return join_halves(pack_bf16x2_rn(v0, v1), pack_bf16x2_rn(v2, v3))
+
+
+@device_function
 def add_fp32_to_bf16x4(word, acc):
     """word + acc[0..3] (fp32 sums), rounded once: how accumulated gradients are written back."""
     out = uint64(0)

@@ -95,6 +95,14 @@ def block_reduce_max(value, shared):
 # the element index a multiple of two (uint64) or four (float32) in a 16-byte aligned array. The
 # simulator has no intrinsics: there they are plain element reads.
 
+# ---- asynchronous copies global -> shared (sm_80+): loads in flight without registers -------------
+# cp.async copies a 4- or 8-byte element from global to shared memory without passing through a
+# register: a thread can have many rows in flight where register-held prefetches would cost
+# occupancy. Copies are grouped by async_copy_commit(); async_copy_wait(n) returns once at most n
+# of the thread's committed groups are still in flight. Each thread sees its own copies after the
+# wait; other threads of the block only after a barrier as well. On the simulator the copy is an
+# ordinary assignment and commit and wait do nothing.
+
 if SIMULATOR:
     @device_function
     def load_u64x2(array, index):
@@ -107,6 +115,18 @@ if SIMULATOR:
         """array[index .. index + 3] (float32) in one 16-byte load that bypasses L1 (ld.cg) and is
         kept in program order: data other blocks of this launch wrote before a fence."""
         return array[index], array[index + 1], array[index + 2], array[index + 3]
+
+    @device_function
+    def async_copy(shared, shared_index, source, source_index):
+        shared[shared_index] = source[source_index]
+
+    @device_function
+    def async_copy_commit():
+        pass
+
+    @device_function
+    def async_copy_wait(pending):
+        pass
 else:
     from llvmlite import ir
     from numba import types
@@ -150,6 +170,42 @@ else:
     # another block's results after a fence: never hoisted above it, never served from a stale L1
     load_f32x4_coherent = _vector_load(types.float32, 4, "ld.global.cg.v4.f32", side_effect=True)
     load_f32x4_coherent.__doc__ = "array[index .. index + 3] (float32), one 16-byte ld.cg kept in program order."
+
+    @intrinsic
+    def async_copy(typingctx, shared, shared_index, source, source_index):
+        """cp.async.ca.shared.global of shared[shared_index] = source[source_index] (4 or 8 bytes)."""
+        if shared.dtype != source.dtype or shared.dtype.bitwidth not in (32, 64):
+            return None
+        size = shared.dtype.bitwidth // 8
+
+        def codegen(context, builder, signature, args):
+            destination = _element_pointer(context, builder, signature.args[0], args[0], signature.args[1], args[1])
+            origin = _element_pointer(context, builder, signature.args[2], args[2], signature.args[3], args[3])
+            pointer = ir.IntType(64)
+            copy = ir.InlineAsm(ir.FunctionType(ir.VoidType(), [pointer, pointer]),
+                                "{ .reg .u64 s, g; cvta.to.shared.u64 s, $0; cvta.to.global.u64 g, $1; "
+                                f"cp.async.ca.shared.global [s], [g], {size}; }}", "l,l,~{memory}", side_effect=True)
+            builder.call(copy, [builder.ptrtoint(destination, pointer), builder.ptrtoint(origin, pointer)])
+        return types.void(shared, shared_index, source, source_index), codegen
+
+    @intrinsic
+    def async_copy_commit(typingctx):
+        def codegen(context, builder, signature, args):
+            commit = ir.InlineAsm(ir.FunctionType(ir.VoidType(), []), "cp.async.commit_group;", "~{memory}",
+                                  side_effect=True)
+            builder.call(commit, [])
+        return types.void(), codegen
+
+    @intrinsic
+    def async_copy_wait(typingctx, pending):
+        if not isinstance(pending, types.IntegerLiteral):
+            return None  # the count is part of the instruction: a constant
+
+        def codegen(context, builder, signature, args):
+            wait = ir.InlineAsm(ir.FunctionType(ir.VoidType(), []), f"cp.async.wait_group {pending.literal_value};",
+                                "~{memory}", side_effect=True)
+            builder.call(wait, [])
+        return types.void(pending), codegen
 
 
 def allow_large_dynamic_shared_memory(dispatcher, signature):

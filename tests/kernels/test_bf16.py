@@ -1,11 +1,12 @@
 """bf16 conversions and warp reductions: device helpers against numpy, on awkward values too."""
 
 import numpy as np
+import pytest
 from numba import cuda
 
 from nanollm.kernels.bf16 import (BF16_CANONICAL_NAN, bf16_ulps_apart, float_to_bf16, float_to_bf16_stochastic,
                                   from_bf16_bits, pack_bf16x2, pack_bf16x2_rn, bf16_to_float, bf16x2_high, bf16x2_low,
-                                  to_bf16_bits)
+                                  bf16x4_pack, bf16x4_pack_cvt, bf16x4_unpack, to_bf16_bits)
 from nanollm.kernels.cuda_common import kernel, warp_reduce_max, warp_reduce_sum
 
 SPECIAL = np.array([0.0, -0.0, 1.0, -1.5, np.inf, -np.inf, np.nan, 1e-40, -3e-39, 3.3895314e38,
@@ -43,6 +44,27 @@ def pack_rn_kernel(out_words, low, high):
     i = cuda.grid(1)
     if i < low.shape[0]:
         out_words[i] = pack_bf16x2_rn(low[i], high[i])
+
+
+@kernel
+def pack4_kernel(out_words, out_floats, inp):
+    # four floats a word: bf16x4_pack (float_to_bf16_branchless), then bf16x4_unpack
+    i = cuda.grid(1)
+    if i < out_words.shape[0]:
+        word = bf16x4_pack(inp[4 * i], inp[4 * i + 1], inp[4 * i + 2], inp[4 * i + 3])
+        out_words[i] = word
+        v0, v1, v2, v3 = bf16x4_unpack(word)
+        out_floats[4 * i] = v0
+        out_floats[4 * i + 1] = v1
+        out_floats[4 * i + 2] = v2
+        out_floats[4 * i + 3] = v3
+
+
+@kernel
+def pack4_cvt_kernel(out_words, inp):
+    i = cuda.grid(1)
+    if i < out_words.shape[0]:
+        out_words[i] = bf16x4_pack_cvt(inp[4 * i], inp[4 * i + 1], inp[4 * i + 2], inp[4 * i + 3])
 
 
 @kernel
@@ -96,6 +118,37 @@ def test_hardware_pack_rounds_as_the_integer_code(rng):
         expected = to_bf16_bits(inputs).astype(np.uint32)
         expected[np.isnan(inputs)] = BF16_CANONICAL_NAN
         np.testing.assert_array_equal(half, expected)
+
+
+def test_branchless_pack_matches_host_rounding(rng):
+    # float_to_bf16_branchless's 32-bit sum wraps for negative NaNs (bits above 0xFFFF7FFF): the
+    # select must still give 0x7FC0, as float_to_bf16 and the host do
+    negative_nans = np.array([0xFFFFFFFF, 0xFFFF8000, 0xFFC00000, 0xFF800001], dtype=np.uint32).view(np.float32)
+    values = np.concatenate([SPECIAL, negative_nans, np.float32([-np.nan, 1.0 + 2**-8, -(1.0 + 2**-8)]),
+                             (rng.standard_normal(42) * 10.0 ** rng.integers(-30, 30, 42)).astype(np.float32)])
+    assert values.size % 4 == 0
+    words = cuda.to_device(np.zeros(values.size // 4, dtype=np.uint64))
+    floats = cuda.to_device(np.full(values.size, 7.0, dtype=np.float32))
+    pack4_kernel[1, 32](words, floats, cuda.to_device(values))
+    expected = to_bf16_bits(values)
+    np.testing.assert_array_equal(words.copy_to_host().view(np.uint16), expected)
+    np.testing.assert_array_equal(floats.copy_to_host().view(np.uint32), from_bf16_bits(expected).view(np.uint32))
+
+
+@pytest.mark.parametrize("count", [pytest.param(64, id="small"),
+                                   pytest.param(1 << 22, id="4M", marks=pytest.mark.gpu)])
+def test_cvt_pack_matches_host_rounding_nan_aside(rng, count):
+    """The GPU's cvt.rn.bf16x2.f32 (on the simulator: integer code) rounds as the host does; a NaN
+    stays a NaN (its bits may differ: the instruction gives 0x7FFF)."""
+    bits = rng.integers(0, 2**32, count, dtype=np.uint64).astype(np.uint32)  # every kind of float
+    values = np.concatenate([SPECIAL, np.float32([-np.nan]), bits.view(np.float32)])[:count]
+    words = cuda.to_device(np.zeros(count // 4, dtype=np.uint64))
+    pack4_cvt_kernel[-(-count // 4 // 64), 64](words, cuda.to_device(values))
+    got = words.copy_to_host().view(np.uint16)
+    expected = to_bf16_bits(values)
+    nan = np.isnan(values)
+    np.testing.assert_array_equal(got[~nan], expected[~nan])
+    assert np.isnan(from_bf16_bits(got[nan])).all()
 
 
 def test_stochastic_rounding_is_unbiased_and_brackets(rng):
