@@ -80,13 +80,18 @@ def test_pool_compiles_and_reports_each_job(monkeypatch):
     assert "KeyError" in by_job[jobs[1]] and "ModuleNotFoundError" in by_job[jobs[2]]
 
 
-def test_a_worker_that_dies_fails_its_job_only(monkeypatch, tmp_path):
-    # a stand-in nanollm.precompile whose workers exit at once: every job fails, the caller returns
+def _stand_in_workers(monkeypatch, tmp_path, worker_source):
+    """compile_kernels' workers run `worker_source` as nanollm/precompile.py instead of the real one."""
     fake = tmp_path / "nanollm"
     fake.mkdir()
     (fake / "__init__.py").write_text("")
-    (fake / "precompile.py").write_text("import sys\nsys.exit(3)\n")
+    (fake / "precompile.py").write_text(worker_source)
     monkeypatch.setattr(precompile, "__file__", str(fake / "precompile.py"))
+
+
+def test_a_worker_that_dies_fails_its_job_only(monkeypatch, tmp_path):
+    # workers that exit at once: every job fails, the caller returns
+    _stand_in_workers(monkeypatch, tmp_path, "import sys\nsys.exit(3)\n")
     results = precompile.compile_kernels([("a", "b"), ("c", "d"), ("e", "f")], workers=2, target="ptx")
     assert sorted((m, k, e) for m, k, _, e in results) == [("a", "b", "worker process exited with status 3"),
                                                            ("c", "d", "worker process exited with status 3"),
@@ -94,11 +99,7 @@ def test_a_worker_that_dies_fails_its_job_only(monkeypatch, tmp_path):
 
 
 def test_workers_past_the_timeout_are_killed_and_their_jobs_fail(monkeypatch, tmp_path):
-    fake = tmp_path / "nanollm"
-    fake.mkdir()
-    (fake / "__init__.py").write_text("")
-    (fake / "precompile.py").write_text("import time\ntime.sleep(60)\n")
-    monkeypatch.setattr(precompile, "__file__", str(fake / "precompile.py"))
+    _stand_in_workers(monkeypatch, tmp_path, "import time\ntime.sleep(60)\n")
     results = precompile.compile_kernels([("a", "b"), ("c", "d"), ("e", "f")], workers=2, target="ptx", timeout=1.0)
     assert sorted((m, k, e) for m, k, _, e in results) == [("a", "b", "not done after 1 s"),
                                                            ("c", "d", "not done after 1 s"),
