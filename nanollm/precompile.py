@@ -32,6 +32,7 @@ import types
 from pathlib import Path
 
 KERNELS_DIR = Path(__file__).resolve().parent / "kernels"
+TRAINING_TIMEOUT = 180.0  # seconds train() waits for the pool at most (then the first launches compile)
 
 
 def kernel_modules():
@@ -228,7 +229,8 @@ def before_training(world, device_index, print=print, environ=os.environ):
             workers = default_workers(jobs)
             start = time.perf_counter()
             try:
-                results = compile_kernels(jobs, workers, "cache", device_index)
+                # a bound on the wait: all kernels compile in ~30 s one after another
+                results = compile_kernels(jobs, workers, "cache", device_index, timeout=TRAINING_TIMEOUT)
             except Exception as error:  # e.g. no processes allowed: the first launches compile instead
                 print(f"compiling kernels in worker processes failed ({type(error).__name__}: {error}); "
                       f"kernels compile at first launch")

@@ -155,8 +155,9 @@ def _not_simulated(monkeypatch, missing, results=()):
             return [job for job in jobs if job[1] in missing]
     monkeypatch.setattr(precompile, "missing_from_cache", check)
 
-    def pool(jobs, workers, target, device_index):
+    def pool(jobs, workers, target, device_index, timeout):
         calls.append((jobs, target, device_index))
+        assert timeout == precompile.TRAINING_TIMEOUT
         return [(m, k, 1.0, "SyntaxError: no" if k in results else None) for m, k in jobs]
 
     monkeypatch.setattr(precompile, "compile_kernels", pool)
