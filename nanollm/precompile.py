@@ -122,6 +122,7 @@ def _compile_one(module_name, kernel_name, target):
 
 def serve(target, device_index, stdin=sys.stdin, stdout=sys.stdout):
     """A worker: for each "module kernel" line on stdin, compile and answer one JSON line."""
+    sys.stdout = sys.stderr  # anything else printed here stays off the answers' pipe
     try:
         _prepare(target, device_index)
         ready = None
@@ -184,13 +185,18 @@ def compile_kernels(jobs, workers=None, target="cache", device_index=0, timeout=
             for key, _ in ready:
                 proc = key.data
                 line = proc.stdout.readline()
-                job = in_flight.pop(proc, None)
                 if not line:  # the worker ended: its job failed with it
                     selector.unregister(proc.stdout)
+                    job = in_flight.pop(proc, None)
                     if job is not None:
                         results.append((*job, 0.0, f"worker process exited with status {proc.wait()}"))
                     continue
-                results.append(tuple(json.loads(line)))
+                try:
+                    answer = tuple(json.loads(line))
+                except ValueError:  # not an answer: keep waiting for this worker's
+                    continue
+                in_flight.pop(proc, None)
+                results.append(answer)
                 hand_out(proc)
             if not in_flight and pending and not selector.get_map():  # every worker is gone
                 results += [(*job, 0.0, "no worker process left") for job in pending]

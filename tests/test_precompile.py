@@ -92,6 +92,18 @@ def test_a_worker_that_dies_fails_its_job_only(monkeypatch, tmp_path):
                                                            ("e", "f", "no worker process left")]
 
 
+def test_stray_output_of_a_worker_is_not_an_answer(monkeypatch, tmp_path):
+    _stand_in_workers(monkeypatch, tmp_path, textwrap.dedent("""
+        import json, sys
+        for line in sys.stdin:
+            module, kernel = line.split()
+            print("a warning printed by some library", flush=True)
+            print(json.dumps([module, kernel, 0.5, None]), flush=True)
+    """))
+    results = precompile.compile_kernels([("a", "b"), ("c", "d"), ("e", "f")], workers=2, target="ptx")
+    assert sorted(results) == [("a", "b", 0.5, None), ("c", "d", 0.5, None), ("e", "f", 0.5, None)]
+
+
 def test_workers_past_the_timeout_are_killed_and_their_jobs_fail(monkeypatch, tmp_path):
     _stand_in_workers(monkeypatch, tmp_path, "import time\ntime.sleep(60)\n")
     results = precompile.compile_kernels([("a", "b"), ("c", "d"), ("e", "f")], workers=2, target="ptx", timeout=1.0)
