@@ -155,6 +155,7 @@ def compile_kernels(jobs, workers=None, target="cache", device_index=0, timeout=
     procs = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                               text=True, bufsize=1, env=env, cwd=package_parent) for _ in range(workers)]
     pending, results, in_flight = list(jobs), [], {}
+    received = {proc: b"" for proc in procs}  # read from the pipe, not yet a whole line
     selector = selectors.DefaultSelector()
 
     def hand_out(proc):
@@ -171,7 +172,7 @@ def compile_kernels(jobs, workers=None, target="cache", device_index=0, timeout=
 
     try:
         for proc in procs:
-            selector.register(proc.stdout, selectors.EVENT_READ, proc)
+            selector.register(proc.stdout.fileno(), selectors.EVENT_READ, proc)
             hand_out(proc)
         deadline = time.monotonic() + timeout
         while in_flight:
@@ -184,20 +185,25 @@ def compile_kernels(jobs, workers=None, target="cache", device_index=0, timeout=
                 break
             for key, _ in ready:
                 proc = key.data
-                line = proc.stdout.readline()
-                if not line:  # the worker ended: its job failed with it
-                    selector.unregister(proc.stdout)
+                # raw reads: a buffered readline could hold a second line the selector never reports
+                chunk = os.read(key.fd, 1 << 16)
+                if not chunk:  # the worker ended: its job failed with it
+                    selector.unregister(key.fd)
                     job = in_flight.pop(proc, None)
                     if job is not None:
                         results.append((*job, 0.0, f"worker process exited with status {proc.wait()}"))
                     continue
-                try:
-                    answer = tuple(json.loads(line))
-                except ValueError:  # not an answer: keep waiting for this worker's
-                    continue
-                in_flight.pop(proc, None)
-                results.append(answer)
-                hand_out(proc)
+                *lines, received[proc] = (received[proc] + chunk).split(b"\n")
+                for line in lines:
+                    try:
+                        answer = tuple(json.loads(line))
+                    except (ValueError, TypeError):  # not an answer: keep waiting for this worker's
+                        continue
+                    if len(answer) != 4 or tuple(answer[:2]) != in_flight.get(proc):
+                        continue
+                    in_flight.pop(proc)
+                    results.append(answer)
+                    hand_out(proc)
             if not in_flight and pending and not selector.get_map():  # every worker is gone
                 results += [(*job, 0.0, "no worker process left") for job in pending]
                 pending.clear()
