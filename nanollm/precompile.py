@@ -32,6 +32,7 @@ import types
 from pathlib import Path
 
 KERNELS_DIR = Path(__file__).resolve().parent / "kernels"
+TRAINING_TIMEOUT = 180.0  # seconds train() waits for the pool at most (then the first launches compile)
 
 
 def kernel_modules():
@@ -121,6 +122,7 @@ def _compile_one(module_name, kernel_name, target):
 
 def serve(target, device_index, stdin=sys.stdin, stdout=sys.stdout):
     """A worker: for each "module kernel" line on stdin, compile and answer one JSON line."""
+    sys.stdout = sys.stderr  # anything else printed here stays off the answers' pipe
     try:
         _prepare(target, device_index)
         ready = None
@@ -153,6 +155,7 @@ def compile_kernels(jobs, workers=None, target="cache", device_index=0, timeout=
     procs = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                               text=True, bufsize=1, env=env, cwd=package_parent) for _ in range(workers)]
     pending, results, in_flight = list(jobs), [], {}
+    received = {proc: b"" for proc in procs}  # read from the pipe, not yet a whole line
     selector = selectors.DefaultSelector()
 
     def hand_out(proc):
@@ -169,7 +172,7 @@ def compile_kernels(jobs, workers=None, target="cache", device_index=0, timeout=
 
     try:
         for proc in procs:
-            selector.register(proc.stdout, selectors.EVENT_READ, proc)
+            selector.register(proc.stdout.fileno(), selectors.EVENT_READ, proc)
             hand_out(proc)
         deadline = time.monotonic() + timeout
         while in_flight:
@@ -182,15 +185,25 @@ def compile_kernels(jobs, workers=None, target="cache", device_index=0, timeout=
                 break
             for key, _ in ready:
                 proc = key.data
-                line = proc.stdout.readline()
-                job = in_flight.pop(proc, None)
-                if not line:  # the worker ended: its job failed with it
-                    selector.unregister(proc.stdout)
+                # raw reads: a buffered readline could hold a second line the selector never reports
+                chunk = os.read(key.fd, 1 << 16)
+                if not chunk:  # the worker ended: its job failed with it
+                    selector.unregister(key.fd)
+                    job = in_flight.pop(proc, None)
                     if job is not None:
                         results.append((*job, 0.0, f"worker process exited with status {proc.wait()}"))
                     continue
-                results.append(tuple(json.loads(line)))
-                hand_out(proc)
+                *lines, received[proc] = (received[proc] + chunk).split(b"\n")
+                for line in lines:
+                    try:
+                        answer = tuple(json.loads(line))
+                    except (ValueError, TypeError):  # not an answer: keep waiting for this worker's
+                        continue
+                    if len(answer) != 4 or tuple(answer[:2]) != in_flight.get(proc):
+                        continue
+                    in_flight.pop(proc)
+                    results.append(answer)
+                    hand_out(proc)
             if not in_flight and pending and not selector.get_map():  # every worker is gone
                 results += [(*job, 0.0, "no worker process left") for job in pending]
                 pending.clear()
@@ -228,7 +241,8 @@ def before_training(world, device_index, print=print, environ=os.environ):
             workers = default_workers(jobs)
             start = time.perf_counter()
             try:
-                results = compile_kernels(jobs, workers, "cache", device_index)
+                # a bound on the wait: all kernels compile in ~30 s one after another
+                results = compile_kernels(jobs, workers, "cache", device_index, timeout=TRAINING_TIMEOUT)
             except Exception as error:  # e.g. no processes allowed: the first launches compile instead
                 print(f"compiling kernels in worker processes failed ({type(error).__name__}: {error}); "
                       f"kernels compile at first launch")

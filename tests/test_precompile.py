@@ -73,7 +73,7 @@ def test_pool_compiles_and_reports_each_job(monkeypatch):
     monkeypatch.setenv("NUMBA_ENABLE_CUDASIM", "0")  # the workers use the real compiler (to PTX)
     jobs = [("nanollm.kernels.gelu", "gelu_forward_kernel"), ("nanollm.kernels.gelu", "no_such_kernel"),
             ("nanollm.kernels.residual_nowhere", "kernel")]
-    results = precompile.compile_kernels(jobs, workers=2, target="ptx")
+    results = precompile.compile_kernels(jobs, workers=2, target="ptx", timeout=120)
     by_job = {(m, k): error for m, k, _, error in results}
     assert set(by_job) == set(jobs)
     assert by_job[jobs[0]] is None
@@ -92,10 +92,22 @@ def _stand_in_workers(monkeypatch, tmp_path, worker_source):
 def test_a_worker_that_dies_fails_its_job_only(monkeypatch, tmp_path):
     # workers that exit at once: every job fails, the caller returns
     _stand_in_workers(monkeypatch, tmp_path, "import sys\nsys.exit(3)\n")
-    results = precompile.compile_kernels([("a", "b"), ("c", "d"), ("e", "f")], workers=2, target="ptx")
+    results = precompile.compile_kernels([("a", "b"), ("c", "d"), ("e", "f")], workers=2, target="ptx", timeout=30)
     assert sorted((m, k, e) for m, k, _, e in results) == [("a", "b", "worker process exited with status 3"),
                                                            ("c", "d", "worker process exited with status 3"),
                                                            ("e", "f", "no worker process left")]
+
+
+def test_stray_output_of_a_worker_is_not_an_answer(monkeypatch, tmp_path):
+    _stand_in_workers(monkeypatch, tmp_path, textwrap.dedent("""
+        import json, sys
+        for line in sys.stdin:
+            module, kernel = line.split()
+            print("a warning printed by some library\\n0\\n[1, 2]", flush=True)
+            print(json.dumps([module, kernel, 0.5, None]), flush=True)
+    """))
+    results = precompile.compile_kernels([("a", "b"), ("c", "d"), ("e", "f")], workers=2, target="ptx", timeout=30)
+    assert sorted(results) == [("a", "b", 0.5, None), ("c", "d", 0.5, None), ("e", "f", 0.5, None)]
 
 
 def test_workers_past_the_timeout_are_killed_and_their_jobs_fail(monkeypatch, tmp_path):
@@ -161,8 +173,9 @@ def _not_simulated(monkeypatch, missing, results=()):
             return [job for job in jobs if job[1] in missing]
     monkeypatch.setattr(precompile, "missing_from_cache", check)
 
-    def pool(jobs, workers, target, device_index):
+    def pool(jobs, workers, target, device_index, timeout):
         calls.append((jobs, target, device_index))
+        assert timeout == precompile.TRAINING_TIMEOUT
         return [(m, k, 1.0, "SyntaxError: no" if k in results else None) for m, k in jobs]
 
     monkeypatch.setattr(precompile, "compile_kernels", pool)
