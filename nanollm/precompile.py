@@ -31,6 +31,8 @@ import time
 import types
 from pathlib import Path
 
+from .tokenize_pool import available_cores
+
 KERNELS_DIR = Path(__file__).resolve().parent / "kernels"
 TRAINING_TIMEOUT = 180.0  # seconds train() waits for the pool at most (then the first launches compile)
 
@@ -136,8 +138,7 @@ def serve(target, device_index, stdin=sys.stdin, stdout=sys.stdout):
 
 
 def default_workers(jobs):
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores, len(jobs), 16))
+    return max(1, min(available_cores(), len(jobs), 16))
 
 
 def compile_kernels(jobs, workers=None, target="cache", device_index=0, timeout=600.0):

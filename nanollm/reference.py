@@ -8,7 +8,6 @@ V vocabulary (Vp padded), OC output channels.
 
 import concurrent.futures
 import math
-import os
 
 import numpy as np
 
@@ -252,7 +251,9 @@ def init_parameters(config, seed=42, dtype=np.float32, threads=None):
         out[:] = values
 
     if threads is None:
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        from .tokenize_pool import available_cores
+
+        threads = available_cores()
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(threads, len(blocks)))) as pool:
         list(pool.map(draw, blocks))
     params.ln1w[:] = 1.0
