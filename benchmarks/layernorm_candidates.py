@@ -2,7 +2,7 @@
 shapes: GPT-2 d12 (B=64, T=1024, C=768) and d48 (B=16, T=1024, C=1600).
 
     python benchmarks/layernorm_candidates.py [--models d12,d48] [--forward-variants v1,v2,v3]
-                                              [--backward-variants v1,v2,v3,v4]
+                                              [--backward-variants v1,v2,v3]
 
 Each candidate first runs once on the same inputs as v1 and its outputs are compared with v1's:
 "same" is "bits" when every output bit matches, else the largest difference and how many

@@ -20,14 +20,14 @@ writes them back unchanged. fastmath: exp and log become ex2/lg2.approx, errors 
 rounding; under fastmath infinities are not trusted, hence a large finite "minus infinity".
 
 Two kernels, picked by NANOLLM_CLASSIFIER (read once, at import; the launcher's `variant` overrides):
-  v1 (the default)  fused_classifier_kernel, as above;
-  v2                fused_classifier_staged_kernel: pass 1 also copies the row into shared memory and
+  v1                fused_classifier_kernel, as above;
+  v2 (the default)  fused_classifier_staged_kernel: pass 1 also copies the row into shared memory and
                     pass 2 reads it from there, so DRAM sees one read and one write whatever L2
                     keeps; 8 loads in flight per thread; bf16 rounding by the hardware's cvt. The
                     same losses and dlogits as v1 bit for bit (NaN dlogits aside), at the same block
                     size. Needs a row's real words in shared memory (100.5 KB for GPT-2; two blocks
                     fit per Hopper SM); a larger row falls back to v1. Evaluation (no dlogits) runs
-                    its pass 1 alone, with no shared memory.
+                    v1, the faster there.
 """
 
 import math
@@ -276,7 +276,7 @@ PTX_SIGNATURES = {
 BLOCK_SIZE = 32 if SIMULATOR else 512
 
 VARIANTS = ("v1", "v2")
-DEFAULT_VARIANT = "v1"  # until a GPU run shows v2 faster (benchmarks/classifier_candidates.py)
+DEFAULT_VARIANT = "v2"  # 4.68 against 5.61 ms at d12 B=64 on an H200 (benchmarks/RESULTS.md)
 VARIANT = os.environ.get("NANOLLM_CLASSIFIER", DEFAULT_VARIANT)
 if VARIANT not in VARIANTS:
     raise ValueError(f"NANOLLM_CLASSIFIER={VARIANT!r}: expected one of {', '.join(VARIANTS)}")
@@ -310,7 +310,7 @@ def fused_classifier(logits, losses, dloss, targets, V, write_dlogits=True, bloc
     write_dlogits: logits[..., :V] <- (prob - onehot(target)) * dloss, dloss = 1/(B*T) for the
     mean loss (times the caller's scaling for gradient accumulation); columns V..Vp-1 unchanged.
     write_dlogits=False (evaluation): only the losses, logits untouched.
-    variant: "v1" or "v2" (see the module docstring); None takes NANOLLM_CLASSIFIER's, else v1.
+    variant: "v1" or "v2" (see the module docstring); None takes NANOLLM_CLASSIFIER's, else v2.
     """
     variant = VARIANT if variant is None else variant
     if variant not in VARIANTS:
@@ -335,12 +335,13 @@ def fused_classifier(logits, losses, dloss, targets, V, write_dlogits=True, bloc
         return
     words = logits.reshape(logits.size).view(np.uint64)
     kernel, shared_bytes = fused_classifier_kernel, 0
-    if variant == "v2":
-        kernel = fused_classifier_staged_kernel  # loss only: the same kernel, nothing staged
-        if write_dlogits:
-            shared_bytes = staged_row_bytes(V)
-            if not _staged_row_fits(shared_bytes):  # a vocabulary too large for a row on chip: v1
-                kernel, shared_bytes = fused_classifier_kernel, 0
+    # loss only (evaluation): v1 reads the row once either way and was the faster on an H200
+    # (2.46 against 2.84 ms at d12 B=64), so v2 stages rows only when it writes dlogits
+    if variant == "v2" and write_dlogits:
+        shared_bytes = staged_row_bytes(V)
+        kernel = fused_classifier_staged_kernel
+        if not _staged_row_fits(shared_bytes):  # a vocabulary too large for a row on chip: v1
+            kernel, shared_bytes = fused_classifier_kernel, 0
     kernel[rows, block_size, stream, shared_bytes](
         words, losses.reshape(rows), targets.reshape(rows), np.float32(dloss), np.int32(V),
         np.int32(Vp // 4), np.int32(bool(write_dlogits)))

@@ -25,9 +25,11 @@ contiguous (B*T rows of C channels); sums are fp32.
   (llm.c's kernel10 keeps the sums in shared memory and syncs twice per 256 channels of a row; the
   last block reduces the partials, found with an atomic counter.)
 
-Candidates, chosen once at import by environment variables (the launchers also take variant=).
+Variants, chosen once at import by NANOLLM_LN_FORWARD and NANOLLM_LN_BACKWARD (default v3, the
+fastest on an H200: benchmarks/RESULTS.md; the launchers also take variant=). v1 is the plain
+form of the kernels described above; v2 and v3 rewrite its instructions, not its algorithm.
 Instruction and register counts below are ptxas's for sm_90 (static, per 4-channel word of a
-row, from kernels compiled for 6 words per lane as at C=768); none of this is timed yet.
+row, from kernels compiled for 6 words per lane as at C=768).
 - NANOLLM_LN_FORWARD=v2 (both forwards): the v1 kernels' launch, arithmetic and order (the same
   output bits, NaN included) with fewer integer instructions: bf16 rounding in 32-bit arithmetic
   with a select (bf16.float_to_bf16_branchless; float_to_bf16 compiled to a branch and 64-bit
@@ -40,17 +42,15 @@ row, from kernels compiled for 6 words per lane as at C=768); none of this is ti
   instruction, inline PTX; bf16.pack_bf16x2_rn): 80 instructions per word in the fused forward,
   64 in the plain one. The same bits as v1 except NaN outputs (0x7FFF instead of 0x7FC0, as
   llm.c's __float2bfloat16). On the simulator it runs v2's integer rounding.
-- NANOLLM_LN_BACKWARD=v2: v1's layout, grid, partials and per-row arithmetic (the same dinp bits,
-  and the same dweight/dbias bits: the summation order is v1's), with the next row's mean and rstd
-  loaded along with its words (v1 waited a memory latency for them at the start of every row) and
-  the forward's leaner bf16 code; 70 registers instead of 80, so two 416-thread blocks (C=1600)
-  fit an SM, as two 384-thread ones (C=768) did. NANOLLM_LN_BACKWARD=v3: the same with v3's
-  rounding of dinp (NaN as there).
-- NANOLLM_LN_BACKWARD=v4: v3 with ASYNC_ROWS_AHEAD (2) rows' words and statistics in flight per
-  thread instead of one, copied by cp.async (cuda_common.async_copy) into a ring in shared memory,
-  so they hold no registers (two rows held in registers took 98, or spilled at 80; v4 uses 71).
-  The same bits as v3. Its ring needs (ROW_SUMS_SHARED + 24 * threads) * 4 bytes of shared memory
-  (37 KiB at C=768, 41 KiB at C=1600); a block shape whose ring passes 48 KiB runs v3.
+- NANOLLM_LN_BACKWARD=v2: v1's layout, grid, partials, per-row arithmetic and summation order,
+  with the next row's mean and rstd loaded along with its words (v1 waited a memory latency for
+  them at the start of every row) and the forward's leaner bf16 code; 70 registers instead of 80,
+  so two 416-thread blocks (C=1600) fit an SM, as two 384-thread ones (C=768) did.
+  NANOLLM_LN_BACKWARD=v3: the same with v3's rounding of dinp (NaN as there). On the simulator
+  both give v1's bits; on an H200 a few outputs in a million differ from v1's (8 of 26M at d48
+  B=16, by at most 7.8e-3). Why is not yet known (a guess: NVVM fuses multiply-adds differently
+  in the two codes). The tests hold v3 to the float64 reference as they hold v1, and to v1 within
+  one bf16 ulp; each variant is deterministic.
 """
 
 import math
@@ -61,8 +61,7 @@ from numba import cuda, float32, uint64
 
 from .bf16 import (add_bf16x4, add_fp32_to_bf16x4, as_words, bf16x4_get, bf16x4_pack, bf16x4_pack_cvt,
                    bf16x4_put, bf16x4_unpack)
-from .cuda_common import (WARP_SIZE, async_copy, async_copy_commit, async_copy_wait, ceil_div, check_contiguous,
-                          device_function, kernel, warp_reduce_sum)
+from .cuda_common import WARP_SIZE, ceil_div, check_contiguous, device_function, kernel, warp_reduce_sum
 
 LAYERNORM_EPS = 1e-5
 ROW_WORDS = 16  # uint64 words of a row each lane keeps in registers: C <= 32 * 4 * 16
@@ -70,18 +69,16 @@ MAX_C = WARP_SIZE * 4 * ROW_WORDS
 FORWARD_WARPS = 8  # rows (warps) per block of the forward kernels: 256 threads
 BACKWARD_BLOCKS = 256  # most blocks (fp32 partial rows in scratch) of layernorm_backward
 ROW_SUMS_SHARED = 2 * 32 * 2  # fp32 at the start of the backward's shared memory: 2 parities, 32 warps, 2 sums
-ASYNC_ROWS_AHEAD = 2  # v4 backward: rows each thread has in flight (cp.async) ahead of the one it works on
-ASYNC_GROUPS_LEFT = ASYNC_ROWS_AHEAD - 1  # in flight while a row is worked on: the later rows'
-SHARED_BYTES_LIMIT = 48 * 1024  # dynamic shared memory a block gets without an opt-in
 PARAM_GRAD_ROWS = 16  # threads summing partials per channel word in layernorm_param_grad_kernel
 ELEMENTWISE_BLOCK = 256
 FORWARD_VARIANTS = ("v1", "v2", "v3")
-BACKWARD_VARIANTS = ("v1", "v2", "v3", "v4")
+BACKWARD_VARIANTS = ("v1", "v2", "v3")
+DEFAULT_VARIANT = "v3"  # measured fastest, forward and backward (benchmarks/RESULTS.md)
 
 
 def _variant(name, choices):
-    """The kernel variant an environment variable picks (default: the first choice)."""
-    value = os.environ.get(name, "") or choices[0]
+    """The kernel variant an environment variable picks (default: DEFAULT_VARIANT)."""
+    value = os.environ.get(name, "") or DEFAULT_VARIANT
     if value not in choices:
         raise ValueError(f"{name}={value!r}: expected one of {', '.join(choices)}")
     return value
@@ -354,7 +351,7 @@ def layernorm_param_grad_kernel(dweight, dbias, partials, num_blocks, C4):
             dweight[c] = add_fp32_to_bf16x4(dweight[c], acc)
 
 
-# ---- candidates v2..v4 (NANOLLM_LN_FORWARD, NANOLLM_LN_BACKWARD; see the module docstring) --------
+# ---- variants v2, v3 (NANOLLM_LN_FORWARD, NANOLLM_LN_BACKWARD; see the module docstring) -----------
 
 @device_function
 def pack_word(cvt, v0, v1, v2, v3):
@@ -525,90 +522,6 @@ def layernorm_backward_cvt_kernel(dinp, partials, dout, inp, weight, mean, rstd,
     layernorm_backward_prefetch(dinp, partials, dout, inp, weight, mean, rstd, C4, True)
 
 
-@device_function
-def copy_row_ahead(ring, ring_stats, slot_in_ring, dinp, dout, inp, mean, rstd, row, N, C4, c):
-    """Start asynchronous copies of word c of row `row` of dout, inp and dinp, and of the row's mean
-    and rstd, into ring slot slot_in_ring (see layernorm_backward_async_kernel); one commit group."""
-    threads = cuda.blockDim.x * cuda.blockDim.y
-    t = cuda.threadIdx.y * cuda.blockDim.x + c
-    if row < N:
-        if c < C4:
-            i = uint64(row * C4 + c)
-            words = uint64(ROW_SUMS_SHARED // 2 + slot_in_ring * 3 * threads + t)
-            async_copy(ring, words, dout, i)
-            async_copy(ring, words + uint64(threads), inp, i)
-            async_copy(ring, words + uint64(2 * threads), dinp, i)
-        stats = uint64(ROW_SUMS_SHARED + (ASYNC_ROWS_AHEAD + 1) * 6 * threads + slot_in_ring * 2 * threads + t)
-        async_copy(ring_stats, stats, mean, uint64(row))
-        async_copy(ring_stats, stats + uint64(threads), rstd, uint64(row))
-    async_copy_commit()
-
-
-@device_function
-def ring_row(ring, ring_stats, slot_in_ring, row, N, C4, c):
-    """Word c of a row from ring slot slot_in_ring (zeros past N or C4), and its mean and rstd
-    (zeros past N)."""
-    threads = cuda.blockDim.x * cuda.blockDim.y
-    t = cuda.threadIdx.y * cuda.blockDim.x + c
-    g = uint64(0)
-    x = uint64(0)
-    old = uint64(0)
-    m = float32(0.0)
-    s = float32(0.0)
-    if row < N:
-        if c < C4:
-            words = uint64(ROW_SUMS_SHARED // 2 + slot_in_ring * 3 * threads + t)
-            g = ring[words]
-            x = ring[words + uint64(threads)]
-            old = ring[words + uint64(2 * threads)]
-        stats = uint64(ROW_SUMS_SHARED + (ASYNC_ROWS_AHEAD + 1) * 6 * threads + slot_in_ring * 2 * threads + t)
-        m = ring_stats[stats]
-        s = ring_stats[stats + uint64(threads)]
-    return g, x, old, m, s
-
-
-@kernel
-def layernorm_backward_async_kernel(dinp, partials, dout, inp, weight, mean, rstd, C4):
-    # layernorm_backward_prefetch_kernel (v3's rounding) with the next ASYNC_ROWS_AHEAD rows'
-    # words and statistics in flight instead of one, copied by cp.async into a ring of
-    # ASYNC_ROWS_AHEAD + 1 slots in shared memory: no registers held for them. Dynamic shared
-    # memory: the row sums (ROW_SUMS_SHARED fp32), then the ring (per slot: dout, inp, dinp words
-    # (3, threads) uint64; then, after all slots' words, per slot mean and rstd (2, threads) fp32);
-    # the row slots' dbias/dweight sums reuse the ring after the last row.
-    N = mean.shape[0]
-    c = cuda.threadIdx.x
-    slot = cuda.threadIdx.y
-    slots = cuda.blockDim.y
-    warps_per_row = cuda.blockDim.x // WARP_SIZE
-    w = uint64(0)
-    if c < C4:
-        w = weight[uint64(c)]
-    acc = cuda.local.array(8, float32)
-    for q in range(8):
-        acc[q] = float32(0.0)
-    shared = cuda.shared.array(0, float32)
-    ring = cuda.shared.array(0, uint64)
-    stride = cuda.gridDim.x * slots
-    for ahead in range(ASYNC_ROWS_AHEAD):
-        copy_row_ahead(ring, shared, ahead, dinp, dout, inp, mean, rstd,
-                       cuda.blockIdx.x * slots + slot + ahead * stride, N, C4, c)
-    parity = 0
-    slot_in_ring = 0
-    for first_row in range(cuda.blockIdx.x * slots, N, stride):
-        row = first_row + slot
-        async_copy_wait(ASYNC_GROUPS_LEFT)  # this row's group is done (this thread's copies)
-        g, x, old, m, s = ring_row(ring, shared, slot_in_ring, row, N, C4, c)
-        # into the slot the previous row used: its values are in registers by now
-        copy_row_ahead(ring, shared, (slot_in_ring + ASYNC_ROWS_AHEAD) % (ASYNC_ROWS_AHEAD + 1), dinp, dout, inp,
-                       mean, rstd, row + ASYNC_ROWS_AHEAD * stride, N, C4, c)
-        slot_in_ring = (slot_in_ring + 1) % (ASYNC_ROWS_AHEAD + 1)
-        backward_row(dinp, acc, shared, w, g, x, old, m, s, row, N, parity, slot, warps_per_row, c, C4, True)
-        parity = 1 - parity
-    async_copy_wait(0)  # none are left (every row copied is worked on), but never leave one in flight
-    # every thread is past the last row's barrier, after which no one reads the ring
-    write_block_partial(partials, shared, ROW_SUMS_SHARED, acc, slot, slots, c, C4)
-
-
 _WORDS = "uint64[::1]"
 _F32 = "float32[::1]"
 PTX_SIGNATURES = {
@@ -619,7 +532,6 @@ PTX_SIGNATURES = {
     layernorm_backward_kernel: f"void({_WORDS}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, {_F32}, {_F32}, int64)",
     layernorm_backward_prefetch_kernel: f"void({_WORDS}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, {_F32}, {_F32}, int64)",
     layernorm_backward_cvt_kernel: f"void({_WORDS}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, {_F32}, {_F32}, int64)",
-    layernorm_backward_async_kernel: f"void({_WORDS}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, {_F32}, {_F32}, int64)",
     layernorm_param_grad_kernel: f"void({_WORDS}, {_WORDS}, {_F32}, int64, int64)",
     layernorm_forward_lean_kernel: f"void({_WORDS}, {_F32}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, int64)",
     layernorm_forward_cvt_kernel: f"void({_WORDS}, {_F32}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, int64)",
@@ -633,7 +545,7 @@ FORWARD_KERNELS = dict(v1=layernorm_forward_kernel, v2=layernorm_forward_lean_ke
 FUSED_FORWARD_KERNELS = dict(v1=fused_residual_layernorm_forward_kernel, v2=fused_residual_layernorm_forward_lean_kernel,
                              v3=fused_residual_layernorm_forward_cvt_kernel)
 BACKWARD_KERNELS = dict(v1=layernorm_backward_kernel, v2=layernorm_backward_prefetch_kernel,
-                        v3=layernorm_backward_cvt_kernel, v4=layernorm_backward_async_kernel)
+                        v3=layernorm_backward_cvt_kernel)
 
 
 # ---- launchers -------------------------------------------------------------------------------
@@ -712,11 +624,6 @@ def layernorm_backward_block(C, rows=None):
     return width, rows
 
 
-def layernorm_backward_async_shared_bytes(width, rows):
-    """Dynamic shared memory of layernorm_backward_async_kernel for a (width, rows) block."""
-    return (ROW_SUMS_SHARED + (ASYNC_ROWS_AHEAD + 1) * 8 * width * rows) * 4
-
-
 def layernorm_backward_scratch_size(C, num_blocks=BACKWARD_BLOCKS):
     """float32 elements of the scratch buffer layernorm_backward needs: one (2C,) partial per block."""
     return num_blocks * 2 * C
@@ -746,10 +653,6 @@ def layernorm_backward(dinp, dweight, dbias, scratch, dout, inp, weight, mean, r
     partials = scratch[:needed]
     C4 = C // 4
     shared_bytes = (ROW_SUMS_SHARED + rows * 8 * C4) * 4
-    if variant == "v4":
-        shared_bytes = layernorm_backward_async_shared_bytes(width, rows)
-        if shared_bytes > SHARED_BYTES_LIMIT:  # its ring does not fit (C > 1536 with 512 threads): v3
-            variant, shared_bytes = "v3", (ROW_SUMS_SHARED + rows * 8 * C4) * 4
     BACKWARD_KERNELS[variant][blocks, (width, rows), stream, shared_bytes](
         dinp_words, partials, dout_words, inp_words, weight_words, mean.reshape(N), rstd.reshape(N), C4)
     layernorm_param_grad_kernel[(ceil_div(C4, WARP_SIZE), 2), (WARP_SIZE, PARAM_GRAD_ROWS), stream,

@@ -9,16 +9,6 @@ BGRADB epilogue: it sums all B*T rows in fp32 in a fixed order and rounds to bf1
 into dbias (BGRADB would write a bf16 partial that a second kernel adds: two roundings, and its
 support with beta=1 accumulation varies by version), and it runs on the simulator as real code.
 
-NANOLLM_BIAS_GRAD (read once at import; BIAS_GRAD_DEFAULT is v1) picks how dbias is computed,
-so one GPU job can A/B the candidates (benchmarks/vs_llmc.py --variant "v2:NANOLLM_BIAS_GRAD=v2"):
-- v1: the column-sum kernel, then a second kernel adding its fp32 partial rows into dbias.
-- v2: one launch, 16-byte loads, the same partial rows and summation order as v1 (the same bits);
-  the last block of each column stripe adds the partials (an integer ticket, no float atomics).
-- epilogue: no read of dout of its own: the dweight product's BGRADB epilogue writes the column
-  sums of dout (its B operand, reduced over k = B*T) as fp32 (BIAS_DATA_TYPE = CUDA_R_32F) into
-  the bias scratch, and v1's add kernel rounds them into dbias once. Same values summed, in
-  cuBLASLt's order: deterministic on one card and library version, not the same bits as v1.
-
 cuBLAS is column-major; nanollm's arrays are row-major. A row-major (M, N) matrix is the same
 memory as a column-major N x M one, so out = op(a) @ op(b) is computed as out^T = op(b)^T op(a)^T:
 cuBLAS's A is our b, its B our a, and m, n = N, M (llm.c's layout trick: matmul_cublaslt is
@@ -36,36 +26,17 @@ simulated Numba code.
 """
 
 
-import os
-
 import numpy as np
-from numba import cuda, float32, int32
+from numba import cuda, float32
 from nvmath.bindings import cublasLt
 
 from .. import cuda_libraries, reference, startup
 from .bf16 import (bf16_to_float, bf16x2_high, bf16x2_low, float_to_bf16, from_bf16_bits, high_half, low_half,
                    to_bf16_bits)
-from .cuda_common import SIMULATOR, ceil_div, check_contiguous, device_function, kernel, load_f32x4_coherent, load_u64x2
+from .cuda_common import SIMULATOR, ceil_div, check_contiguous, device_function, kernel
 from .cuda_common import device_pointer as _pointer, stream_handle as _stream_handle
 
 # ---- CUDA kernels: the bias gradient ----------------------------------------------------------
-
-# How matmul_backward computes dbias (NANOLLM_BIAS_GRAD, read once at import; the module docstring
-# says more): "v1" the two column-sum kernels below, "v2" one launch with 16-byte loads (the same
-# bits), "epilogue" cuBLASLt's BGRADB epilogue on the dweight product (fp32 sums, one rounding).
-BIAS_GRAD_VARIANTS = ("v1", "v2", "epilogue")
-BIAS_GRAD_DEFAULT = "v1"  # until a GPU run shows a candidate faster in the training step
-
-
-def bias_grad_from_environment(environ=os.environ):
-    value = environ.get("NANOLLM_BIAS_GRAD", BIAS_GRAD_DEFAULT)
-    if value not in BIAS_GRAD_VARIANTS:
-        raise ValueError(f"NANOLLM_BIAS_GRAD={value!r}: expected one of {', '.join(BIAS_GRAD_VARIANTS)}")
-    return value
-
-
-BIAS_GRAD = bias_grad_from_environment()
-
 
 # dbias += column sums of dout (rows, OC): a pure read of dout, so the speed is the number of bytes
 # in flight (HBM3 needs ~40-64 KB outstanding per SM). Two kernels, fixed summation order:
@@ -195,154 +166,9 @@ def matmul_bias_add_partials_kernel(dbias, partial, n_partials):
         dbias[col] = float_to_bf16(bf16_to_float(dbias[col]) + total)
 
 
-# v2: the same sums in the same order as the two kernels above (so the same bits), in one launch.
-# Each thread loads 16 bytes of a row at a time (eight bf16 columns, two uint64 words: a warp reads
-# 512 contiguous bytes), so a round of BIAS_LOADS_IN_FLIGHT rows puts 128 bytes per thread in
-# flight with half of v1's load instructions. The rows are cut into v1's slices (_bias_grid) and
-# each block writes its partial row as v1 does; then the last block of each column stripe to finish
-# (an integer ticket per stripe in stripe_done: which block is last varies, what it computes does
-# not) adds the stripe's partial rows in matmul_bias_add_partials_kernel's order and rounds once
-# into dbias. That saves the second launch, the gap before it and its ramp. The last block resets
-# its ticket, so stripe_done is all zeros between launches; launches share it, so one stream at a time.
-BIAS_V2_BLOCK_VECTORS = 32  # threads along a row, 16 bytes each: 256 columns per block
-BIAS_V2_BLOCK_COLUMNS = 8 * BIAS_V2_BLOCK_VECTORS
-MAX_BIAS_STRIPES = 1024  # column stripes (blocks along a row) of a v2 launch: stripe_done's length
-
-
-@device_function
-def add_bf16x8(acc, low, high):
-    """The eight bf16 of two uint64 words (columns 8v .. 8v+7) added to a tuple of eight fp32 sums."""
-    a0, a1, a2, a3 = add_bf16x4(acc[0], acc[1], acc[2], acc[3], low)
-    a4, a5, a6, a7 = add_bf16x4(acc[4], acc[5], acc[6], acc[7], high)
-    return a0, a1, a2, a3, a4, a5, a6, a7
-
-
-@device_function
-def add_f32x8(acc, x):
-    return (acc[0] + x[0], acc[1] + x[1], acc[2] + x[2], acc[3] + x[3],
-            acc[4] + x[4], acc[5] + x[5], acc[6] + x[6], acc[7] + x[7])
-
-
-@device_function
-def load_f32x8_coherent(array, index):
-    """array[index .. index + 7] (float32, index a multiple of 4) as two 16-byte loads past L1."""
-    return load_f32x4_coherent(array, index) + load_f32x4_coherent(array, index + 4)
-
-
-@kernel
-def matmul_backward_bias_v2_kernel(dbias, partial, stripe_done, dout, rows, n_vectors, rows_per_block, lanes):
-    # dout: (rows * 2 * n_vectors,) uint64 words, 16-byte aligned: (rows, OC) bf16, OC = 8 * n_vectors
-    # dbias: (OC,) bf16, accumulated into (+=, one rounding); partial: (>= gridDim.y * OC,) fp32,
-    # 16-byte aligned; stripe_done: (>= gridDim.x,) int32, zeros. Block (vectors, row-lanes) owns
-    # 8 * blockDim.x columns of rows [blockIdx.y * rows_per_block, ...), summed as in v1. lanes:
-    # how v1's add kernel splits the partial rows (lane l adds rows l, l + lanes, ...), 1 to 32.
-    sums = cuda.shared.array((BIAS_ADD_LANES, BIAS_V2_BLOCK_COLUMNS), float32)
-    is_last = cuda.shared.array(1, int32)
-    tx = cuda.threadIdx.x
-    ty = cuda.threadIdx.y
-    vector = cuda.blockIdx.x * cuda.blockDim.x + tx
-    OC = 8 * n_vectors
-    zero = float32(0.0)
-    acc = (zero, zero, zero, zero, zero, zero, zero, zero)
-    if vector < n_vectors:
-        row = cuda.blockIdx.y * rows_per_block + ty
-        row_end = min(rows, (cuda.blockIdx.y + 1) * rows_per_block)
-        step = cuda.blockDim.y
-        index = 2 * (row * n_vectors + vector)
-        index_step = 2 * step * n_vectors
-        while row + 7 * step < row_end:  # BIAS_LOADS_IN_FLIGHT = 8 rows: all loads, then the adds
-            a0, b0 = load_u64x2(dout, index)
-            a1, b1 = load_u64x2(dout, index + index_step)
-            a2, b2 = load_u64x2(dout, index + 2 * index_step)
-            a3, b3 = load_u64x2(dout, index + 3 * index_step)
-            a4, b4 = load_u64x2(dout, index + 4 * index_step)
-            a5, b5 = load_u64x2(dout, index + 5 * index_step)
-            a6, b6 = load_u64x2(dout, index + 6 * index_step)
-            a7, b7 = load_u64x2(dout, index + 7 * index_step)
-            acc = add_bf16x8(acc, a0, b0)
-            acc = add_bf16x8(acc, a1, b1)
-            acc = add_bf16x8(acc, a2, b2)
-            acc = add_bf16x8(acc, a3, b3)
-            acc = add_bf16x8(acc, a4, b4)
-            acc = add_bf16x8(acc, a5, b5)
-            acc = add_bf16x8(acc, a6, b6)
-            acc = add_bf16x8(acc, a7, b7)
-            row += 8 * step
-            index += 8 * index_step
-        while row < row_end:  # the slice's last rows (a slice shorter than a full round)
-            a0, b0 = load_u64x2(dout, index)
-            acc = add_bf16x8(acc, a0, b0)
-            row += step
-            index += index_step
-    c = 8 * tx  # sums[ty, c + k]: column 8 * vector + k of row-lane ty (zeros past the last column)
-    for k in range(8):
-        sums[ty, c + k] = acc[k]
-    cuda.syncthreads()
-    # the block's partial row, each column the sum of the row-lanes in order (coalesced writes)
-    block_columns = 8 * cuda.blockDim.x
-    first_column = cuda.blockIdx.x * block_columns
-    threads = cuda.blockDim.x * cuda.blockDim.y
-    thread = ty * cuda.blockDim.x + tx
-    out = cuda.blockIdx.y * OC + first_column
-    for k in range(thread, block_columns, threads):
-        if first_column + k < OC:
-            total = sums[0, k]
-            for r in range(1, cuda.blockDim.y):
-                total += sums[r, k]
-            partial[out + k] = total
-    # every thread fences its writes before the block takes its ticket; the last block fences again
-    # and reads the partial rows past L1 (load_f32x4_coherent), as CUDA's threadFenceReduction
-    cuda.threadfence()
-    cuda.syncthreads()
-    if thread == 0:
-        ticket = cuda.atomic.add(stripe_done, cuda.blockIdx.x, 1)
-        is_last[0] = 1 if ticket == cuda.gridDim.y - 1 else 0
-    cuda.syncthreads()
-    if is_last[0] == 0:
-        return
-    cuda.threadfence()
-    n_partials = cuda.gridDim.y
-    # thread (tx, ty) sums lanes ty, ty + blockDim.y, ... of its eight columns, four partial rows
-    # (eight 16-byte loads) at a time; sums[lane, column] then holds each lane's total
-    if vector < n_vectors:
-        lane = ty
-        while lane < lanes:
-            s = (zero, zero, zero, zero, zero, zero, zero, zero)
-            p = lane
-            index = p * OC + 8 * vector
-            index_step = lanes * OC
-            while p + 3 * lanes < n_partials:
-                x = load_f32x8_coherent(partial, index)
-                y = load_f32x8_coherent(partial, index + index_step)
-                z = load_f32x8_coherent(partial, index + 2 * index_step)
-                w = load_f32x8_coherent(partial, index + 3 * index_step)
-                s = add_f32x8(add_f32x8(add_f32x8(add_f32x8(s, x), y), z), w)
-                p += 4 * lanes
-                index += 4 * index_step
-            while p < n_partials:
-                s = add_f32x8(s, load_f32x8_coherent(partial, index))
-                p += lanes
-                index += index_step
-            for k in range(8):
-                sums[lane, c + k] = s[k]
-            lane += cuda.blockDim.y
-    cuda.syncthreads()
-    for k in range(thread, block_columns, threads):
-        column = first_column + k
-        if column < OC:
-            total = sums[0, k]
-            for r in range(1, lanes):
-                total += sums[r, k]
-            dbias[column] = float_to_bf16(bf16_to_float(dbias[column]) + total)
-    if thread == 0:
-        stripe_done[cuda.blockIdx.x] = 0  # ready for the next launch
-
-
 PTX_SIGNATURES = {
     matmul_backward_bias_kernel: "void(float32[::1], uint64[::1], int64, int64, int64)",
     matmul_bias_add_partials_kernel: "void(uint16[::1], float32[::1], int64)",
-    matmul_backward_bias_v2_kernel:
-        "void(uint16[::1], float32[::1], int32[::1], uint64[::1], int64, int64, int64, int64)",
 }
 
 # ---- cuBLASLt set-up ---------------------------------------------------------------------------
@@ -356,8 +182,6 @@ CUBLAS_OP_T = 1
 
 Epilogue = cublasLt.Epilogue
 _BIAS_EPILOGUES = (Epilogue.BIAS, Epilogue.GELU_AUX_BIAS)
-# the bias vector's type: bf16 when added (as the parameters), fp32 when it receives BGRADB's sums
-_BIAS_TYPES = {Epilogue.BIAS: CUDA_R_16BF, Epilogue.GELU_AUX_BIAS: CUDA_R_16BF, Epilogue.BGRADB: CUDA_R_32F}
 _AUX_EPILOGUES = (Epilogue.GELU_AUX, Epilogue.GELU_AUX_BIAS, Epilogue.DGELU)
 
 _handle = None
@@ -403,8 +227,8 @@ class _Plan:
             self._set(attr.TRANSA, np.int32(CUBLAS_OP_T if transb else CUBLAS_OP_N))
             self._set(attr.TRANSB, np.int32(CUBLAS_OP_T if transa else CUBLAS_OP_N))
             self._set(attr.EPILOGUE, np.uint32(epilogue))
-            if epilogue in _BIAS_TYPES:
-                self._set(attr.BIAS_DATA_TYPE, np.int32(_BIAS_TYPES[epilogue]))
+            if epilogue in _BIAS_EPILOGUES:
+                self._set(attr.BIAS_DATA_TYPE, np.int32(CUDA_R_16BF))
                 self.set_bias(bias_ptr)
             if epilogue in _AUX_EPILOGUES:
                 self._set(attr.EPILOGUE_AUX_LD, np.int64(N))  # aux has out's (row-major M x N) layout
@@ -518,8 +342,6 @@ def _gemm_host(out, a, b, M, N, K, batch, transa, transb, epilogue, bias, aux, a
         a_host = a_host.transpose(0, 2, 1)
     if transb:
         b_host = b_host.transpose(0, 2, 1)
-    if epilogue == Epilogue.BGRADB:  # cuBLAS's B is our a: fp32 sums of op(a) over K, one per row of out
-        bias[:M].copy_to_device(a_host[0].sum(axis=1, dtype=np.float32))
     result = np.matmul(a_host, b_host) * np.float32(alpha)
     if beta != 0.0:
         result += np.float32(beta) * load(out, (batch, M, N))
@@ -581,78 +403,40 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight, pre_gelu=None, dbia
     pre-activation of the GELU that produced inp, same shape as dinp), dinp is multiplied by
     gelu'(pre_gelu) in the DGELU epilogue: it becomes the gradient wrt that pre-activation.
     dout (B,T,OC), inp and dinp (B,T,C), weight and dweight (OC,C), dbias (OC,). dbias_scratch:
-    float32, at least MAX_BIAS_PARTIALS * OC elements (allocated once here if not given).
-    dbias comes from the kernels of matmul_backward_bias, or under NANOLLM_BIAS_GRAD=epilogue from
-    the dweight product's BGRADB epilogue (fp32 column sums into dbias_scratch) and one add."""
+    float32, at least MAX_BIAS_PARTIALS * OC elements (allocated once here if not given)."""
     OC, C = _check_weight(weight)
     rows = _rows_cols("dout", dout, OC)
     _check_same_rows(rows, inp=(inp, C), dinp=(dinp, C))
     check_contiguous("dweight", dweight, np.uint16, (OC, C))
     if pre_gelu is not None:
         _check_same_rows(rows, pre_gelu=(pre_gelu, C))
-    bias_in_epilogue = dbias is not None and BIAS_GRAD == "epilogue"
-    if dbias is not None and not bias_in_epilogue:
+    if dbias is not None:
         matmul_backward_bias(dbias, dout, dbias_scratch, stream)
     _gemm(dinp, dout, weight, rows, C, OC, 1, False, False,
           Epilogue.DGELU if pre_gelu is not None else Epilogue.DEFAULT, aux=pre_gelu, stream=stream)
-    if not bias_in_epilogue:
-        _gemm(dweight, dout, inp, OC, C, rows, 1, True, False, beta=1.0, stream=stream)
-        return
-    # cuBLAS's B is dout here (see the module docstring): BGRADB sums it over k = the rows, the
-    # same fp32 sums of the same bf16 values as the kernels, in cuBLASLt's order; BGRADB writes
-    # (no +=), so the sums go to scratch and one add rounds them into dbias, as v1's second kernel
-    _check_dbias(dbias, OC)
-    sums = _scratch(dbias_scratch, OC, 1)
-    _gemm(dweight, dout, inp, OC, C, rows, 1, True, False, Epilogue.BGRADB, bias=sums, beta=1.0, stream=stream)
-    matmul_bias_add_partials_kernel[ceil_div(OC, BIAS_ADD_COLUMNS), (min(BIAS_ADD_COLUMNS, OC), 1), stream](
-        dbias, sums, 1)
+    _gemm(dweight, dout, inp, OC, C, rows, 1, True, False, beta=1.0, stream=stream)
 
 
 _bias_scratch = None
-_stripe_done = None  # v2's tickets, one per column stripe (zeros between launches)
 
 
-def _bias_grid(rows, columns, block_columns, block_rows):
-    """(grid, rows_per_block) of the bias kernels: `columns` words (v1) or 16-byte vectors (v2)
-    of a row, block_columns of them per block. From the shape only, so the summation order (and
-    the bits) are the same on every GPU, and the same for v1 and v2 (rows_per_block depends on
-    rows and block_rows only): slices of rows as short as one round of loads per thread
-    (block_rows * BIAS_LOADS_IN_FLIGHT rows), so small B*T still gets many blocks, and longer
-    where MAX_BIAS_PARTIALS slices would not cover the rows."""
+def _bias_grid(rows, OC, block_words, block_rows):
+    """(grid, rows_per_block) of matmul_backward_bias_kernel. From the shape only, so the summation
+    order (and the bits) are the same on every GPU: slices of rows as short as one round of loads
+    per thread (block_rows * BIAS_LOADS_IN_FLIGHT rows), so small B*T still gets many blocks, and
+    longer where MAX_BIAS_PARTIALS slices would not cover the rows."""
     round_rows = block_rows * BIAS_LOADS_IN_FLIGHT
     rows_per_block = max(1, ceil_div(ceil_div(rows, MAX_BIAS_PARTIALS), round_rows)) * round_rows
-    grid = (ceil_div(columns, block_columns), max(1, ceil_div(rows, rows_per_block)))
+    grid = (ceil_div(OC // 4, block_words), max(1, ceil_div(rows, rows_per_block)))
     return grid, rows_per_block
 
 
-def _check_dbias(dbias, OC):
-    check_contiguous("dbias", dbias, np.uint16)
-    if tuple(dbias.shape) != (OC,):
-        raise ValueError(f"dbias: expected shape ({OC},), got {tuple(dbias.shape)}")
-
-
-def _scratch(dbias_scratch, OC, n_partials):
-    """The flat fp32 scratch for n_partials rows of OC sums: the caller's, or one kept here."""
-    global _bias_scratch
-    if dbias_scratch is None:
-        if _bias_scratch is None or _bias_scratch.size < MAX_BIAS_PARTIALS * OC:
-            _bias_scratch = cuda.device_array(MAX_BIAS_PARTIALS * OC, dtype=np.float32)
-        dbias_scratch = _bias_scratch
-    check_contiguous("dbias_scratch", dbias_scratch, np.float32)
-    if dbias_scratch.size < n_partials * OC:
-        raise ValueError(f"dbias_scratch: {dbias_scratch.size} floats, needs {n_partials * OC}")
-    # the kernels index the scratch as flat rows of OC: no per-call slicing of device arrays (host time)
-    return dbias_scratch if len(dbias_scratch.shape) == 1 else dbias_scratch.reshape(dbias_scratch.size)
-
-
-def matmul_backward_bias(dbias, dout, dbias_scratch=None, stream=0, block=None, variant=None):
+def matmul_backward_bias(dbias, dout, dbias_scratch=None, stream=0, block=None):
     """dbias (OC,) += dout summed over rows; dout (B,T,OC) bf16 with OC a multiple of 4.
-    Deterministic: each column is summed in fp32 in a fixed order (set by the shape and block's
-    rows) and rounded to bf16 once. dbias_scratch: float32, at least MAX_BIAS_PARTIALS * OC elements.
-    variant: "v1" (two kernels) or "v2" (one launch, 16-byte loads, the same bits); by default
-    NANOLLM_BIAS_GRAD's (v1 when that is "epilogue", which only matmul_backward can use). v2 needs
-    OC a multiple of 8 and dout 16-byte aligned; otherwise v1 runs. block: (words (v1) or 16-byte
-    vectors (v2) along a row, row-lanes), at most (32, BIAS_BLOCK_ROWS) (the default on a GPU)."""
+    Deterministic: each column is summed in fp32 in a fixed order (set by the shape and block) and
+    rounded to bf16 once. dbias_scratch: float32, at least MAX_BIAS_PARTIALS * OC elements.
+    block: (words, rows) threads, at most (BIAS_BLOCK_WORDS, BIAS_BLOCK_ROWS) (the default on a GPU)."""
+    global _bias_scratch
     check_contiguous("dbias", dbias, np.uint16)
     if len(dbias.shape) != 1:
         raise ValueError(f"dbias: expected shape (OC,), got {tuple(dbias.shape)}")
@@ -662,37 +446,25 @@ def matmul_backward_bias(dbias, dout, dbias_scratch=None, stream=0, block=None, 
         raise ValueError(f"dbias: OC={OC} must be a multiple of 4 (the kernel reads four bf16 per word)")
     if not SIMULATOR and _pointer(dout) % 8:
         raise ValueError("dout: device pointer must be 8-byte aligned (the bias kernel reads uint64 words)")
-    if variant is None:
-        variant = "v2" if BIAS_GRAD == "v2" else "v1"
-    if variant not in ("v1", "v2"):
-        raise ValueError(f"variant {variant!r}: expected 'v1' or 'v2'")
-    v2 = variant == "v2" and OC % 8 == 0 and (SIMULATOR or _pointer(dout) % 16 == 0)
-    columns = OC // 8 if v2 else OC // 4  # what one thread loads at a time: 16 or 8 bytes
-    widest = BIAS_V2_BLOCK_VECTORS if v2 else BIAS_BLOCK_WORDS  # the shared arrays' widths
     if block is None:  # the simulator runs a Python thread per GPU thread: small blocks there
-        block = (min(widest, columns), 4 if SIMULATOR else BIAS_BLOCK_ROWS)
-    block_columns, block_rows = block
-    if not (0 < block_columns <= widest and 0 < block_rows <= BIAS_BLOCK_ROWS):
-        raise ValueError(f"block {block}: at most ({widest}, {BIAS_BLOCK_ROWS})")
-    grid, rows_per_block = _bias_grid(rows, columns, block_columns, block_rows)
-    partial = _scratch(dbias_scratch, OC, grid[1])
-    lanes = min(4 if SIMULATOR else BIAS_ADD_LANES, grid[1])  # of the final sum (both variants: the same bits)
+        block = (min(BIAS_BLOCK_WORDS, OC // 4), 4 if SIMULATOR else BIAS_BLOCK_ROWS)
+    block_words, block_rows = block
+    if not (0 < block_words <= BIAS_BLOCK_WORDS and 0 < block_rows <= BIAS_BLOCK_ROWS):
+        raise ValueError(f"block {block}: at most ({BIAS_BLOCK_WORDS}, {BIAS_BLOCK_ROWS})")
+    grid, rows_per_block = _bias_grid(rows, OC, block_words, block_rows)
+    if dbias_scratch is None:
+        if _bias_scratch is None or _bias_scratch.size < MAX_BIAS_PARTIALS * OC:
+            _bias_scratch = cuda.device_array(MAX_BIAS_PARTIALS * OC, dtype=np.float32)
+        dbias_scratch = _bias_scratch
+    check_contiguous("dbias_scratch", dbias_scratch, np.float32)
+    if dbias_scratch.size < grid[1] * OC:
+        raise ValueError(f"dbias_scratch: {dbias_scratch.size} floats, needs {grid[1] * OC}")
+    # the kernels index the scratch as flat rows of OC: no per-call slicing of device arrays (host time)
+    partial = dbias_scratch if len(dbias_scratch.shape) == 1 else dbias_scratch.reshape(dbias_scratch.size)
     dout_words = dout.reshape(dout.size).view(np.uint64)
-    if v2:
-        global _stripe_done
-        if grid[0] > MAX_BIAS_STRIPES:
-            raise ValueError(f"OC={OC} in blocks of {block_columns} vectors: {grid[0]} stripes, "
-                             f"at most {MAX_BIAS_STRIPES}")
-        if not SIMULATOR and _pointer(partial) % 16:
-            raise ValueError("dbias_scratch: device pointer must be 16-byte aligned (v2 reads it 16 bytes at a time)")
-        if _stripe_done is None:  # once, outside graph capture (the first backward runs eagerly)
-            _stripe_done = cuda.to_device(np.zeros(MAX_BIAS_STRIPES, dtype=np.int32))
-        matmul_backward_bias_v2_kernel[grid, block, stream](dbias, partial, _stripe_done, dout_words, rows,
-                                                            columns, rows_per_block, lanes)
-        return
-    matmul_backward_bias_kernel[grid, block, stream](partial, dout_words, rows, columns, rows_per_block)
-    matmul_bias_add_partials_kernel[ceil_div(OC, BIAS_ADD_COLUMNS), (min(BIAS_ADD_COLUMNS, OC), lanes), stream](
-        dbias, partial, grid[1])
+    matmul_backward_bias_kernel[grid, block, stream](partial, dout_words, rows, OC // 4, rows_per_block)
+    add_block = (min(BIAS_ADD_COLUMNS, OC), min(4 if SIMULATOR else BIAS_ADD_LANES, grid[1]))
+    matmul_bias_add_partials_kernel[ceil_div(OC, add_block[0]), add_block, stream](dbias, partial, grid[1])
 
 
 def matmul_batched(out, a, b, transa=False, transb=False, alpha=1.0, beta=0.0, stream=0):

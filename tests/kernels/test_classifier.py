@@ -73,14 +73,13 @@ def test_fused_classifier(rng, B, T, V, Vp, block_size, variant):
     np.testing.assert_array_equal(out[..., V:], bits[..., V:])  # padding columns untouched
 
 
-@pytest.mark.parametrize("variant", classifier.VARIANTS)
 @pytest.mark.parametrize("B, T, V, Vp, block_size", [SHAPES[0], SHAPES[-1]])
-def test_fused_classifier_loss_only(rng, B, T, V, Vp, block_size, variant):
+def test_fused_classifier_loss_only(rng, B, T, V, Vp, block_size):
     logits, bits, values = make_logits(rng, B, T, V, Vp)
     targets = make_targets(rng, B, T, V)
     losses = poisoned_f32((B, T))
     classifier.fused_classifier(logits, losses, 1.0 / (B * T), cuda.to_device(targets), V,
-                                write_dlogits=False, block_size=block_size, variant=variant)
+                                write_dlogits=False, block_size=block_size)
     expected_losses, _ = reference_in_chunks(values, targets, V, 1.0)
     np.testing.assert_allclose(losses.copy_to_host(), expected_losses, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(logits.copy_to_host(), bits)  # evaluation leaves the logits alone
@@ -111,10 +110,22 @@ def run_variant(variant, bits, targets, V, dloss, block_size, write_dlogits=True
     return losses.copy_to_host(), logits.copy_to_host()
 
 
+def test_loss_only_runs_v1_whatever_the_variant(rng, monkeypatch):
+    # evaluation: v1 was the faster there on an H200 (the launcher's comment)
+    B, T, V, Vp = 1, 2, 101, 128
+    _, bits, _ = make_logits(rng, B, T, V, Vp)
+    targets = make_targets(rng, B, T, V)
+    expected = run_variant("v1", bits, targets, V, 0.5, 32, write_dlogits=False)
+    monkeypatch.setattr(classifier, "fused_classifier_staged_kernel", None)  # launching it would fail
+    losses, logits = run_variant("v2", bits, targets, V, 0.5, 32, write_dlogits=False)
+    np.testing.assert_array_equal(losses.view(np.uint32), expected[0].view(np.uint32))
+    np.testing.assert_array_equal(logits, bits)
+
+
 # v2 folds each thread's words in v1's order and reduces as v1 does: the same bits, losses and dlogits
-@pytest.mark.parametrize("write_dlogits", [True, False], ids=["dlogits", "loss-only"])
 @pytest.mark.parametrize("B, T, V, Vp, block_size", [SHAPES[1], SHAPES[3], SHAPES[-2], SHAPES[-1]])
-def test_v2_matches_v1_bit_for_bit(rng, B, T, V, Vp, block_size, write_dlogits):
+def test_v2_matches_v1_bit_for_bit(rng, B, T, V, Vp, block_size):
+    write_dlogits = True
     _, bits, _ = make_logits(rng, B, T, V, Vp, scale=float(rng.uniform(0.5, 8.0)))
     targets = make_targets(rng, B, T, V)
     targets.flat[B * T // 2] = 4 * rng.integers(0, V // 4) + rng.integers(0, 4)  # some lane of a full word
@@ -144,13 +155,13 @@ def test_staged_row_bytes_covers_the_straddling_word():
 
 def test_variant_from_the_environment(monkeypatch):
     try:
-        monkeypatch.setenv("NANOLLM_CLASSIFIER", "v2")
-        assert importlib.reload(classifier).VARIANT == "v2"
+        monkeypatch.setenv("NANOLLM_CLASSIFIER", "v1")
+        assert importlib.reload(classifier).VARIANT == "v1"
         monkeypatch.setenv("NANOLLM_CLASSIFIER", "v3")
         with pytest.raises(ValueError, match="NANOLLM_CLASSIFIER='v3'"):
             importlib.reload(classifier)
         monkeypatch.delenv("NANOLLM_CLASSIFIER")
-        assert importlib.reload(classifier).VARIANT == classifier.DEFAULT_VARIANT == "v1"
+        assert importlib.reload(classifier).VARIANT == classifier.DEFAULT_VARIANT == "v2"
     finally:
         monkeypatch.undo()  # the environment as it was, then the module as it reads it
         importlib.reload(classifier)

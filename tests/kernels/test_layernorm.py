@@ -7,7 +7,8 @@ from numba import cuda
 
 from nanollm import reference
 from nanollm.kernels import layernorm
-from nanollm.kernels.bf16 import from_bf16_bits, to_bf16_bits
+from nanollm.kernels.bf16 import bf16_ulps_apart, from_bf16_bits, to_bf16_bits
+from nanollm.kernels.cuda_common import SIMULATOR
 
 from .helpers import (BF16_ONE_ROUNDING, download_bf16, poisoned_bf16, poisoned_f32, random_bf16,
                       relative_error)
@@ -177,9 +178,13 @@ BITS_SHAPES = [
     pytest.param((16, 1024, 1600), dict(warps=None, rows=None, blocks=None), id="d48", marks=pytest.mark.gpu),
 ]
 # v3 differs from v2 on a GPU only (the conversion instruction; on the simulator both run integer
-# code), so the simulator checks v2 and v4
+# code), so the simulator checks v2
 FORWARD_CANDIDATES = with_variants(BITS_SHAPES, layernorm.FORWARD_VARIANTS[1:], ["v2"], False)
-BACKWARD_CANDIDATES = with_variants(BITS_SHAPES, layernorm.BACKWARD_VARIANTS[1:], ["v2", "v4"], False)
+BACKWARD_CANDIDATES = with_variants(BITS_SHAPES, layernorm.BACKWARD_VARIANTS[1:], ["v2"], False)
+# compiled for a GPU, the backward's v2 and v3 move a few outputs per million to the neighbouring
+# bf16 of v1's (8 of 26M at d48 on an H200; see the module docstring of layernorm): at most one ulp
+# apart, in at most this share of the elements
+BACKWARD_GPU_DIFFERING = 1e-5
 
 
 def forward_outputs(variant, shape, launch, inputs, fused):
@@ -207,10 +212,18 @@ def test_forward_candidate_gives_v1_bits(rng, shape, launch, fused, variant):
 
 
 @pytest.mark.parametrize("shape,launch,variant", BACKWARD_CANDIDATES)
-def test_backward_candidate_gives_v1_bits(rng, shape, launch, variant):
+def test_backward_candidate_agrees_with_v1(rng, shape, launch, variant):
+    """v1's bits on the simulator; on a GPU, at most one bf16 ulp from them, in few elements."""
     (want, got), _ = run_backward(rng, shape, launch, ["v1", variant], with_reference=False, spread=SPREAD)
     for name, a, b in zip(["dinp", "dweight", "dbias"], got, want):
-        np.testing.assert_array_equal(a.copy_to_host(), b.copy_to_host(), err_msg=name)
+        a, b = a.copy_to_host(), b.copy_to_host()
+        if SIMULATOR:
+            np.testing.assert_array_equal(a, b, err_msg=name)
+            continue
+        differing = int(np.count_nonzero(a != b))
+        assert differing <= BACKWARD_GPU_DIFFERING * a.size, f"{name}: {differing} of {a.size} differ"
+        if differing:
+            assert bf16_ulps_apart(a, b) <= 1.0, f"{name}: {bf16_ulps_apart(a, b)} ulps apart"
 
 
 def test_layernorm_rejects_bad_inputs():

@@ -1,5 +1,5 @@
 """cuBLASLt matmuls (forward with BIAS / GELU_AUX_BIAS, backward with DGELU, the bias-gradient
-kernels and their NANOLLM_BIAS_GRAD candidates, strided-batched products) against the numpy reference.
+kernels, strided-batched products) against the numpy reference.
 
 On the simulator the products run through matmul's numpy fallback and the bias kernels as Numba
 code; under `pytest -m gpu` the same tests run cuBLASLt at GPT-2 124M shapes.
@@ -16,7 +16,7 @@ from nvmath.bindings import cublasLt as real_cublaslt
 
 from nanollm import reference
 from nanollm.kernels import matmul
-from nanollm.kernels.bf16 import bf16_ulps_apart, from_bf16_bits, to_bf16_bits
+from nanollm.kernels.bf16 import from_bf16_bits, to_bf16_bits
 
 from .helpers import BF16_ONE_ROUNDING, download_bf16, poisoned_bf16, random_bf16, relative_error
 
@@ -140,138 +140,6 @@ def test_matmul_backward_bias(rng, rows, OC, block):
     dbias.copy_to_device(to_bf16_bits(dbias_ref))
     matmul.matmul_backward_bias(dbias, dout, scratch, block=block)
     np.testing.assert_array_equal(dbias.copy_to_host(), first)
-
-
-# ---- the bias-gradient candidates (NANOLLM_BIAS_GRAD) ----------------------------------------------
-
-def _order_sensitive_bf16(rng, rows, OC):
-    """bf16 columns whose fp32 sum depends visibly on the summation order: N(0, 4^2) values plus
-    +-2^30 in pairs that cancel exactly. A running sum holding a 2^30 (fp32 spacing 128 there)
-    drops the small values it meets, so which of them reach the result depends on the order of
-    the additions, by many bf16 units of the small total."""
-    values = rng.standard_normal((rows, OC)).astype(np.float32) * np.float32(4.0)
-    for column in range(OC):
-        picked = rng.choice(rows, size=2 * min(3, rows // 2), replace=False)
-        values[picked, column] = np.float32(2.0 ** 30) * np.repeat(np.float32([1, -1]), len(picked) // 2)
-    return to_bf16_bits(values)
-
-
-@pytest.mark.parametrize("rows, OC, block", [
-    pytest.param(5, 8, (1, 1), id="one-vector"),
-    # 5 vectors in blocks of 2: the last stripe half empty; 37 rows in slices of 32: a short slice
-    pytest.param(37, 40, (2, 4), id="column-tail-rows-tail"),
-    # 38 partial rows (slices of 8 rows): each of the final sum's four lanes takes two rounds of four partial
-    # rows, then the rest; one row-lane sums all four lanes
-    pytest.param(300, 8, (1, 1), id="many-partials"),
-    # 19 partial rows (slices of 16): two row-lanes, each summing two of the four lanes
-    pytest.param(300, 8, (1, 2), id="lanes-across-row-lanes"),
-    pytest.param(37, 44, (4, 4), id="oc-not-multiple-of-8-runs-v1"),
-    pytest.param(65536, 768, None, id="d12-attproj", marks=pytest.mark.gpu),
-    pytest.param(65536, 2304, None, id="d12-qkv", marks=pytest.mark.gpu),
-    pytest.param(65536, 3072, None, id="d12-fc", marks=pytest.mark.gpu),
-])
-def test_bias_grad_v2_gives_v1s_bits(rng, rows, OC, block):
-    start_bits = to_bf16_bits(rng.standard_normal(OC).astype(np.float32))
-
-    def run(variant, dout):
-        dbias = cuda.to_device(start_bits)
-        scratch = cuda.to_device(np.full(matmul.MAX_BIAS_PARTIALS * OC, np.nan, dtype=np.float32))
-        matmul.matmul_backward_bias(dbias, dout, scratch, block=block, variant=variant)
-        return dbias.copy_to_host()
-
-    dout, dout_ref = random_bf16(rng, (rows, OC))
-    expected = from_bf16_bits(start_bits) + dout_ref.sum(axis=0)  # += into an existing dbias
-    assert relative_error(from_bf16_bits(run("v2", dout)), expected) < BF16_ONE_ROUNDING
-    # the same order of additions as v1: on inputs where any other order shows
-    tricky = cuda.to_device(_order_sensitive_bf16(rng, rows, OC))
-    v1, v2, again = run("v1", tricky), run("v2", tricky), run("v2", tricky)
-    np.testing.assert_array_equal(v2, v1, err_msg="v2 differs from v1")
-    np.testing.assert_array_equal(again, v2, err_msg="v2 is not deterministic")  # and its tickets were reset
-    if matmul._stripe_done is not None:
-        assert not matmul._stripe_done.copy_to_host().any(), "a ticket was left set"
-
-
-@pytest.mark.parametrize("variant", ["v1", "v2", "epilogue"])
-def test_matmul_backward_with_each_bias_grad(rng, monkeypatch, variant):
-    """matmul_backward under NANOLLM_BIAS_GRAD=variant: dbias (+=) within one rounding of numpy,
-    dinp and dweight as ever (the epilogue moves the bias into the dweight product)."""
-    monkeypatch.setattr(matmul, "BIAS_GRAD", variant)
-    rows, C, OC = 40, 24, 32
-    dout, dout_ref = random_bf16(rng, (rows, OC))
-    inp, inp_ref = random_bf16(rng, (rows, C))
-    weight, weight_ref = random_bf16(rng, (OC, C), scale=1 / np.sqrt(C))
-    dweight, dweight_ref = random_bf16(rng, (OC, C))
-    dbias, dbias_ref = random_bf16(rng, (OC,))
-    dinp = poisoned_bf16((rows, C))
-    scratch = cuda.to_device(np.full(matmul.MAX_BIAS_PARTIALS * OC, np.nan, dtype=np.float32))
-    matmul.matmul_backward(dinp, dweight, dbias, dout, inp, weight, dbias_scratch=scratch)
-    assert relative_error(download_bf16(dinp), dout_ref @ weight_ref) < BF16_ONE_ROUNDING
-    assert relative_error(download_bf16(dweight), dweight_ref + dout_ref.T @ inp_ref) < BF16_ONE_ROUNDING
-    assert relative_error(download_bf16(dbias), dbias_ref + dout_ref.sum(axis=0)) < BF16_ONE_ROUNDING
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("C, OC", [(768, 768), (768, 2304), (768, 3072), (3072, 768)],
-                         ids=["attproj", "qkv", "fc", "fcproj"])
-def test_bias_grad_epilogue_at_d12(rng, monkeypatch, C, OC):
-    """cuBLASLt's BGRADB sums at B*T = 65536: within one rounding of float64, deterministic, and at
-    most one bf16 unit in the last place from v1 (the same values summed in another order)."""
-    rows = 65536
-    dout, dout_ref = random_bf16(rng, (rows, OC))
-    inp, _ = random_bf16(rng, (rows, C))
-    weight, _ = random_bf16(rng, (OC, C), scale=1 / np.sqrt(C))
-    start_bits = to_bf16_bits(rng.standard_normal(OC).astype(np.float32))
-    dinp = poisoned_bf16((rows, C))
-    results = []
-    for variant in ("v1", "epilogue", "epilogue"):
-        monkeypatch.setattr(matmul, "BIAS_GRAD", variant)
-        dbias, dweight = cuda.to_device(start_bits), cuda.to_device(np.zeros((OC, C), np.uint16))
-        matmul.matmul_backward(dinp, dweight, dbias, dout, inp, weight)
-        results.append(dbias.copy_to_host())
-    expected = from_bf16_bits(start_bits) + dout_ref.sum(axis=0)
-    assert relative_error(from_bf16_bits(results[1]), expected) < BF16_ONE_ROUNDING
-    np.testing.assert_array_equal(results[2], results[1], err_msg="the epilogue's sums are not deterministic")
-    assert bf16_ulps_apart(results[1], results[0]) <= 1.0
-
-
-def test_bias_grad_variable():
-    assert matmul.bias_grad_from_environment({}) == matmul.BIAS_GRAD_DEFAULT == "v1"
-    assert matmul.bias_grad_from_environment({"NANOLLM_BIAS_GRAD": "epilogue"}) == "epilogue"
-    with pytest.raises(ValueError, match="NANOLLM_BIAS_GRAD='v3'"):
-        matmul.bias_grad_from_environment({"NANOLLM_BIAS_GRAD": "v3"})
-
-
-def test_bias_grad_launches_match_their_ptx_signatures(rng, monkeypatch):
-    """The candidates' kernels, launched as the model launches them (dbias a row of a 2-D view
-    of one allocation, a flat scratch), with exactly their PTX_SIGNATURES types: what
-    nanollm.precompile compiles ahead (tests/test_precompile.py runs the default, v1)."""
-    import numba
-    from numba.cuda.simulator import kernel as simulator_kernel
-
-    from nanollm import precompile
-
-    seen = {}
-    original = simulator_kernel.FakeCUDAKernel.__call__
-
-    def recording(self, *args):
-        if not (self._device or simulator_kernel._kernel_context):
-            seen.setdefault(self.fn.__name__, set()).add(tuple(numba.typeof(a) for a in args))
-        return original(self, *args)
-
-    monkeypatch.setattr(simulator_kernel.FakeCUDAKernel, "__call__", recording)
-    rows, C, OC = 16, 8, 16
-    grads = cuda.to_device(np.zeros(3 * OC, np.uint16))
-    dbias = grads[OC:].reshape(2, OC)[0]
-    scratch = cuda.to_device(np.zeros(matmul.MAX_BIAS_PARTIALS * OC, np.float32))
-    arrays = [random_bf16(rng, shape)[0] for shape in ((rows, OC), (rows, C), (OC, C), (rows, C), (OC, C))]
-    dout, inp, weight, dinp, dweight = arrays
-    for variant in ("v2", "epilogue"):
-        monkeypatch.setattr(matmul, "BIAS_GRAD", variant)
-        matmul.matmul_backward(dinp, dweight, dbias, dout, inp, weight, dbias_scratch=scratch)
-    assert set(seen) == {"matmul_backward_bias_v2_kernel", "matmul_bias_add_partials_kernel"}
-    for name, signatures in seen.items():
-        _, signature = precompile._lookup("nanollm.kernels.matmul", name)
-        assert signatures == {precompile._argument_types(signature)}, (name, signatures, signature)
 
 
 BATCHED = [
@@ -460,10 +328,6 @@ class FakeCublasLt:
         if epilogue in (self.Epilogue.BIAS, self.Epilogue.GELU_AUX_BIAS):
             assert D["BIAS_DATA_TYPE"] == 14
             result += from_bf16_bits(_read(D["BIAS_POINTER"], np.uint16, m))[:, None]  # one per row of D
-        if epilogue == self.Epilogue.BGRADB:  # B's gradient: its sums over k, one per column of D
-            assert D["BIAS_DATA_TYPE"] == 0, "expected the fp32 bias-gradient type"
-            sums = np.ascontiguousarray(B[0].sum(axis=0, dtype=np.float32))
-            ctypes.memmove(D["BIAS_POINTER"], sums.ctypes.data, sums.nbytes)
         if epilogue in (self.Epilogue.GELU_AUX, self.Epilogue.GELU_AUX_BIAS, self.Epilogue.DGELU):
             ld = D["EPILOGUE_AUX_LD"]
             assert ld >= m
@@ -530,26 +394,6 @@ def test_cublaslt_path_forward_backward(rng, fake_cublaslt):
     matmul.matmul_forward(out, inp, weight, bias, pre_gelu)
     matmul.matmul_backward(dinp, dweight, dbias, dout, inp, weight, pre)
     assert (len(matmul._plans), fake_cublaslt.created) == (plans, created) == (4, created)
-
-
-def test_cublaslt_path_bias_epilogue(rng, fake_cublaslt, monkeypatch):
-    """NANOLLM_BIAS_GRAD=epilogue: the dweight product asks for BGRADB with fp32 sums into the
-    scratch, and the add kernel rounds them into dbias."""
-    monkeypatch.setattr(matmul, "BIAS_GRAD", "epilogue")
-    rows, C, OC = 24, 16, 40
-    inp, inp_ref = _host_bf16(rng, (rows, C))
-    weight, _ = _host_bf16(rng, (OC, C), 0.25)
-    dout, dout_ref = _host_bf16(rng, (rows, OC))
-    dweight, dweight_ref = _host_bf16(rng, (OC, C))
-    dbias, dbias_ref = _host_bf16(rng, (OC,))
-    scratch = host_as_device(np.full(matmul.MAX_BIAS_PARTIALS * OC, np.nan, np.float32))
-    dinp = host_as_device(np.full((rows, C), 0xFFFF, np.uint16))
-    matmul.matmul_backward(dinp, dweight, dbias, dout, inp, weight, dbias_scratch=scratch)
-    assert relative_error(_host_bf16_values(dweight), dweight_ref + dout_ref.T @ inp_ref) < BF16_ONE_ROUNDING
-    assert relative_error(_host_bf16_values(dbias), dbias_ref + dout_ref.sum(axis=0)) < BF16_ONE_ROUNDING
-    descriptors = [fake_cublaslt.objects[plan.desc] for plan in matmul._plans.values()]
-    bgradb = [d for d in descriptors if d["EPILOGUE"] == matmul.Epilogue.BGRADB]
-    assert len(bgradb) == 1 and bgradb[0]["BIAS_DATA_TYPE"] == matmul.CUDA_R_32F
 
 
 @pytest.mark.parametrize("transa, transb", [(False, False), (False, True), (True, False), (True, True)],
