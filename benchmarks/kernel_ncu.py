@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_KERNELS = "nanollm"  # every nanollm kernel's mangled name starts _ZN7nanollm7kernels
+DEFAULT_KERNELS = r"\[abi:"  # Numba kernels: ncu names them "name[abi:vN,...]" (cuBLASLt, cuDNN: no "[abi:")
 SECTIONS = ("SpeedOfLight", "Occupancy", "LaunchStats", "MemoryWorkloadAnalysis", "WarpStateStats")
 COLUMNS = [  # (table header, ncu metric name)
     ("ms", "Duration"),

@@ -35,10 +35,19 @@ def launches(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("flags", [dict(recompute=1, gelu_fusion=0), dict(recompute=0, gelu_fusion=2)])
-def test_training_launches_only_the_precompiled_signatures(launches, rng, flags):
+# the second flag set runs the v1 kernels of the classifier and the layernorm (the defaults are v2, v3)
+@pytest.mark.parametrize("flags", [dict(recompute=1, gelu_fusion=0),
+                                   dict(recompute=0, gelu_fusion=2, classifier="v1", layernorm="v1")])
+def test_training_launches_only_the_precompiled_signatures(launches, rng, monkeypatch, flags):
+    from nanollm.kernels import classifier, layernorm
     from nanollm.model import GPT2
 
+    flags = dict(flags)
+    monkeypatch.setattr(classifier, "VARIANT", flags.pop("classifier", classifier.VARIANT))
+    layernorm_variant = flags.pop("layernorm", None)
+    if layernorm_variant:
+        monkeypatch.setattr(layernorm, "FORWARD_VARIANT", layernorm_variant)
+        monkeypatch.setattr(layernorm, "BACKWARD_VARIANT", layernorm_variant)
     model = GPT2(MICRO, 2, 4, seed=int(rng.integers(1000)), attention="numba", grad_accum_steps=2, **flags)
     tokens, targets = rng.integers(0, MICRO.vocab_size, (2, 2, 4))
     model.zero_grad()
@@ -49,6 +58,11 @@ def test_training_launches_only_the_precompiled_signatures(launches, rng, flags)
     model.forward(tokens)  # inference (no targets): the logits kept
     jobs = precompile.kernel_jobs()
     assert len(launches) >= 15, sorted(launches)
+    chosen = {"v1": "fused_classifier_kernel", "v2": "fused_classifier_staged_kernel"}[classifier.VARIANT]
+    assert ("nanollm.kernels.classifier", chosen) in launches
+    backward = {"v1": "layernorm_backward_kernel", "v2": "layernorm_backward_prefetch_kernel",
+                "v3": "layernorm_backward_cvt_kernel"}[layernorm.BACKWARD_VARIANT]
+    assert ("nanollm.kernels.layernorm", backward) in launches
     for (module_name, kernel_name), signatures in launches.items():
         assert (module_name, kernel_name) in jobs, f"{module_name}.{kernel_name} is launched but has no PTX signature"
         _, signature = precompile._lookup(module_name, kernel_name)

@@ -18,16 +18,28 @@ V to a multiple of 128). V itself may be anything (50257 is odd): the one word t
 column V is handled apart, by one thread, which masks its padding lanes out of the softmax and
 writes them back unchanged. fastmath: exp and log become ex2/lg2.approx, errors far below one bf16
 rounding; under fastmath infinities are not trusted, hence a large finite "minus infinity".
+
+Two kernels, picked by NANOLLM_CLASSIFIER (read once, at import; the launcher's `variant` overrides):
+  v1                fused_classifier_kernel, as above;
+  v2 (the default)  fused_classifier_staged_kernel: pass 1 also copies the row into shared memory and
+                    pass 2 reads it from there, so DRAM sees one read and one write whatever L2
+                    keeps; 8 loads in flight per thread; bf16 rounding by the hardware's cvt. The
+                    same losses and dlogits as v1 bit for bit (NaN dlogits aside), at the same block
+                    size. Needs a row's real words in shared memory (100.5 KB for GPT-2; two blocks
+                    fit per Hopper SM); a larger row falls back to v1. Evaluation (no dlogits) runs
+                    v1, the faster there.
 """
 
 import math
+import os
 
 import numpy as np
 from numba import cuda, float32, uint32, uint64
 
-from .bf16 import bf16_to_float, bf16x2_high, bf16x2_low, high_half, join_halves, low_half, pack_bf16x2
-from .cuda_common import SIMULATOR, WARP_SIZE, block_reduce_max, block_reduce_sum, check_contiguous, device_address, \
-    device_function, kernel
+from .bf16 import bf16_to_float, bf16x2_high, bf16x2_low, high_half, join_halves, low_half, pack_bf16x2, \
+    pack_bf16x2_rn
+from .cuda_common import SIMULATOR, WARP_SIZE, allow_large_dynamic_shared_memory, block_reduce_max, \
+    block_reduce_sum, check_contiguous, device_address, device_function, kernel
 
 # below any logit, yet exp(NEG_BIG - max) is a plain 0 and NEG_BIG - max does not overflow
 NEG_BIG = -1e30
@@ -77,6 +89,40 @@ def dlogits_word(word, first_column, target, row_max, inverse_sum, dloss):
     return join_halves(pack_bf16x2(d0, d1), pack_bf16x2(d2, d3))
 
 
+@device_function
+def block_row(logits, targets, words_per_row):
+    """This block's row (in reverse order, see the docstring): (row, its first word, its target, the
+    target's logit). Thread 0 reads that logit, the others get 0; read before anyone can overwrite
+    it, as the block reductions' barriers come between it and pass 2's writes."""
+    row = cuda.gridDim.x - 1 - cuda.blockIdx.x
+    row_start = row * words_per_row
+    target = targets[row]
+    target_logit = float32(0.0)
+    if cuda.threadIdx.x == 0:
+        target_logit = bf16x4_lane(logits[row_start + target // 4], target % 4)
+    return row, row_start, target, target_logit
+
+
+@device_function
+def row_layout(V, threads):
+    """(words with four real columns, real lanes of the word after them (0: none), the thread whose
+    strided walk w = tid, tid + threads, ... reaches that straddling word)."""
+    full_words = V // 4
+    return full_words, V - 4 * full_words, full_words % threads
+
+
+@device_function
+def row_max_and_sum(running_max, running_sum, shared_max, shared_sum, losses, row, target_logit):
+    """The row's max and sum of exp(x - max) from each thread's running pair (every thread gets
+    them); thread 0 writes the row's loss."""
+    row_max = block_reduce_max(running_max, shared_max)
+    running_sum *= math.exp(running_max - row_max)
+    row_sum = block_reduce_sum(running_sum, shared_sum)
+    if cuda.threadIdx.x == 0:
+        losses[row] = math.log(row_sum) + (row_max - target_logit)
+    return row_max, row_sum
+
+
 @kernel(fastmath=True)
 def fused_classifier_kernel(logits, losses, targets, dloss, V, words_per_row, write_dlogits):
     # logits: (BT * Vp/4,) uint64 words, row r at words [r*words_per_row, (r+1)*words_per_row);
@@ -84,19 +130,10 @@ def fused_classifier_kernel(logits, losses, targets, dloss, V, words_per_row, wr
     # losses: (BT,) fp32 <- -log prob[target]; targets: (BT,) int32, each in [0, V)
     shared_max = cuda.shared.array(32, float32)
     shared_sum = cuda.shared.array(32, float32)
-    row = cuda.gridDim.x - 1 - cuda.blockIdx.x
-    row_start = row * words_per_row
+    row, row_start, target, target_logit = block_row(logits, targets, words_per_row)
     tid = cuda.threadIdx.x
     threads = cuda.blockDim.x
-    target = targets[row]
-    full_words = V // 4  # words with four real columns; then one straddling word if V % 4
-    boundary_lanes = V - 4 * full_words
-    boundary_thread = full_words % threads  # the thread whose strided walk reaches that word
-
-    # read the target's logit before anyone can overwrite it; the barriers below order it
-    target_logit = float32(0.0)
-    if tid == 0:
-        target_logit = bf16x4_lane(logits[row_start + target // 4], target % 4)
+    full_words, boundary_lanes, boundary_thread = row_layout(V, threads)
 
     # pass 1: running max and sum of exp over the real columns
     running_max = float32(NEG_BIG)
@@ -113,11 +150,7 @@ def fused_classifier_kernel(logits, losses, targets, dloss, V, words_per_row, wr
     if boundary_lanes > 0 and tid == boundary_thread:
         running_max, running_sum = online_softmax_word(logits[row_start + full_words], boundary_lanes,
                                                        running_max, running_sum)
-    row_max = block_reduce_max(running_max, shared_max)
-    running_sum *= math.exp(running_max - row_max)
-    row_sum = block_reduce_sum(running_sum, shared_sum)
-    if tid == 0:
-        losses[row] = math.log(row_sum) + (row_max - target_logit)
+    row_max, row_sum = row_max_and_sum(running_max, running_sum, shared_max, shared_sum, losses, row, target_logit)
     if not write_dlogits:
         return
 
@@ -141,16 +174,134 @@ def fused_classifier_kernel(logits, losses, targets, dloss, V, words_per_row, wr
         logits[i] = (new & keep_new) | (old & ~keep_new)
 
 
+# ---- v2: the row kept in shared memory between the passes ----------------------------------------
+# v1's second pass hopes to find the row in L2, but v1 (29 registers) runs 2048 threads per SM:
+# 4 rows of 100 KB in flight per SM, 53 MB on 132 SMs, more than the 50 MB L2 holds beside the
+# dlogits being written, so pass 2 probably reads DRAM again (v1 ran at ~1.9 TB/s in a B=64 step
+# on an H200). v2 copies the row into shared memory as pass 1 reads it: DRAM sees one read and one
+# write, whatever L2 does. A GPT-2 row (12,565 words, 100.5 KB) leaves room for two blocks per SM
+# (228 KB of shared memory on Hopper), so one block's reductions and stores overlap the other's
+# loads. Pass 1 issues LOADS_IN_FLIGHT loads per thread before using any (32 KB in flight per
+# 512-thread block; v1 has two words per thread). Pass 2 reads shared memory, compares with the
+# target once per word instead of per element, and rounds with the hardware's cvt
+# (pack_bf16x2_rn) instead of integer code: ~50 PTX instructions per word where v1 has ~90, which
+# matters when 4.8 TB/s asks an SM for a row every ~6 us. Each thread folds its words in v1's
+# order and the reductions are v1's, so at the same block size the losses and dlogits are v1's bit
+# for bit (but a NaN dlogit is 0x7FFF where v1 writes 0x7FC0).
+
+# 8 words: 48 registers (ptxas, sm_90), so two 512-thread blocks fit an SM's 64K; 12 took 68, 16 took 80.
+# The uint64(...) indices below skip Numba's negative-index wraparound code: 61 registers without.
+LOADS_IN_FLIGHT = 8  # words per thread loaded before any is used
+
+
+@device_function
+def dlogits_word_rn(word, first_column, target, row_max, inverse_sum, dloss):
+    """dlogits_word's values (the same arithmetic), rounded by pack_bf16x2_rn."""
+    low = low_half(word)
+    high = high_half(word)
+    x0, x1, x2, x3 = bf16x2_low(low), bf16x2_high(low), bf16x2_low(high), bf16x2_high(high)
+    if first_column <= target < first_column + 4:  # the word holding the target: once per row
+        d0 = dlogit(x0, first_column, target, row_max, inverse_sum, dloss)
+        d1 = dlogit(x1, first_column + 1, target, row_max, inverse_sum, dloss)
+        d2 = dlogit(x2, first_column + 2, target, row_max, inverse_sum, dloss)
+        d3 = dlogit(x3, first_column + 3, target, row_max, inverse_sum, dloss)
+    else:
+        d0 = (math.exp(x0 - row_max) * inverse_sum) * dloss
+        d1 = (math.exp(x1 - row_max) * inverse_sum) * dloss
+        d2 = (math.exp(x2 - row_max) * inverse_sum) * dloss
+        d3 = (math.exp(x3 - row_max) * inverse_sum) * dloss
+    return join_halves(pack_bf16x2_rn(d0, d1), pack_bf16x2_rn(d2, d3))
+
+
+@kernel(fastmath=True)
+def fused_classifier_staged_kernel(logits, losses, targets, dloss, V, words_per_row, write_dlogits):
+    # as fused_classifier_kernel; launched, when write_dlogits, with 8 * ceil(V/4) bytes of dynamic
+    # shared memory for the row's real words (padding words are never read)
+    staged = cuda.shared.array(0, uint64)  # word w is written and read back by the thread that loaded it
+    shared_max = cuda.shared.array(32, float32)
+    shared_sum = cuda.shared.array(32, float32)
+    row, row_start, target, target_logit = block_row(logits, targets, words_per_row)
+    tid = cuda.threadIdx.x
+    threads = cuda.blockDim.x
+    full_words, boundary_lanes, boundary_thread = row_layout(V, threads)
+    boundary_word = uint64(0)
+    if boundary_lanes > 0 and tid == boundary_thread:  # loaded now, folded last (as v1): no lone load at the end
+        boundary_word = logits[row_start + full_words]
+
+    # pass 1: the thread's words w = tid, tid + threads, ..., LOADS_IN_FLIGHT at a time
+    batch = cuda.local.array(LOADS_IN_FLIGHT, uint64)  # registers: every index is a constant once unrolled
+    running_max = float32(NEG_BIG)
+    running_sum = float32(0.0)
+    w = tid
+    while w < full_words:
+        for k in range(LOADS_IN_FLIGHT):  # unrolled: independent loads, all issued before the first use
+            if w + k * threads < full_words:
+                batch[k] = logits[uint64(row_start + w + k * threads)]
+        for k in range(LOADS_IN_FLIGHT):  # folded one word at a time in increasing order, as v1
+            if w + k * threads < full_words:
+                if write_dlogits:
+                    staged[uint64(w + k * threads)] = batch[k]
+                running_max, running_sum = online_softmax_word(batch[k], 4, running_max, running_sum)
+        w += LOADS_IN_FLIGHT * threads
+    if boundary_lanes > 0 and tid == boundary_thread:
+        if write_dlogits:
+            staged[full_words] = boundary_word
+        running_max, running_sum = online_softmax_word(boundary_word, boundary_lanes, running_max, running_sum)
+    row_max, row_sum = row_max_and_sum(running_max, running_sum, shared_max, shared_sum, losses, row, target_logit)
+    if not write_dlogits:
+        return
+
+    # pass 2: from shared memory (no barrier needed: each thread reads back only its own words)
+    inverse_sum = float32(1.0) / row_sum
+    w = tid
+    while w < full_words:
+        dlogits = dlogits_word_rn(staged[uint64(w)], 4 * w, target, row_max, inverse_sum, dloss)
+        logits[uint64(row_start + w)] = dlogits
+        w += threads
+    if boundary_lanes > 0 and tid == boundary_thread:
+        old = staged[full_words]
+        new = dlogits_word_rn(old, 4 * full_words, target, row_max, inverse_sum, dloss)
+        keep_new = (uint64(1) << uint64(16 * boundary_lanes)) - uint64(1)
+        logits[row_start + full_words] = (new & keep_new) | (old & ~keep_new)
+
+
+_SIGNATURE = "void(uint64[::1], float32[::1], int32[::1], float32, int32, int32, int32)"
 PTX_SIGNATURES = {
-    fused_classifier_kernel: "void(uint64[::1], float32[::1], int32[::1], float32, int32, int32, int32)",
+    fused_classifier_kernel: _SIGNATURE,
+    fused_classifier_staged_kernel: _SIGNATURE,
 }
 
 # llm.c uses 1024; on an H100 512 was 26% faster (benchmarks/classifier.py, RESULTS.md). The simulator
 # runs a Python thread per GPU thread: small blocks keep its tests quick.
 BLOCK_SIZE = 32 if SIMULATOR else 512
 
+VARIANTS = ("v1", "v2")
+DEFAULT_VARIANT = "v2"  # 4.68 against 5.61 ms at d12 B=64 on an H200 (benchmarks/RESULTS.md)
+VARIANT = os.environ.get("NANOLLM_CLASSIFIER", DEFAULT_VARIANT)
+if VARIANT not in VARIANTS:
+    raise ValueError(f"NANOLLM_CLASSIFIER={VARIANT!r}: expected one of {', '.join(VARIANTS)}")
 
-def fused_classifier(logits, losses, dloss, targets, V, write_dlogits=True, block_size=BLOCK_SIZE, stream=0):
+_staged_row_limit = {}  # device id -> bytes of dynamic shared memory the staged kernel may take
+
+
+def staged_row_bytes(V):
+    """v2's dynamic shared memory for a row: its words holding real columns (the straddling one too)."""
+    return 8 * ((V + 3) // 4)
+
+
+def _staged_row_fits(nbytes):
+    """Whether v2 can keep a row of nbytes on chip here; the first call per device raises the
+    kernel's shared memory limit (outside the step's graph: the first micro-step runs eagerly)."""
+    if SIMULATOR:
+        return True
+    device = cuda.get_current_device().id
+    if device not in _staged_row_limit:
+        _staged_row_limit[device] = allow_large_dynamic_shared_memory(fused_classifier_staged_kernel, _SIGNATURE)
+    return nbytes <= _staged_row_limit[device]
+
+
+def fused_classifier(logits, losses, dloss, targets, V, write_dlogits=True, block_size=BLOCK_SIZE, stream=0,
+                     variant=None):
     """Cross-entropy of softmax(logits[..., :V]) against targets, and its gradient in place.
 
     logits is (B,T,Vp) bf16 (uint16), Vp a multiple of 4, V <= Vp the real vocabulary size.
@@ -159,7 +310,11 @@ def fused_classifier(logits, losses, dloss, targets, V, write_dlogits=True, bloc
     write_dlogits: logits[..., :V] <- (prob - onehot(target)) * dloss, dloss = 1/(B*T) for the
     mean loss (times the caller's scaling for gradient accumulation); columns V..Vp-1 unchanged.
     write_dlogits=False (evaluation): only the losses, logits untouched.
+    variant: "v1" or "v2" (see the module docstring); None takes NANOLLM_CLASSIFIER's, else v2.
     """
+    variant = VARIANT if variant is None else variant
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
     check_contiguous("logits", logits, np.uint16)
     if logits.ndim < 2:
         raise ValueError(f"logits: expected (B,T,Vp) or (BT,Vp), got shape {logits.shape}")
@@ -179,6 +334,14 @@ def fused_classifier(logits, losses, dloss, targets, V, write_dlogits=True, bloc
     if rows == 0:
         return
     words = logits.reshape(logits.size).view(np.uint64)
-    fused_classifier_kernel[rows, block_size, stream](
+    kernel, shared_bytes = fused_classifier_kernel, 0
+    # loss only (evaluation): v1 reads the row once either way and was the faster on an H200
+    # (2.46 against 2.84 ms at d12 B=64), so v2 stages rows only when it writes dlogits
+    if variant == "v2" and write_dlogits:
+        shared_bytes = staged_row_bytes(V)
+        kernel = fused_classifier_staged_kernel
+        if not _staged_row_fits(shared_bytes):  # a vocabulary too large for a row on chip: v1
+            kernel, shared_bytes = fused_classifier_kernel, 0
+    kernel[rows, block_size, stream, shared_bytes](
         words, losses.reshape(rows), targets.reshape(rows), np.float32(dloss), np.int32(V),
         np.int32(Vp // 4), np.int32(bool(write_dlogits)))

@@ -89,6 +89,25 @@ def block_reduce_max(value, shared):
     return biggest
 
 
+def allow_large_dynamic_shared_memory(dispatcher, signature):
+    """Let a kernel take all the shared memory a block may have (227 KB on Hopper) where CUDA allows
+    48 KB of dynamic shared memory unless told otherwise, and prefer shared memory to L1 in the
+    split. Returns the bytes of dynamic shared memory it may now be launched with. Compiles (or
+    loads) the kernel for `signature`, the types it will be launched with. Numba has no call for
+    this: the driver's attribute call on the compiled kernel (numba-cuda 0.30's internals)."""
+    from numba.core import sigutils
+    from numba.cuda.cudadrv.driver import binding, driver
+
+    compiled = dispatcher.compile(sigutils.normalize_signature(signature)[0])
+    function = compiled._codelibrary.get_cufunc()
+    device = function.device
+    allowed = device.MAX_SHARED_MEMORY_PER_BLOCK_OPTIN - function.attrs.shared  # less its static arrays
+    attribute = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    driver.cuKernelSetAttribute(attribute, allowed, function.handle, device.id)
+    function.set_shared_memory_carveout(100)  # percent of the unified L1/shared array given to shared
+    return allowed
+
+
 def device_address(array):
     """Where an array's data starts (host address under the simulator): wide loads need alignment."""
     interface = getattr(array, "__cuda_array_interface__", None) or array.__array_interface__

@@ -24,14 +24,43 @@ contiguous (B*T rows of C channels); sums are fp32.
   layernorm_backward_scratch_size(C) float32 elements (1.5 MiB at C=768).
   (llm.c's kernel10 keeps the sums in shared memory and syncs twice per 256 channels of a row; the
   last block reduces the partials, found with an atomic counter.)
+
+Variants, chosen once at import by NANOLLM_LN_FORWARD and NANOLLM_LN_BACKWARD (default v3, the
+fastest on an H200: benchmarks/RESULTS.md; the launchers also take variant=). v1 is the plain
+form of the kernels described above; v2 and v3 rewrite its instructions, not its algorithm.
+Instruction and register counts below are ptxas's for sm_90 (static, per 4-channel word of a
+row, from kernels compiled for 6 words per lane as at C=768).
+- NANOLLM_LN_FORWARD=v2 (both forwards): the v1 kernels' launch, arithmetic and order (the same
+  output bits, NaN included) with fewer integer instructions: bf16 rounding in 32-bit arithmetic
+  with a select (bf16.float_to_bf16_branchless; float_to_bf16 compiled to a branch and 64-bit
+  adds), unpacking from 32-bit halves, unsigned indices (Numba adds a negative-index wraparound
+  to every signed one), and at most 64 registers (32 warps per SM; v1: 72-80, 24 warps). 144
+  instructions per word instead of 232 in the fused forward (96 instead of 160 in the plain one),
+  mostly integer ones, which Hopper issues at half the fp32 rate: at B=64, T=1024, C=768 v1's
+  fused forward needs ~100 us of issue per SM against ~85 us to move its 403 MB.
+- NANOLLM_LN_FORWARD=v3: v2 rounding with the GPU's cvt.rn.bf16x2.f32 (two values per
+  instruction, inline PTX; bf16.pack_bf16x2_rn): 80 instructions per word in the fused forward,
+  64 in the plain one. The same bits as v1 except NaN outputs (0x7FFF instead of 0x7FC0, as
+  llm.c's __float2bfloat16). On the simulator it runs v2's integer rounding.
+- NANOLLM_LN_BACKWARD=v2: v1's layout, grid, partials, per-row arithmetic and summation order,
+  with the next row's mean and rstd loaded along with its words (v1 waited a memory latency for
+  them at the start of every row) and the forward's leaner bf16 code; 70 registers instead of 80,
+  so two 416-thread blocks (C=1600) fit an SM, as two 384-thread ones (C=768) did.
+  NANOLLM_LN_BACKWARD=v3: the same with v3's rounding of dinp (NaN as there). On the simulator
+  both give v1's bits; on an H200 a few outputs in a million differ from v1's (8 of 26M at d48
+  B=16, by at most 7.8e-3). Why is not yet known (a guess: NVVM fuses multiply-adds differently
+  in the two codes). The tests hold v3 to the float64 reference as they hold v1, and to v1 within
+  one bf16 ulp; each variant is deterministic.
 """
 
 import math
+import os
 
 import numpy as np
 from numba import cuda, float32, uint64
 
-from .bf16 import add_bf16x4, add_fp32_to_bf16x4, as_words, bf16x4_get, bf16x4_put
+from .bf16 import (add_bf16x4, add_fp32_to_bf16x4, as_words, bf16x4_get, bf16x4_pack, bf16x4_pack_cvt,
+                   bf16x4_put, bf16x4_unpack)
 from .cuda_common import WARP_SIZE, ceil_div, check_contiguous, device_function, kernel, warp_reduce_sum
 
 LAYERNORM_EPS = 1e-5
@@ -39,8 +68,24 @@ ROW_WORDS = 16  # uint64 words of a row each lane keeps in registers: C <= 32 * 
 MAX_C = WARP_SIZE * 4 * ROW_WORDS
 FORWARD_WARPS = 8  # rows (warps) per block of the forward kernels: 256 threads
 BACKWARD_BLOCKS = 256  # most blocks (fp32 partial rows in scratch) of layernorm_backward
+ROW_SUMS_SHARED = 2 * 32 * 2  # fp32 at the start of the backward's shared memory: 2 parities, 32 warps, 2 sums
 PARAM_GRAD_ROWS = 16  # threads summing partials per channel word in layernorm_param_grad_kernel
 ELEMENTWISE_BLOCK = 256
+FORWARD_VARIANTS = ("v1", "v2", "v3")
+BACKWARD_VARIANTS = ("v1", "v2", "v3")
+DEFAULT_VARIANT = "v3"  # measured fastest, forward and backward (benchmarks/RESULTS.md)
+
+
+def _variant(name, choices):
+    """The kernel variant an environment variable picks (default: DEFAULT_VARIANT)."""
+    value = os.environ.get(name, "") or DEFAULT_VARIANT
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: expected one of {', '.join(choices)}")
+    return value
+
+
+FORWARD_VARIANT = _variant("NANOLLM_LN_FORWARD", FORWARD_VARIANTS)
+BACKWARD_VARIANT = _variant("NANOLLM_LN_BACKWARD", BACKWARD_VARIANTS)
 
 
 # ---- kernels ---------------------------------------------------------------------------------
@@ -133,6 +178,78 @@ def load_row_words(dinp, dout, inp, row, N, C4, c):
     return g, x, old
 
 
+@device_function
+def add_channel_terms(acc, j, live, dnorm_sum, dnorm_norm_sum, w, g, x, m, s):
+    """One channel's terms of the backward's two row sums, returned (added as
+    layernorm_backward_kernel adds them), and, for a live row, of dbias and dweight, added to
+    acc[j] and acc[4 + j]."""
+    dnorm = w * g
+    norm = (x - m) * s
+    if live:
+        acc[j] += g
+        acc[4 + j] += g * norm
+    return dnorm_sum + dnorm, dnorm_norm_sum + dnorm * norm
+
+
+@device_function
+def dinp_term(w, g, x, m, s, dnorm_mean, dnorm_norm_mean):
+    """One channel's dL/dinp, as layernorm_backward_kernel computes it."""
+    norm = (x - m) * s
+    return (w * g - dnorm_mean - norm * dnorm_norm_mean) * s
+
+
+@device_function
+def load_row_ahead(dinp, dout, inp, mean, rstd, row, N, C4, c):
+    """Word c of row `row` of dout, inp and dinp (zeros past N or C4), and the row's mean and rstd."""
+    g = uint64(0)
+    x = uint64(0)
+    old = uint64(0)
+    if row < N and c < C4:
+        i = uint64(row * C4 + c)
+        g = dout[i]
+        x = inp[i]
+        old = dinp[i]
+    last = uint64(min(row, N - 1))
+    return g, x, old, mean[last], rstd[last]
+
+
+@device_function
+def block_row_means(shared, dnorm_sum, dnorm_norm_sum, parity, slot, warps_per_row, lane, c, inv_C):
+    """The row's two sums over the block's warps (warp sums, then warp 0, 1, ... in order, as
+    layernorm_backward_kernel adds them), divided by C. Every thread of the block must call it:
+    a block barrier. shared[0:256]: (2 parities, 32 warps, 2 sums), used in turn, so one barrier
+    per row is enough."""
+    first_warp = slot * warps_per_row
+    dnorm_sum = warp_reduce_sum(dnorm_sum)
+    dnorm_norm_sum = warp_reduce_sum(dnorm_norm_sum)
+    if lane == 0:
+        shared[uint64((parity * 32 + first_warp + c // WARP_SIZE) * 2)] = dnorm_sum
+        shared[uint64((parity * 32 + first_warp + c // WARP_SIZE) * 2 + 1)] = dnorm_norm_sum
+    cuda.syncthreads()
+    dnorm_mean = float32(0.0)
+    dnorm_norm_mean = float32(0.0)
+    for i in range(warps_per_row):
+        dnorm_mean += shared[uint64((parity * 32 + first_warp + i) * 2)]
+        dnorm_norm_mean += shared[uint64((parity * 32 + first_warp + i) * 2 + 1)]
+    return dnorm_mean * inv_C, dnorm_norm_mean * inv_C
+
+
+@device_function
+def write_block_partial(partials, shared, offset, acc, slot, slots, c, C4):
+    """The block's dbias/dweight partial: its row slots' sums (acc) added in slot order, through
+    shared memory from `offset` (slots * 8 * C4 fp32), to partials[blockIdx.x] (8, C4)."""
+    if c < C4:
+        for q in range(8):
+            shared[offset + (slot * 8 + q) * C4 + c] = acc[q]
+    cuda.syncthreads()
+    if slot == 0 and c < C4:
+        for q in range(8):
+            total = float32(0.0)
+            for r in range(slots):
+                total += shared[offset + (r * 8 + q) * C4 + c]
+            partials[(cuda.blockIdx.x * 8 + q) * C4 + c] = total
+
+
 @kernel
 def layernorm_backward_kernel(dinp, partials, dout, inp, weight, mean, rstd, C4):
     # dinp, dout, inp: (N*C4,) words; weight: (C4,) words; mean, rstd: (N,) fp32
@@ -200,18 +317,7 @@ def layernorm_backward_kernel(dinp, partials, dout, inp, weight, mean, rstd, C4)
                 acc[4 + j] += grad * norm
             dinp[row * C4 + c] = new
         parity = 1 - parity
-    # the block's partial: its row slots' sums added in a fixed order
-    slot_sums = 2 * 32 * 2
-    if c < C4:
-        for q in range(8):
-            shared[slot_sums + (slot * 8 + q) * C4 + c] = acc[q]
-    cuda.syncthreads()
-    if slot == 0 and c < C4:
-        for q in range(8):
-            total = float32(0.0)
-            for r in range(rows):
-                total += shared[slot_sums + (r * 8 + q) * C4 + c]
-            partials[(cuda.blockIdx.x * 8 + q) * C4 + c] = total
+    write_block_partial(partials, shared, ROW_SUMS_SHARED, acc, slot, rows, c, C4)
 
 
 @kernel
@@ -245,6 +351,177 @@ def layernorm_param_grad_kernel(dweight, dbias, partials, num_blocks, C4):
             dweight[c] = add_fp32_to_bf16x4(dweight[c], acc)
 
 
+# ---- variants v2, v3 (NANOLLM_LN_FORWARD, NANOLLM_LN_BACKWARD; see the module docstring) -----------
+
+@device_function
+def pack_word(cvt, v0, v1, v2, v3):
+    """Four floats rounded to bf16 in a word: by the GPU's conversion instruction (cvt) or by
+    integer code with float_to_bf16's bits. cvt is a constant in each kernel: one is compiled."""
+    if cvt:
+        return bf16x4_pack_cvt(v0, v1, v2, v3)
+    return bf16x4_pack(v0, v1, v2, v3)
+
+
+@device_function
+def normalize_row_lean(out, mean, rstd, x, weight, bias, row, C4, lane, cvt):
+    """normalize_row's arithmetic in the same order (the same bits) with fewer integer
+    instructions: bf16x4_unpack/pack_word, and unsigned indices (Numba adds a negative-index
+    wraparound to every signed one). Every lane of the warp must call it (shuffles)."""
+    inv_C = float32(1.0) / float32(4 * C4)
+    total = float32(0.0)
+    for k in range(ROW_WORDS):
+        if lane + k * WARP_SIZE < C4:
+            v0, v1, v2, v3 = bf16x4_unpack(x[k])
+            total += v0
+            total += v1
+            total += v2
+            total += v3
+    m = warp_reduce_sum(total) * inv_C
+    total = float32(0.0)
+    for k in range(ROW_WORDS):
+        if lane + k * WARP_SIZE < C4:
+            v0, v1, v2, v3 = bf16x4_unpack(x[k])
+            total += (v0 - m) * (v0 - m)
+            total += (v1 - m) * (v1 - m)
+            total += (v2 - m) * (v2 - m)
+            total += (v3 - m) * (v3 - m)
+    s = float32(1.0) / math.sqrt(warp_reduce_sum(total) * inv_C + float32(LAYERNORM_EPS))
+    for k in range(ROW_WORDS):
+        c = lane + k * WARP_SIZE
+        if c < C4:
+            v0, v1, v2, v3 = bf16x4_unpack(x[k])
+            w0, w1, w2, w3 = bf16x4_unpack(weight[uint64(c)])
+            b0, b1, b2, b3 = bf16x4_unpack(bias[uint64(c)])
+            out[uint64(row * C4 + c)] = pack_word(cvt, (v0 - m) * s * w0 + b0, (v1 - m) * s * w1 + b1,
+                                                  (v2 - m) * s * w2 + b2, (v3 - m) * s * w3 + b3)
+    if lane == 0:
+        mean[uint64(row)] = m
+        rstd[uint64(row)] = s
+
+
+@device_function
+def layernorm_forward_lean(out, mean, rstd, inp, weight, bias, C4, cvt):
+    """layernorm_forward_kernel's body with normalize_row_lean: the same launch and bits."""
+    lane = cuda.threadIdx.x
+    row = cuda.blockIdx.x * cuda.blockDim.y + cuda.threadIdx.y
+    if row < mean.shape[0]:  # else the whole warp has no row: no shuffle partners elsewhere
+        x = cuda.local.array(ROW_WORDS, uint64)
+        for k in range(ROW_WORDS):
+            c = lane + k * WARP_SIZE
+            if c < C4:
+                x[k] = inp[uint64(row * C4 + c)]
+        normalize_row_lean(out, mean, rstd, x, weight, bias, row, C4, lane, cvt)
+
+
+@device_function
+def fused_residual_layernorm_forward_lean(residual, normed, mean, rstd, inp1, inp2, weight, bias, C4, cvt):
+    """fused_residual_layernorm_forward_kernel's body with normalize_row_lean."""
+    lane = cuda.threadIdx.x
+    row = cuda.blockIdx.x * cuda.blockDim.y + cuda.threadIdx.y
+    if row < mean.shape[0]:
+        x = cuda.local.array(ROW_WORDS, uint64)
+        for k in range(ROW_WORDS):
+            c = lane + k * WARP_SIZE
+            if c < C4:
+                i = uint64(row * C4 + c)
+                a0, a1, a2, a3 = bf16x4_unpack(inp1[i])
+                b0, b1, b2, b3 = bf16x4_unpack(inp2[i])
+                x[k] = pack_word(cvt, a0 + b0, a1 + b1, a2 + b2, a3 + b3)
+                residual[i] = x[k]
+        normalize_row_lean(normed, mean, rstd, x, weight, bias, row, C4, lane, cvt)
+
+
+# at most 64 registers: 32 warps per SM
+@kernel(launch_bounds=(1024, 1))
+def layernorm_forward_lean_kernel(out, mean, rstd, inp, weight, bias, C4):
+    layernorm_forward_lean(out, mean, rstd, inp, weight, bias, C4, False)
+
+
+@kernel(launch_bounds=(1024, 1))
+def layernorm_forward_cvt_kernel(out, mean, rstd, inp, weight, bias, C4):
+    layernorm_forward_lean(out, mean, rstd, inp, weight, bias, C4, True)
+
+
+@kernel(launch_bounds=(1024, 1))
+def fused_residual_layernorm_forward_lean_kernel(residual, normed, mean, rstd, inp1, inp2, weight, bias, C4):
+    fused_residual_layernorm_forward_lean(residual, normed, mean, rstd, inp1, inp2, weight, bias, C4, False)
+
+
+@kernel(launch_bounds=(1024, 1))
+def fused_residual_layernorm_forward_cvt_kernel(residual, normed, mean, rstd, inp1, inp2, weight, bias, C4):
+    fused_residual_layernorm_forward_lean(residual, normed, mean, rstd, inp1, inp2, weight, bias, C4, True)
+
+
+@device_function
+def backward_row(dinp, acc, shared, w, g, x, old, m, s, row, N, parity, slot, warps_per_row, c, C4, cvt):
+    """One row of the backward from word c of its dout (g), inp (x) and dinp (old) (zeros past N or
+    C4) and its mean and rstd, in v1's arithmetic: the row's two sums over the block (a barrier:
+    every thread of the block must call it), dinp += for a live row, its dbias and dweight terms
+    added to acc."""
+    live = row < N and c < C4
+    w0, w1, w2, w3 = bf16x4_unpack(w)
+    g0, g1, g2, g3 = bf16x4_unpack(g)
+    x0, x1, x2, x3 = bf16x4_unpack(x)
+    dnorm_sum = float32(0.0)
+    dnorm_norm_sum = float32(0.0)
+    dnorm_sum, dnorm_norm_sum = add_channel_terms(acc, 0, live, dnorm_sum, dnorm_norm_sum, w0, g0, x0, m, s)
+    dnorm_sum, dnorm_norm_sum = add_channel_terms(acc, 1, live, dnorm_sum, dnorm_norm_sum, w1, g1, x1, m, s)
+    dnorm_sum, dnorm_norm_sum = add_channel_terms(acc, 2, live, dnorm_sum, dnorm_norm_sum, w2, g2, x2, m, s)
+    dnorm_sum, dnorm_norm_sum = add_channel_terms(acc, 3, live, dnorm_sum, dnorm_norm_sum, w3, g3, x3, m, s)
+    dnorm_mean, dnorm_norm_mean = block_row_means(shared, dnorm_sum, dnorm_norm_sum, parity, slot, warps_per_row,
+                                                  c % WARP_SIZE, c, float32(1.0) / float32(4 * C4))
+    if live:
+        o0, o1, o2, o3 = bf16x4_unpack(old)
+        dinp[uint64(row * C4 + c)] = pack_word(cvt, o0 + dinp_term(w0, g0, x0, m, s, dnorm_mean, dnorm_norm_mean),
+                                               o1 + dinp_term(w1, g1, x1, m, s, dnorm_mean, dnorm_norm_mean),
+                                               o2 + dinp_term(w2, g2, x2, m, s, dnorm_mean, dnorm_norm_mean),
+                                               o3 + dinp_term(w3, g3, x3, m, s, dnorm_mean, dnorm_norm_mean))
+
+
+@device_function
+def layernorm_backward_prefetch(dinp, partials, dout, inp, weight, mean, rstd, C4, cvt):
+    # layernorm_backward_kernel's layout, arithmetic and partials (block (width, slots), thread c
+    # owns word c of a row, blocks stride over the rows), with the next row's mean and rstd loaded
+    # ahead with its words (v1 loads them when the row starts: a memory latency per row that
+    # nothing overlaps), with bf16x4_unpack, pack_word and unsigned indices
+    N = mean.shape[0]
+    c = cuda.threadIdx.x
+    slot = cuda.threadIdx.y
+    slots = cuda.blockDim.y
+    warps_per_row = cuda.blockDim.x // WARP_SIZE
+    w = uint64(0)  # threads past C4 compute on zeros: they add nothing to the row sums
+    if c < C4:
+        w = weight[uint64(c)]
+    acc = cuda.local.array(8, float32)  # dbias (0..3) and dweight (4..7) of the thread's channels
+    for q in range(8):
+        acc[q] = float32(0.0)
+    shared = cuda.shared.array(0, float32)  # as layernorm_backward_kernel's
+    parity = 0
+    stride = cuda.gridDim.x * slots
+    g_next, x_next, old_next, m_next, s_next = load_row_ahead(dinp, dout, inp, mean, rstd,
+                                                              cuda.blockIdx.x * slots + slot, N, C4, c)
+    # the trip count is the same for every thread of the block (shuffles and barriers stay
+    # block-uniform); a row slot past the last row computes on zeros and stores nothing
+    for first_row in range(cuda.blockIdx.x * slots, N, stride):
+        row = first_row + slot
+        g, x, old, m, s = g_next, x_next, old_next, m_next, s_next
+        g_next, x_next, old_next, m_next, s_next = load_row_ahead(dinp, dout, inp, mean, rstd,
+                                                                  row + stride, N, C4, c)
+        backward_row(dinp, acc, shared, w, g, x, old, m, s, row, N, parity, slot, warps_per_row, c, C4, cvt)
+        parity = 1 - parity
+    write_block_partial(partials, shared, ROW_SUMS_SHARED, acc, slot, slots, c, C4)
+
+
+@kernel
+def layernorm_backward_prefetch_kernel(dinp, partials, dout, inp, weight, mean, rstd, C4):
+    layernorm_backward_prefetch(dinp, partials, dout, inp, weight, mean, rstd, C4, False)
+
+
+@kernel
+def layernorm_backward_cvt_kernel(dinp, partials, dout, inp, weight, mean, rstd, C4):
+    layernorm_backward_prefetch(dinp, partials, dout, inp, weight, mean, rstd, C4, True)
+
+
 _WORDS = "uint64[::1]"
 _F32 = "float32[::1]"
 PTX_SIGNATURES = {
@@ -253,8 +530,22 @@ PTX_SIGNATURES = {
         f"void({_WORDS}, {_WORDS}, {_F32}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, {_WORDS}, int64)",
     residual_forward_kernel: f"void({_WORDS}, {_WORDS}, {_WORDS})",
     layernorm_backward_kernel: f"void({_WORDS}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, {_F32}, {_F32}, int64)",
+    layernorm_backward_prefetch_kernel: f"void({_WORDS}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, {_F32}, {_F32}, int64)",
+    layernorm_backward_cvt_kernel: f"void({_WORDS}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, {_F32}, {_F32}, int64)",
     layernorm_param_grad_kernel: f"void({_WORDS}, {_WORDS}, {_F32}, int64, int64)",
+    layernorm_forward_lean_kernel: f"void({_WORDS}, {_F32}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, int64)",
+    layernorm_forward_cvt_kernel: f"void({_WORDS}, {_F32}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, int64)",
+    fused_residual_layernorm_forward_lean_kernel:
+        f"void({_WORDS}, {_WORDS}, {_F32}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, {_WORDS}, int64)",
+    fused_residual_layernorm_forward_cvt_kernel:
+        f"void({_WORDS}, {_WORDS}, {_F32}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, {_WORDS}, int64)",
 }
+
+FORWARD_KERNELS = dict(v1=layernorm_forward_kernel, v2=layernorm_forward_lean_kernel, v3=layernorm_forward_cvt_kernel)
+FUSED_FORWARD_KERNELS = dict(v1=fused_residual_layernorm_forward_kernel, v2=fused_residual_layernorm_forward_lean_kernel,
+                             v3=fused_residual_layernorm_forward_cvt_kernel)
+BACKWARD_KERNELS = dict(v1=layernorm_backward_kernel, v2=layernorm_backward_prefetch_kernel,
+                        v3=layernorm_backward_cvt_kernel)
 
 
 # ---- launchers -------------------------------------------------------------------------------
@@ -269,29 +560,40 @@ def _rows(name, array):
     return shape, int(np.prod(shape[:-1])), C
 
 
+def _check_variant(variant, choices):
+    if variant not in choices:
+        raise ValueError(f"variant {variant!r}: expected one of {', '.join(choices)}")
+    return variant
+
+
 def _forward_grid(N, warps_per_block):
     if not 1 <= warps_per_block <= 32:
         raise ValueError(f"warps_per_block must be 1..32, got {warps_per_block}")
     return ceil_div(N, warps_per_block), (WARP_SIZE, warps_per_block)
 
 
-def layernorm_forward(out, mean, rstd, inp, weight, bias, stream=0, warps_per_block=FORWARD_WARPS):
+def layernorm_forward(out, mean, rstd, inp, weight, bias, stream=0, warps_per_block=FORWARD_WARPS,
+                      variant=None):
     """out = layernorm(inp) * weight + bias; saves mean and rstd.
-    inp, out are (B,T,C) bf16; weight, bias (C,) bf16; mean, rstd (B,T) fp32."""
+    inp, out are (B,T,C) bf16; weight, bias (C,) bf16; mean, rstd (B,T) fp32.
+    variant: one of FORWARD_VARIANTS (the same bits, NaN aside); None takes NANOLLM_LN_FORWARD's."""
+    variant = _check_variant(variant or FORWARD_VARIANT, FORWARD_VARIANTS)
     shape, N, C = _rows("inp", inp)
     inp_words, out_words = as_words("inp", inp, shape), as_words("out", out, shape)
     weight_words, bias_words = as_words("weight", weight, (C,)), as_words("bias", bias, (C,))
     check_contiguous("mean", mean, np.float32, shape[:-1])
     check_contiguous("rstd", rstd, np.float32, shape[:-1])
     grid, block = _forward_grid(N, warps_per_block)
-    layernorm_forward_kernel[grid, block, stream](out_words, mean.reshape(N), rstd.reshape(N), inp_words,
+    FORWARD_KERNELS[variant][grid, block, stream](out_words, mean.reshape(N), rstd.reshape(N), inp_words,
                                                   weight_words, bias_words, C // 4)
 
 
 def fused_residual_layernorm_forward(residual, normed, mean, rstd, inp1, inp2, weight, bias, stream=0,
-                                     warps_per_block=FORWARD_WARPS):
+                                     warps_per_block=FORWARD_WARPS, variant=None):
     """residual = inp1 + inp2; normed = layernorm(residual) * weight + bias; saves mean, rstd.
-    residual, normed, inp1, inp2 are (B,T,C) bf16; weight, bias (C,) bf16; mean, rstd (B,T) fp32."""
+    residual, normed, inp1, inp2 are (B,T,C) bf16; weight, bias (C,) bf16; mean, rstd (B,T) fp32.
+    variant: one of FORWARD_VARIANTS (the same bits, NaN aside); None takes NANOLLM_LN_FORWARD's."""
+    variant = _check_variant(variant or FORWARD_VARIANT, FORWARD_VARIANTS)
     shape, N, C = _rows("inp1", inp1)
     words = [as_words(name, array, shape) for name, array in
              [("residual", residual), ("normed", normed), ("inp1", inp1), ("inp2", inp2)]]
@@ -299,9 +601,8 @@ def fused_residual_layernorm_forward(residual, normed, mean, rstd, inp1, inp2, w
     check_contiguous("mean", mean, np.float32, shape[:-1])
     check_contiguous("rstd", rstd, np.float32, shape[:-1])
     grid, block = _forward_grid(N, warps_per_block)
-    fused_residual_layernorm_forward_kernel[grid, block, stream](words[0], words[1], mean.reshape(N),
-                                                                 rstd.reshape(N), words[2], words[3],
-                                                                 weight_words, bias_words, C // 4)
+    FUSED_FORWARD_KERNELS[variant][grid, block, stream](words[0], words[1], mean.reshape(N), rstd.reshape(N),
+                                                        words[2], words[3], weight_words, bias_words, C // 4)
 
 
 def residual_forward(out, inp1, inp2, stream=0):
@@ -329,11 +630,13 @@ def layernorm_backward_scratch_size(C, num_blocks=BACKWARD_BLOCKS):
 
 
 def layernorm_backward(dinp, dweight, dbias, scratch, dout, inp, weight, mean, rstd, stream=0,
-                       num_blocks=BACKWARD_BLOCKS, rows_per_block=None):
+                       num_blocks=BACKWARD_BLOCKS, rows_per_block=None, variant=None):
     """dinp += dL/dinp; dweight += and dbias += over all B*T rows (deterministic, no atomics).
     dinp, dout, inp are (B,T,C) bf16; dweight, dbias, weight (C,) bf16; mean, rstd (B,T) fp32 from
     the forward; scratch: fp32 device array of at least layernorm_backward_scratch_size(C, num_blocks)
-    elements (overwritten). num_blocks caps the grid, i.e. the fp32 partial rows in scratch."""
+    elements (overwritten). num_blocks caps the grid, i.e. the fp32 partial rows in scratch.
+    variant: one of BACKWARD_VARIANTS (the same bits, NaN aside); None takes NANOLLM_LN_BACKWARD's."""
+    variant = _check_variant(variant or BACKWARD_VARIANT, BACKWARD_VARIANTS)
     shape, N, C = _rows("inp", inp)
     inp_words = as_words("inp", inp, shape)
     dinp_words, dout_words = as_words("dinp", dinp, shape), as_words("dout", dout, shape)
@@ -349,8 +652,8 @@ def layernorm_backward(dinp, dweight, dbias, scratch, dout, inp, weight, mean, r
                          f"(layernorm_backward_scratch_size), got {scratch.dtype} {tuple(scratch.shape)}")
     partials = scratch[:needed]
     C4 = C // 4
-    shared_bytes = (2 * 32 * 2 + rows * 8 * C4) * 4
-    layernorm_backward_kernel[blocks, (width, rows), stream, shared_bytes](
+    shared_bytes = (ROW_SUMS_SHARED + rows * 8 * C4) * 4
+    BACKWARD_KERNELS[variant][blocks, (width, rows), stream, shared_bytes](
         dinp_words, partials, dout_words, inp_words, weight_words, mean.reshape(N), rstd.reshape(N), C4)
     layernorm_param_grad_kernel[(ceil_div(C4, WARP_SIZE), 2), (WARP_SIZE, PARAM_GRAD_ROWS), stream,
                                 PARAM_GRAD_ROWS * 4 * WARP_SIZE * 4](
