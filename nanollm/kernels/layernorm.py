@@ -42,15 +42,16 @@ row, from kernels compiled for 6 words per lane as at C=768).
   instruction, inline PTX; bf16.pack_bf16x2_rn): 80 instructions per word in the fused forward,
   64 in the plain one. The same bits as v1 except NaN outputs (0x7FFF instead of 0x7FC0, as
   llm.c's __float2bfloat16). On the simulator it runs v2's integer rounding.
-- NANOLLM_LN_BACKWARD=v2: v1's layout, grid, partials, per-row arithmetic and summation order,
+- NANOLLM_LN_BACKWARD=v3: v1's layout, grid, partials, per-row arithmetic and summation order,
   with the next row's mean and rstd loaded along with its words (v1 waited a memory latency for
-  them at the start of every row) and the forward's leaner bf16 code; 70 registers instead of 80,
-  so two 416-thread blocks (C=1600) fit an SM, as two 384-thread ones (C=768) did.
-  NANOLLM_LN_BACKWARD=v3: the same with v3's rounding of dinp (NaN as there). On the simulator
-  both give v1's bits; on an H200 a few outputs in a million differ from v1's (8 of 26M at d48
-  B=16, by at most 7.8e-3). Why is not yet known (a guess: NVVM fuses multiply-adds differently
-  in the two codes). The tests hold v3 to the float64 reference as they hold v1, and to v1 within
-  one bf16 ulp; each variant is deterministic.
+  them at the start of every row), the forward's leaner bf16 code and v3's rounding of dinp (NaN
+  as there); 70 registers instead of 80, so two 416-thread blocks (C=1600) fit an SM, as two
+  384-thread ones (C=768) did. On the simulator it gives v1's bits; on an H200 a few outputs per
+  million differ from v1's by one bf16 ulp (8 of 26M at d48 B=16). Why is not yet known (a
+  guess: NVVM fuses multiply-adds differently in the two codes). The tests hold v3 to the float64
+  reference as they hold v1, and to v1 within one ulp; each variant is deterministic. (A v2
+  backward, the same with the integer rounding, was up to 8 ulps from v1 in a few dinp elements
+  on the H200, also unexplained: dropped.)
 """
 
 import math
@@ -72,7 +73,7 @@ ROW_SUMS_SHARED = 2 * 32 * 2  # fp32 at the start of the backward's shared memor
 PARAM_GRAD_ROWS = 16  # threads summing partials per channel word in layernorm_param_grad_kernel
 ELEMENTWISE_BLOCK = 256
 FORWARD_VARIANTS = ("v1", "v2", "v3")
-BACKWARD_VARIANTS = ("v1", "v2", "v3")
+BACKWARD_VARIANTS = ("v1", "v3")  # v2 dropped: up to 8 bf16 ulps from v1 on an H200 (docstring)
 DEFAULT_VARIANT = "v3"  # measured fastest, forward and backward (benchmarks/RESULTS.md)
 
 
@@ -351,7 +352,7 @@ def layernorm_param_grad_kernel(dweight, dbias, partials, num_blocks, C4):
             dweight[c] = add_fp32_to_bf16x4(dweight[c], acc)
 
 
-# ---- variants v2, v3 (NANOLLM_LN_FORWARD, NANOLLM_LN_BACKWARD; see the module docstring) -----------
+# ---- variants v2, v3 (NANOLLM_LN_FORWARD; NANOLLM_LN_BACKWARD v3; see the module docstring) -------
 
 @device_function
 def pack_word(cvt, v0, v1, v2, v3):
@@ -513,11 +514,6 @@ def layernorm_backward_prefetch(dinp, partials, dout, inp, weight, mean, rstd, C
 
 
 @kernel
-def layernorm_backward_prefetch_kernel(dinp, partials, dout, inp, weight, mean, rstd, C4):
-    layernorm_backward_prefetch(dinp, partials, dout, inp, weight, mean, rstd, C4, False)
-
-
-@kernel
 def layernorm_backward_cvt_kernel(dinp, partials, dout, inp, weight, mean, rstd, C4):
     layernorm_backward_prefetch(dinp, partials, dout, inp, weight, mean, rstd, C4, True)
 
@@ -530,7 +526,6 @@ PTX_SIGNATURES = {
         f"void({_WORDS}, {_WORDS}, {_F32}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, {_WORDS}, int64)",
     residual_forward_kernel: f"void({_WORDS}, {_WORDS}, {_WORDS})",
     layernorm_backward_kernel: f"void({_WORDS}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, {_F32}, {_F32}, int64)",
-    layernorm_backward_prefetch_kernel: f"void({_WORDS}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, {_F32}, {_F32}, int64)",
     layernorm_backward_cvt_kernel: f"void({_WORDS}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, {_F32}, {_F32}, int64)",
     layernorm_param_grad_kernel: f"void({_WORDS}, {_WORDS}, {_F32}, int64, int64)",
     layernorm_forward_lean_kernel: f"void({_WORDS}, {_F32}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, int64)",
@@ -544,8 +539,7 @@ PTX_SIGNATURES = {
 FORWARD_KERNELS = dict(v1=layernorm_forward_kernel, v2=layernorm_forward_lean_kernel, v3=layernorm_forward_cvt_kernel)
 FUSED_FORWARD_KERNELS = dict(v1=fused_residual_layernorm_forward_kernel, v2=fused_residual_layernorm_forward_lean_kernel,
                              v3=fused_residual_layernorm_forward_cvt_kernel)
-BACKWARD_KERNELS = dict(v1=layernorm_backward_kernel, v2=layernorm_backward_prefetch_kernel,
-                        v3=layernorm_backward_cvt_kernel)
+BACKWARD_KERNELS = dict(v1=layernorm_backward_kernel, v3=layernorm_backward_cvt_kernel)
 
 
 # ---- launchers -------------------------------------------------------------------------------
