@@ -94,7 +94,7 @@ def tokens_per_step(flags):
 
 
 def format_table(rows):
-    """Markdown table of run results: dicts with row, program, ms, tok_s, mem_gib, first_s, loss, ratio, note."""
+    """Markdown table of run results: dicts with row, program, ms, tok_s, mem_mib, first_s, loss, ratio, note."""
     header = ("| run | program | ms/step (median 3..N) | tok/s | peak GPU mem | first step | last loss | ratio vs llm.c |",
               "|---|---|---|---|---|---|---|---|")
     lines = list(header)
@@ -102,7 +102,7 @@ def format_table(rows):
         def fmt(key, pattern):
             return pattern.format(r[key]) if r.get(key) is not None else "-"
         lines.append(f"| {r['row']} | {r['program']} | {fmt('ms', '{:.1f}')} | {fmt('tok_s', '{:,.0f}')} | "
-                     f"{fmt('mem_gib', '{:.1f} GiB')} | {fmt('first_s', '{:.1f} s')} | {fmt('loss', '{:.6f}')} | "
+                     f"{fmt('mem_mib', '{:,.0f} MiB')} | {fmt('first_s', '{:.1f} s')} | {fmt('loss', '{:.6f}')} | "
                      f"{fmt('ratio', '{:.3f}')}{(' ' + r['note']) if r.get('note') else ''} |")
     return "\n".join(lines)
 
@@ -396,7 +396,7 @@ def main():
                              True))
         llmc_tok_s = None
         for program, command, cwd, env, available in programs:
-            result = dict(row=description, program=program, ms=None, tok_s=None, mem_gib=None, first_s=None,
+            result = dict(row=description, program=program, ms=None, tok_s=None, mem_mib=None, first_s=None,
                           loss=None, ratio=None, note="")
             name = f"{row}_" + re.sub(r"[^A-Za-z0-9]+", "_", program.replace(".", "")).strip("_")
             if args.dry_run:
@@ -412,7 +412,7 @@ def main():
                 steps_seen = parse_steps(text)
                 result["ms"] = median_ms(steps_seen)
                 result["tok_s"] = tokens / (result["ms"] / 1e3) if result["ms"] else None
-                result["mem_gib"] = peak / 1024 if peak is not None else None
+                result["mem_mib"] = peak  # MiB, not GiB to one decimal: 0.1 GiB hid which program used more
                 result["first_s"] = first_step
                 result["loss"] = steps_seen[-1][1] if steps_seen else None
                 if rc != 0:

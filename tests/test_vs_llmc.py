@@ -48,11 +48,11 @@ def test_tokens_per_step_and_table():
     assert vs_llmc.tokens_per_step("-e d12 -b 64 -t 1024 -d 65536 -r 1") == 65536
     assert vs_llmc.tokens_per_step("-e d48 -b 16 -t 1024") == 16 * 1024
     table = vs_llmc.format_table([
-        dict(row="d12", program="llm.c", ms=116.3, tok_s=563500.0, mem_gib=22.1, first_s=4.5, loss=9.1, ratio=None,
+        dict(row="d12", program="llm.c", ms=116.3, tok_s=563500.0, mem_mib=22630, first_s=4.5, loss=9.1, ratio=None,
              note=""),
-        dict(row="d12", program="nanollm", ms=None, tok_s=None, mem_gib=None, first_s=None, loss=None, ratio=None,
+        dict(row="d12", program="nanollm", ms=None, tok_s=None, mem_mib=None, first_s=None, loss=None, ratio=None,
              note="(exit 1)")])
-    assert "| d12 | llm.c | 116.3 | 563,500 | 22.1 GiB | 4.5 s | 9.100000 | - |" in table
+    assert "| d12 | llm.c | 116.3 | 563,500 | 22,630 MiB | 4.5 s | 9.100000 | - |" in table
     assert "| d12 | nanollm | - | - | - | - | - | - (exit 1) |" in table
 
 
