@@ -23,8 +23,9 @@ tree (NANOLLM_BASE_DIR, optional) run one after another with the same flags:
 Every run also gets -l 6e-4 -u 5, -v far beyond -x with -m 1 (llm.c divides by -v, so 0 would crash
 it: both evaluate one val batch at step 0 and at the end, outside the timed steps) and -s 0 (no
 sampling; llm.c checks -s > 0 before dividing). Per run: the median ms of
-steps 3..N as printed by each program, tokens/s from it, peak GPU memory (nvidia-smi sampled every
-100 ms: the whole process, context included, for both), time to the first printed step (wall, from
+steps 3..N as printed by each program, tokens/s from it, peak GPU memory (nvidia-smi's memory.used
+of the whole GPU, in MiB, sampled every 100 ms: the one program running, its context included),
+time to the first printed step (wall, from
 launch), and the last step's loss (the base and new nanollm trees must agree where a change keeps
 the numerics). Logs: OUT/vs_llmc/logs/*.log; the table also goes to OUT/vs_llmc/table.md; llm.c is
 built under --work (/tmp/vs_llmc), outside OUT.
