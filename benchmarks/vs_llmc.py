@@ -25,8 +25,7 @@ it: both evaluate one val batch at step 0 and at the end, outside the timed step
 sampling; llm.c checks -s > 0 before dividing). Per run: the median ms of
 steps 3..N as printed by each program, tokens/s from it, peak GPU memory (nvidia-smi's memory.used
 of the whole GPU, in MiB, sampled every 100 ms: the one program running, its context included),
-time to the first printed step (wall, from
-launch), and the last step's loss (the base and new nanollm trees must agree where a change keeps
+time to the first printed step (wall, from launch), and the last step's loss (the base and new nanollm trees must agree where a change keeps
 the numerics). Logs: OUT/vs_llmc/logs/*.log; the table also goes to OUT/vs_llmc/table.md; llm.c is
 built under --work (/tmp/vs_llmc), outside OUT.
 
