@@ -31,7 +31,6 @@ Two kernels, picked by NANOLLM_CLASSIFIER (read once, at import; the launcher's 
 """
 
 import math
-import os
 
 import numpy as np
 from numba import cuda, float32, uint32, uint64
@@ -39,7 +38,8 @@ from numba import cuda, float32, uint32, uint64
 from .bf16 import bf16_to_float, bf16x2_high, bf16x2_low, high_half, join_halves, low_half, pack_bf16x2, \
     pack_bf16x2_rn
 from .cuda_common import SIMULATOR, WARP_SIZE, allow_large_dynamic_shared_memory, block_reduce_max, \
-    block_reduce_sum, check_contiguous, device_address, device_function, kernel
+    block_reduce_sum, check_contiguous, check_variant, device_address, device_function, kernel, \
+    variant_from_environment
 
 # below any logit, yet exp(NEG_BIG - max) is a plain 0 and NEG_BIG - max does not overflow
 NEG_BIG = -1e30
@@ -215,8 +215,9 @@ def dlogits_word_rn(word, first_column, target, row_max, inverse_sum, dloss):
 
 @kernel(fastmath=True)
 def fused_classifier_staged_kernel(logits, losses, targets, dloss, V, words_per_row, write_dlogits):
-    # as fused_classifier_kernel; launched, when write_dlogits, with 8 * ceil(V/4) bytes of dynamic
-    # shared memory for the row's real words (padding words are never read)
+    # as fused_classifier_kernel; launched with 8 * ceil(V/4) bytes of dynamic shared memory for the
+    # row's real words (padding words are never read). The launcher runs it only with write_dlogits
+    # (loss-only evaluation takes v1); its write_dlogits=0 branches stay as the GPU measured them
     staged = cuda.shared.array(0, uint64)  # word w is written and read back by the thread that loaded it
     shared_max = cuda.shared.array(32, float32)
     shared_sum = cuda.shared.array(32, float32)
@@ -277,9 +278,7 @@ BLOCK_SIZE = 32 if SIMULATOR else 512
 
 VARIANTS = ("v1", "v2")
 DEFAULT_VARIANT = "v2"  # 4.68 against 5.61 ms at d12 B=64 on an H200 (benchmarks/RESULTS.md)
-VARIANT = os.environ.get("NANOLLM_CLASSIFIER", DEFAULT_VARIANT)
-if VARIANT not in VARIANTS:
-    raise ValueError(f"NANOLLM_CLASSIFIER={VARIANT!r}: expected one of {', '.join(VARIANTS)}")
+VARIANT = variant_from_environment("NANOLLM_CLASSIFIER", VARIANTS, DEFAULT_VARIANT)
 
 _staged_row_limit = {}  # device id -> bytes of dynamic shared memory the staged kernel may take
 
@@ -312,9 +311,7 @@ def fused_classifier(logits, losses, dloss, targets, V, write_dlogits=True, bloc
     write_dlogits=False (evaluation): only the losses, logits untouched.
     variant: "v1" or "v2" (see the module docstring); None takes NANOLLM_CLASSIFIER's, else v2.
     """
-    variant = VARIANT if variant is None else variant
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    variant = check_variant(VARIANT if variant is None else variant, VARIANTS)
     check_contiguous("logits", logits, np.uint16)
     if logits.ndim < 2:
         raise ValueError(f"logits: expected (B,T,Vp) or (BT,Vp), got shape {logits.shape}")

@@ -9,6 +9,7 @@ drop the options there, and tests/sim_shim.py supplies the rest. Everything is c
 
 import ctypes
 import math
+import os
 
 import numpy as np
 from numba import cuda
@@ -87,6 +88,20 @@ def block_reduce_max(value, shared):
         biggest = max(biggest, shared[w])
     cuda.syncthreads()
     return biggest
+
+
+def variant_from_environment(name, choices, default):
+    """The kernel variant the environment variable `name` picks (default when it is unset), checked
+    against `choices`: read once, at the import of the kernel module."""
+    return check_variant(os.environ.get(name, default), choices, name)
+
+
+def check_variant(variant, choices, what="variant"):
+    """`variant` if it is one of `choices`, else a ValueError naming `what` (a launcher's argument or
+    the environment variable it came from)."""
+    if variant not in choices:
+        raise ValueError(f"{what}={variant!r}: expected one of {', '.join(choices)}")
+    return variant
 
 
 def allow_large_dynamic_shared_memory(dispatcher, signature):

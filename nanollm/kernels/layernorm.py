@@ -55,14 +55,14 @@ row, from kernels compiled for 6 words per lane as at C=768).
 """
 
 import math
-import os
 
 import numpy as np
 from numba import cuda, float32, uint64
 
 from .bf16 import (add_bf16x4, add_fp32_to_bf16x4, as_words, bf16x4_get, bf16x4_pack, bf16x4_pack_cvt,
                    bf16x4_put, bf16x4_unpack)
-from .cuda_common import WARP_SIZE, ceil_div, check_contiguous, device_function, kernel, warp_reduce_sum
+from .cuda_common import (WARP_SIZE, ceil_div, check_contiguous, check_variant, device_function, kernel,
+                          variant_from_environment, warp_reduce_sum)
 
 LAYERNORM_EPS = 1e-5
 ROW_WORDS = 16  # uint64 words of a row each lane keeps in registers: C <= 32 * 4 * 16
@@ -75,18 +75,8 @@ ELEMENTWISE_BLOCK = 256
 FORWARD_VARIANTS = ("v1", "v2", "v3")
 BACKWARD_VARIANTS = ("v1", "v3")  # v2 dropped: up to 8 bf16 ulps from v1 on an H200 (docstring)
 DEFAULT_VARIANT = "v3"  # measured fastest, forward and backward (benchmarks/RESULTS.md)
-
-
-def _variant(name, choices):
-    """The kernel variant an environment variable picks (default: DEFAULT_VARIANT)."""
-    value = os.environ.get(name, "") or DEFAULT_VARIANT
-    if value not in choices:
-        raise ValueError(f"{name}={value!r}: expected one of {', '.join(choices)}")
-    return value
-
-
-FORWARD_VARIANT = _variant("NANOLLM_LN_FORWARD", FORWARD_VARIANTS)
-BACKWARD_VARIANT = _variant("NANOLLM_LN_BACKWARD", BACKWARD_VARIANTS)
+FORWARD_VARIANT = variant_from_environment("NANOLLM_LN_FORWARD", FORWARD_VARIANTS, DEFAULT_VARIANT)
+BACKWARD_VARIANT = variant_from_environment("NANOLLM_LN_BACKWARD", BACKWARD_VARIANTS, DEFAULT_VARIANT)
 
 
 # ---- kernels ---------------------------------------------------------------------------------
@@ -554,12 +544,6 @@ def _rows(name, array):
     return shape, int(np.prod(shape[:-1])), C
 
 
-def _check_variant(variant, choices):
-    if variant not in choices:
-        raise ValueError(f"variant {variant!r}: expected one of {', '.join(choices)}")
-    return variant
-
-
 def _forward_grid(N, warps_per_block):
     if not 1 <= warps_per_block <= 32:
         raise ValueError(f"warps_per_block must be 1..32, got {warps_per_block}")
@@ -571,7 +555,7 @@ def layernorm_forward(out, mean, rstd, inp, weight, bias, stream=0, warps_per_bl
     """out = layernorm(inp) * weight + bias; saves mean and rstd.
     inp, out are (B,T,C) bf16; weight, bias (C,) bf16; mean, rstd (B,T) fp32.
     variant: one of FORWARD_VARIANTS (the same bits, NaN aside); None takes NANOLLM_LN_FORWARD's."""
-    variant = _check_variant(variant or FORWARD_VARIANT, FORWARD_VARIANTS)
+    variant = check_variant(variant or FORWARD_VARIANT, FORWARD_VARIANTS)
     shape, N, C = _rows("inp", inp)
     inp_words, out_words = as_words("inp", inp, shape), as_words("out", out, shape)
     weight_words, bias_words = as_words("weight", weight, (C,)), as_words("bias", bias, (C,))
@@ -587,7 +571,7 @@ def fused_residual_layernorm_forward(residual, normed, mean, rstd, inp1, inp2, w
     """residual = inp1 + inp2; normed = layernorm(residual) * weight + bias; saves mean, rstd.
     residual, normed, inp1, inp2 are (B,T,C) bf16; weight, bias (C,) bf16; mean, rstd (B,T) fp32.
     variant: one of FORWARD_VARIANTS (the same bits, NaN aside); None takes NANOLLM_LN_FORWARD's."""
-    variant = _check_variant(variant or FORWARD_VARIANT, FORWARD_VARIANTS)
+    variant = check_variant(variant or FORWARD_VARIANT, FORWARD_VARIANTS)
     shape, N, C = _rows("inp1", inp1)
     words = [as_words(name, array, shape) for name, array in
              [("residual", residual), ("normed", normed), ("inp1", inp1), ("inp2", inp2)]]
@@ -630,7 +614,7 @@ def layernorm_backward(dinp, dweight, dbias, scratch, dout, inp, weight, mean, r
     the forward; scratch: fp32 device array of at least layernorm_backward_scratch_size(C, num_blocks)
     elements (overwritten). num_blocks caps the grid, i.e. the fp32 partial rows in scratch.
     variant: one of BACKWARD_VARIANTS (the same bits, NaN aside); None takes NANOLLM_LN_BACKWARD's."""
-    variant = _check_variant(variant or BACKWARD_VARIANT, BACKWARD_VARIANTS)
+    variant = check_variant(variant or BACKWARD_VARIANT, BACKWARD_VARIANTS)
     shape, N, C = _rows("inp", inp)
     inp_words = as_words("inp", inp, shape)
     dinp_words, dout_words = as_words("dinp", dinp, shape), as_words("dout", dout, shape)
