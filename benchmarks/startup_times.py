@@ -6,8 +6,9 @@ and where the seconds go (NANOLLM_STARTUP_TIMES=1's table), for this tree and op
 
 Each run is `python -m nanollm.train` on the Shakespeare shards (prepared if missing) for 3 steps at
 llm.c's sizes, with -v beyond -x, -m 1 and -s 0. "cold": a new empty Numba cache folder
-(NUMBA_CACHE_DIR) and a new empty CUDA JIT cache (CUDA_CACHE_PATH), so every kernel compiles as on a
-fresh machine with the packages installed; the other rows reuse the cache the cold row filled (one
+(NUMBA_CACHE_DIR), a new empty CUDA JIT cache (CUDA_CACHE_PATH) and a new empty nanollm cache
+(NANOLLM_CACHE_DIR: cuBLASLt's algorithms are timed again), so every kernel compiles as on a fresh
+machine with the packages installed; the other rows reuse the caches the cold row filled (one
 folder per tree). Wall seconds from launch to the line of step 1, and nanollm's own count ("time to
 first step"). Logs and the tables: OUT/startup_times/.
 """
@@ -87,6 +88,7 @@ def main():
                 cache = caches[label] = tempfile.mkdtemp(prefix=f"startup_{label}_cold_")
             env["NUMBA_CACHE_DIR"] = os.path.join(cache, "numba")
             env["CUDA_CACHE_PATH"] = os.path.join(cache, "cuda")
+            env["NANOLLM_CACHE_DIR"] = os.path.join(cache, "nanollm")  # the timed cuBLASLt algorithm choices
             log = out / f"{name}_{label}.log"
             first, own, table, rc = run_once(tree, flags, env, log, args.timeout)
             shown = f"{first:.1f} s" if first is not None else "no step 1"

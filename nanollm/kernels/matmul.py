@@ -31,9 +31,10 @@ from numba import cuda, float32
 from nvmath.bindings import cublasLt
 
 from .. import cuda_libraries, reference, startup
+from . import matmul_tuning
 from .bf16 import (bf16_to_float, bf16x2_high, bf16x2_low, float_to_bf16, from_bf16_bits, high_half, low_half,
                    to_bf16_bits)
-from .cuda_common import SIMULATOR, ceil_div, check_contiguous, device_function, kernel
+from .cuda_common import SIMULATOR, ceil_div, check_contiguous, device_function, kernel, variant_from_environment
 from .cuda_common import device_pointer as _pointer, stream_handle as _stream_handle
 
 # ---- CUDA kernels: the bias gradient ----------------------------------------------------------
@@ -188,6 +189,11 @@ _handle = None
 _workspace = None
 _workspace_ptr = 0
 _plans = {}  # (M, N, K, batch, transa, transb, epilogue, alignments of a, b, out) -> _Plan
+_HEURISTIC_RESULT_BYTES = cublasLt.matmul_heuristic_result_dtype.itemsize
+# which of the heuristic's answers runs: "timed" (the fastest of its top ones on this GPU, chosen once
+# and saved: matmul_tuning) or "heuristic" (its first, as llm.c)
+ALGORITHM = variant_from_environment("NANOLLM_MATMUL_ALGORITHM", matmul_tuning.MODES, "timed")
+_algorithm_file = None  # matmul_tuning.AlgorithmFile of this GPU, read on the first timed plan
 _ONE = np.ones(1, dtype=np.float32)  # host scalars for alpha / beta (host pointer mode)
 _ZERO = np.zeros(1, dtype=np.float32)
 
@@ -214,9 +220,10 @@ def _alignment(pointer):
 class _Plan:
     """A matmul descriptor, its A/B/D layouts and the chosen algorithm, built once per key."""
 
-    def __init__(self, key, bias_ptr, aux_ptr):
+    def __init__(self, key, bias_ptr, aux_ptr, candidates=1):
         M, N, K, batch, transa, transb, epilogue, align_a, align_b, align_d = key
         self.description = _describe(M, N, K, batch, transa, transb, epilogue)
+        self.name = f"{self.description}; alignments a={align_a} b={align_b} out={align_d}"
         self.epilogue = epilogue
         self.pointer = np.zeros(1, dtype=np.int64)  # host buffer for the per-call pointer attributes
         handle = _cublaslt_handle()
@@ -238,10 +245,29 @@ class _Plan:
             self.b_layout = self._layout((M, K, M) if transa else (K, M, K), batch, M * K)
             self.d_layout = self._layout((N, M, N), batch, M * N)
             # cuBLAS's A is our b: its alignment is align_b, and the other way round
-            self.heuristic = self._choose_algorithm(handle, align_b, align_a, align_d)
+            self.answers, self.found = self._heuristic(handle, align_b, align_a, align_d, candidates)
         except cublasLt.cuBLASLtError as error:
             raise RuntimeError(f"cuBLASLt set-up failed for {self.description}: {error}") from error
-        self.algo_ptr = self.heuristic.ptr  # algo is the first member of cublasLtMatmulHeuristicResult_t
+        self.use(0)  # the heuristic's first answer, as llm.c
+
+    def algorithm_pointer(self, index):
+        """The index-th answer's algorithm: algo is the first member of cublasLtMatmulHeuristicResult_t."""
+        return self.answers.ptr + index * _HEURISTIC_RESULT_BYTES
+
+    def use(self, index):
+        self.index = index
+        self.algo_ptr = self.algorithm_pointer(index)
+
+    def algorithm_config(self, index):
+        """The index-th answer's configuration (algorithm id, tile, stages, split-K, ...) by name."""
+        config = {}
+        for attribute in cublasLt.MatmulAlgoConfigAttribute:
+            value = np.zeros(1, dtype=cublasLt.get_matmul_algo_config_attribute_dtype(attribute))
+            written = np.zeros(1, dtype=np.uint64)
+            cublasLt.matmul_algo_config_get_attribute(self.algorithm_pointer(index), attribute, value.ctypes.data,
+                                                      value.nbytes, written.ctypes.data)
+            config[attribute.name] = int(value[0])
+        return config
 
     def _set(self, attribute, value):
         value = np.asarray(value)
@@ -269,7 +295,8 @@ class _Plan:
             cublasLt.matrix_layout_set_attribute(layout, attr.STRIDED_BATCH_OFFSET, stride.ctypes.data, stride.nbytes)
         return layout
 
-    def _choose_algorithm(self, handle, cublas_a_align, cublas_b_align, align_d):
+    def _heuristic(self, handle, cublas_a_align, cublas_b_align, align_d, candidates):
+        """Up to `candidates` of the heuristic's answers, best first, and how many it gave."""
         attr = cublasLt.MatmulPreferenceAttribute
         preference = cublasLt.matmul_preference_create()
         try:
@@ -279,17 +306,21 @@ class _Plan:
                                      (attr.MIN_ALIGNMENT_C_BYTES, np.array([align_d], dtype=np.uint32)),
                                      (attr.MIN_ALIGNMENT_D_BYTES, np.array([align_d], dtype=np.uint32))]:
                 cublasLt.matmul_preference_set_attribute(preference, attribute, value.ctypes.data, value.nbytes)
-            heuristic = cublasLt.MatmulHeuristicResult()
+            answers = cublasLt.MatmulHeuristicResult(candidates)
             found = np.zeros(1, dtype=np.int32)
             cublasLt.matmul_algo_get_heuristic(handle, self.desc, self.a_layout, self.b_layout, self.d_layout,
-                                               self.d_layout, preference, 1, heuristic.ptr, found.ctypes.data)
+                                               self.d_layout, preference, candidates, answers.ptr, found.ctypes.data)
         finally:
             cublasLt.matmul_preference_destroy(preference)
-        if found[0] == 0 or heuristic.state != 0:
+        states = np.atleast_1d(answers.state)
+        usable = 0
+        while usable < min(int(found[0]), candidates) and states[usable] == 0:
+            usable += 1
+        if usable == 0:
             raise RuntimeError(f"cuBLASLt found no algorithm for {self.description} (returned {found[0]}, state "
-                               f"{heuristic.state}; pointer alignments a={cublas_b_align} b={cublas_a_align} "
+                               f"{states[0]}; pointer alignments a={cublas_b_align} b={cublas_a_align} "
                                f"out={align_d} bytes, workspace {WORKSPACE_BYTES} bytes)")
-        return heuristic
+        return answers, usable
 
 
 def _describe(M, N, K, batch, transa, transb, epilogue):
@@ -314,21 +345,76 @@ def _gemm(out, a, b, M, N, K, batch, transa, transb, epilogue=Epilogue.DEFAULT, 
                              f"({_describe(M, N, K, batch, transa, transb, epilogue)})")
     key = (M, N, K, batch, transa, transb, int(epilogue), _alignment(a_ptr), _alignment(b_ptr), _alignment(out_ptr))
     plan = _plans.get(key)
-    if plan is None:
+    new_plan = plan is None
+    if new_plan:
         with startup.accumulate("cuBLASLt plans: descriptors, layouts, heuristic"):
-            plan = _plans[key] = _Plan(key, bias_ptr, aux_ptr)
+            plan = _Plan(key, bias_ptr, aux_ptr, matmul_tuning.CANDIDATES if ALGORITHM == "timed" else 1)
     alpha_buf = _ONE if alpha == 1.0 else np.array([alpha], dtype=np.float32)
     beta_buf = _ZERO if beta == 0.0 else (_ONE if beta == 1.0 else np.array([beta], dtype=np.float32))
+
+    def launch(algo_ptr):
+        cublasLt.matmul(_handle, plan.desc, alpha_buf.ctypes.data, b_ptr, plan.a_layout, a_ptr, plan.b_layout,
+                        beta_buf.ctypes.data, out_ptr, plan.d_layout, out_ptr, plan.d_layout, algo_ptr,
+                        _workspace_ptr, WORKSPACE_BYTES, _stream_handle(stream))
+
     try:
         if bias is not None:
             plan.set_bias(bias_ptr)
         if aux is not None:
             plan.set_aux(aux_ptr)
-        cublasLt.matmul(_handle, plan.desc, alpha_buf.ctypes.data, b_ptr, plan.a_layout, a_ptr, plan.b_layout,
-                        beta_buf.ctypes.data, out_ptr, plan.d_layout, out_ptr, plan.d_layout, plan.algo_ptr,
-                        _workspace_ptr, WORKSPACE_BYTES, _stream_handle(stream))
+        if new_plan and plan.found > 1:
+            with startup.accumulate("cuBLASLt algorithms: timed, or read from their file"):
+                _choose_by_timing(plan, launch, out, a, b, bias, aux, epilogue, beta, stream)
+        if new_plan:
+            _plans[key] = plan
+        launch(plan.algo_ptr)
     except cublasLt.cuBLASLtError as error:
         raise RuntimeError(f"cublasLtMatmul failed for {plan.description}: {error}") from error
+
+
+def _device_description():
+    device = cuda.get_current_device()
+    name = device.name.decode() if isinstance(device.name, bytes) else str(device.name)
+    return {"name": name, "compute_capability": list(device.compute_capability),
+            "sms": int(device.MULTIPROCESSOR_COUNT), "cublasLt": int(cublasLt.get_version())}
+
+
+def _algorithms_saved():
+    global _algorithm_file
+    if _algorithm_file is None:
+        device = _device_description()
+        path = matmul_tuning.algorithm_file(device["name"], device["compute_capability"], device["sms"],
+                                            device["cublasLt"])
+        _algorithm_file = matmul_tuning.AlgorithmFile(path, device)
+    return _algorithm_file
+
+
+def _choose_by_timing(plan, launch, out, a, b, bias, aux, epilogue, beta, stream):
+    """plan.use() the answer saved for this plan on this GPU, or time its answers and save the
+    fastest (matmul_tuning). The timed launches write out (and aux, with a GELU_AUX epilogue): those
+    are saved and put back where the real call would otherwise not see what it should."""
+    saved = _algorithms_saved()
+    configs = [plan.algorithm_config(i) for i in range(plan.found)]
+    choice = saved.get(plan.name)
+    if choice is None:
+        writes_aux = epilogue in (Epilogue.GELU_AUX, Epilogue.GELU_AUX_BIAS)
+        reads = (a, b, bias) if writes_aux else (a, b, bias, aux)
+        keep = [out] if beta != 0.0 or matmul_tuning.overlaps(out, reads) else []
+        if writes_aux and matmul_tuning.overlaps(aux, reads):
+            keep.append(aux)
+        with matmul_tuning.preserved(keep):
+            milliseconds = matmul_tuning.time_candidates(lambda i: launch(plan.algorithm_pointer(i)), plan.found,
+                                                         stream, lambda error: isinstance(error, cublasLt.cuBLASLtError))
+        index = matmul_tuning.pick(milliseconds)
+        choice = saved.put(plan.name, {"index": index, "config": configs[index],
+                                       "ms": [round(ms, 5) if ms != float("inf") else None for ms in milliseconds]})
+    index = choice["index"]
+    if index >= plan.found or choice["config"] != configs[index]:
+        raise RuntimeError(f"{saved.path}: the saved choice for {plan.name} is the heuristic's answer {index} "
+                           f"({choice['config']}), but this cuBLASLt answers "
+                           f"{configs[index] if index < plan.found else f'only {plan.found} candidates'}; delete "
+                           f"the file and the algorithms are timed again")
+    plan.use(index)
 
 
 def _gemm_host(out, a, b, M, N, K, batch, transa, transb, epilogue, bias, aux, alpha, beta):

@@ -257,10 +257,19 @@ class FakeCublasLt:
     MatmulHeuristicResult = real_cublaslt.MatmulHeuristicResult
     cuBLASLtError = real_cublaslt.cuBLASLtError
 
+    MatmulAlgoConfigAttribute = real_cublaslt.MatmulAlgoConfigAttribute
+    get_matmul_algo_config_attribute_dtype = staticmethod(real_cublaslt.get_matmul_algo_config_attribute_dtype)
+
     def __init__(self):
         self.objects = {}
         self.created = 0
         self.calls = 0
+        self.answers = 1  # heuristic answers it gives (at most the number asked for)
+        self.algorithms = []  # the algorithm (its answer's 1-based rank) of each matmul call
+
+    @staticmethod
+    def get_version():
+        return 130500
 
     def _new(self, **fields):
         self.created += 1
@@ -295,8 +304,19 @@ class FakeCublasLt:
         pass
 
     def matmul_algo_get_heuristic(self, handle, desc, a, b, c, d, preference, requested, results, found):
-        ctypes.memset(results, 0, real_cublaslt.matmul_heuristic_result_dtype.itemsize)  # state = success
-        ctypes.c_int32.from_address(found).value = 1
+        size = real_cublaslt.matmul_heuristic_result_dtype.itemsize
+        ctypes.memset(results, 0, size * requested)  # state = success
+        answers = min(requested, self.answers)
+        for rank in range(answers):  # the algorithm's first word: its rank, 1-based
+            ctypes.c_uint64.from_address(results + rank * size).value = rank + 1
+        ctypes.c_int32.from_address(found).value = answers
+
+    def matmul_algo_config_get_attribute(self, algo, attr, buf, size, written):
+        value = _read(algo, np.uint64)[0] if attr == real_cublaslt.MatmulAlgoConfigAttribute.ID else 0
+        dtype = np.dtype(real_cublaslt.get_matmul_algo_config_attribute_dtype(attr))
+        assert size == dtype.itemsize, (attr, size)
+        ctypes.memmove(buf, np.array([value], dtype=dtype).ctypes.data, size)
+        ctypes.c_uint64.from_address(written).value = size
 
     def _matrices(self, pointer, layout):
         """(batch, rows, cols) view of a column-major batched matrix in host memory."""
@@ -309,6 +329,7 @@ class FakeCublasLt:
     def matmul(self, handle, desc, alpha, a, a_layout, b, b_layout, beta, c, c_layout, d, d_layout, algo,
                workspace, workspace_size, stream):
         self.calls += 1
+        self.algorithms.append(int(_read(algo, np.uint64)[0]))
         D = self.objects[desc]
         A = from_bf16_bits(self._matrices(a, a_layout).copy())
         B = from_bf16_bits(self._matrices(b, b_layout).copy())
