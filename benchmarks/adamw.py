@@ -1,7 +1,10 @@
 """AdamW over GPT-2 124M's parameters (124,475,904 with the padded vocabulary): one call over the
-whole flat buffer, and one call per tensor (as the model does, for per-tensor weight decay).
+whole flat buffer, and one call per tensor (as the model did, for per-tensor weight decay); then
+the multi-tensor launch the model runs now (one launch over the 16 tensors) at d12 and d48, with
+1, 2, 4 and 8 words (four parameters each) per thread, checked bit for bit against the per-tensor
+calls first.
 
-    python benchmarks/adamw.py
+    python benchmarks/adamw.py [--multi-only]
 
 Bytes counted: 28 per parameter (read grad 2, master 4, m 4, v 4; write master, m, v, param).
 """
@@ -12,6 +15,7 @@ import numpy as np
 from numba import cuda
 
 from nanollm import reference
+from nanollm.config import WEIGHT_DECAY_PARAMETERS, from_descriptor, parameter_shapes
 from nanollm.kernels import adamw
 from nanollm.kernels.bf16 import from_bf16_bits, to_bf16_bits
 
@@ -62,5 +66,50 @@ def main():
     print_table("AdamW", rows, MEMORY_COLUMNS)
 
 
+def multi_tensor(descriptor, copy, words_per_thread=(1, 2, 4, 8)):
+    """The model's update (one launch over every tensor, weight decay on the 2-D ones) at one size."""
+    shapes = parameter_shapes(from_descriptor(descriptor))
+    sizes = [int(np.prod(shape)) for shape in shapes.values()]
+    decays = [name in WEIGHT_DECAY_PARAMETERS for name in shapes]
+    n = sum(sizes)
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int)
+    ranges = [(int(o), c, int(o), d, k) for k, (o, c, d) in enumerate(zip(offsets, sizes, decays))]
+    rng = np.random.default_rng(1)
+    inputs = (to_bf16_bits(rng.standard_normal(n, dtype=np.float32) * np.float32(0.02)),
+              to_bf16_bits(rng.standard_normal(n, dtype=np.float32) * np.float32(0.01)), None,
+              rng.standard_normal(n, dtype=np.float32) * np.float32(1e-3),
+              rng.random(n, dtype=np.float32) * np.float32(1e-5))
+    inputs = (inputs[0], inputs[1], from_bf16_bits(inputs[0]), inputs[3], inputs[4])
+    hyper = cuda.to_device(adamw.adamw_hyperparameters(10, HYPER["lr"], weight_decay=HYPER["weight_decay"], seed=99))
+    scale = cuda.to_device(np.array([HYPER["grad_scale"]], np.float32))
+    # bits first: each words_per_thread against the per-tensor calls, on a sample of elements
+    sample = np.sort(rng.choice(n, min(n, 1 << 20), replace=False))
+    expected = [cuda.to_device(a) for a in inputs]
+    for (offset, count, state_offset, decay, index) in ranges:
+        adamw.adamw_update(*expected, 10, HYPER["lr"], weight_decay=HYPER["weight_decay"] if decay else 0.0,
+                           grad_scale=HYPER["grad_scale"], seed=(99 + index) & 0xFFFFFFFF, offset=offset,
+                           count=count, state_offset=state_offset)
+    expected = [a.copy_to_host()[sample] for a in expected]
+    rows = []
+    for wpt in words_per_thread:
+        state = [cuda.to_device(a) for a in inputs]
+        launch = adamw.prepare_adamw_multi_tensor(*state, ranges, words_per_thread=wpt)
+        launch(hyper, scale)
+        same = all(np.array_equal(e.view(np.uint16 if e.dtype == np.uint16 else np.uint32),
+                                  a.copy_to_host()[sample].view(np.uint16 if e.dtype == np.uint16 else np.uint32))
+                   for e, a in zip(expected, state) if e is not None)
+        ms = time_ms(lambda i: launch(hyper, scale), 1, per_batch=4)
+        gbs = BYTES_PER_PARAMETER * n / ms / 1e6
+        rows.append(dict(kernel=f"multi-tensor, {wpt} words/thread ({'same bits' if same else 'BITS DIFFER'})",
+                         shape=f"{descriptor}: {n:,}", ms=ms, gbs=gbs, pct=100 * gbs / copy, err=0.0))
+        del state
+    print_table(f"AdamW multi-tensor, {descriptor}", rows, MEMORY_COLUMNS)
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+    if "--multi-only" not in sys.argv:
+        main()
+    bandwidth = copy_bandwidth_gbs()
+    for model in ("d12", "d48"):
+        multi_tensor(model, bandwidth)

@@ -155,14 +155,17 @@ TENSOR_COLUMNS = 6
 
 @kernel
 def adamw_multi_tensor_kernel(params, grads, master, m, v, params_words, grads_words, master_words, m_words,
-                              v_words, tensors, block_starts, hyper, seeds, grad_scale):
+                              v_words, tensors, block_starts, hyper, seeds, grad_scale, words_per_thread):
     # Every tensor of `tensors` in one launch. params, grads: bf16 (uint16) and the same memory as
     # uint64 words (four bf16); master, m, v: fp32 and as uint64 words (two fp32). tensors: int64
     # rows (offset in params, offset in the state, whole words, tail elements, weight decay 0/1,
     # seed index); block_starts: (n + 1,) the first block of each tensor (blocks of one tensor
     # all update it: no divergence). hyper/seeds: the HYPER_WORDS words as fp32 / uint32;
-    # grad_scale: (1,) fp32. Thread i of a tensor's blocks updates its word i, and thread `words`
-    # its 0-3 tail elements one at a time; per element this is exactly adamw_kernel's update.
+    # grad_scale: (1,) fp32. Block b of a tensor covers its words [b, b + 1) * blockDim *
+    # words_per_thread, thread x its words x, x + blockDim, ...; the thread whose word would be
+    # `words` updates the 0-3 tail elements one at a time; per element this is exactly
+    # adamw_kernel's update. Several words per thread: the tensor lookup below (a chain of
+    # dependent loads) and the block's start-up are paid once per words_per_thread words.
     block = cuda.blockIdx.x
     lo = 0
     hi = block_starts.shape[0] - 1
@@ -173,10 +176,10 @@ def adamw_multi_tensor_kernel(params, grads, master, m, v, params_words, grads_w
         else:
             hi = mid
     t = lo
-    i = (block - block_starts[t]) * cuda.blockDim.x + cuda.threadIdx.x
+    first = (block - block_starts[t]) * cuda.blockDim.x * words_per_thread + cuda.threadIdx.x
     n_words = tensors[t, TENSOR_WORDS]
     tail = tensors[t, TENSOR_TAIL]
-    if i > n_words or (i == n_words and tail == 0):
+    if first > n_words or (first == n_words and tail == 0):
         return
     lr = hyper[HYPER_LR]
     beta1 = hyper[HYPER_BETA1]
@@ -189,13 +192,16 @@ def adamw_multi_tensor_kernel(params, grads, master, m, v, params_words, grads_w
     seed = uint32((uint64(seeds[HYPER_SEED]) + uint64(tensors[t, TENSOR_SEED_INDEX])) & uint64(0xFFFFFFFF))
     offset = tensors[t, TENSOR_OFFSET]
     state_offset = tensors[t, TENSOR_STATE_OFFSET]
-    if i < n_words:
-        adamw_word(params_words, grads_words, master_words, m_words, v_words, offset // 4 + i, state_offset // 2 + 2 * i,
-                   lr, beta1, beta2, beta1_correction, beta2_correction, eps, weight_decay, scale, seed)
-    else:
-        for j in range(4 * n_words, 4 * n_words + tail):
-            adamw_element(params, grads, master, m, v, offset + j, state_offset + j, lr, beta1, beta2,
-                          beta1_correction, beta2_correction, eps, weight_decay, scale, seed)
+    for k in range(words_per_thread):
+        i = first + k * cuda.blockDim.x
+        if i < n_words:
+            adamw_word(params_words, grads_words, master_words, m_words, v_words, offset // 4 + i,
+                       state_offset // 2 + 2 * i, lr, beta1, beta2, beta1_correction, beta2_correction, eps,
+                       weight_decay, scale, seed)
+        elif i == n_words:
+            for j in range(4 * n_words, 4 * n_words + tail):
+                adamw_element(params, grads, master, m, v, offset + j, state_offset + j, lr, beta1, beta2,
+                              beta1_correction, beta2_correction, eps, weight_decay, scale, seed)
 
 
 @kernel
@@ -227,9 +233,13 @@ PTX_SIGNATURES = {
     round_master_weights_kernel: "void(uint16[::1], float32[::1], int64, int64, int64)",
     adamw_multi_tensor_kernel: "void(uint16[::1], uint16[::1], float32[::1], float32[::1], float32[::1], "
                                "uint64[::1], uint64[::1], uint64[::1], uint64[::1], uint64[::1], int64[:, ::1], "
-                               "int64[::1], float32[::1], uint32[::1], float32[::1])",
+                               "int64[::1], float32[::1], uint32[::1], float32[::1], int64)",
 }
 
+# words (four parameters each) per thread of the multi-tensor update: its blocks find their tensor
+# by a binary search over the table, a chain of dependent loads that one word per thread paid for
+# every 2048 parameters
+MULTI_TENSOR_WORDS_PER_THREAD = 4
 BLOCK_SIZE = 32 if SIMULATOR else 512  # the simulator runs a Python thread per GPU thread: small blocks are far quicker there
 
 
@@ -375,7 +385,8 @@ def adamw_hyperparameters(step, lr, beta1=0.9, beta2=0.95, eps=1e-8, weight_deca
     return words
 
 
-def prepare_adamw_multi_tensor(params, grads, master, m, v, tensors, block_size=BLOCK_SIZE):
+def prepare_adamw_multi_tensor(params, grads, master, m, v, tensors, block_size=BLOCK_SIZE,
+                              words_per_thread=MULTI_TENSOR_WORDS_PER_THREAD):
     """One launch updating many ranges of the parameters, each as adamw_update would with the
     same values (bit for bit), whose per-step values come from device memory: returns
     launch(hyper, grad_scale, stream) with hyper a device uint32 array of HYPER_WORDS
@@ -387,7 +398,8 @@ def prepare_adamw_multi_tensor(params, grads, master, m, v, tensors, block_size=
     decay applies (else 0), and what adamw_update's seed would be relative to the base (the seed is
     base + seed_index, mod 2^32). Every range must start on a whole uint64 word of both
     (offset % 4 == 0, state_offset % 2 == 0, 8-byte aligned arrays); a range's last count % 4
-    elements are updated one by one, as adamw_update's tail."""
+    elements are updated one by one, as adamw_update's tail. words_per_thread: uint64 words (four
+    parameters each) a thread updates; the same bits whatever it is."""
     params, grads, master, m, v = _check_arrays(params, grads, master, m, v, block_size)
     if not tensors:
         raise ValueError("tensors: no ranges given")
@@ -402,7 +414,7 @@ def prepare_adamw_multi_tensor(params, grads, master, m, v, tensors, block_size=
                              f"{state_offset} even (whole uint64 words of params and of the state)")
         n_words, tail = divmod(count, 4)
         table[k] = (offset, state_offset, n_words, tail, bool(decay), seed_index)
-        block_starts[k + 1] = block_starts[k] + ceil_div(n_words + (tail > 0), block_size)
+        block_starts[k + 1] = block_starts[k] + ceil_div(n_words + (tail > 0), block_size * words_per_thread)
     grid = int(block_starts[-1])
     arguments = (params, grads, master, m, v, _words(params, 4), _words(grads, 4), _words(master, 2), _words(m, 2),
                  _words(v, 2), cuda.to_device(table), cuda.to_device(block_starts))
@@ -411,6 +423,7 @@ def prepare_adamw_multi_tensor(params, grads, master, m, v, tensors, block_size=
         check_contiguous("hyper", hyper, np.uint32, (HYPER_WORDS,))
         check_contiguous("grad_scale", grad_scale, np.float32, (1,))
         if grid:
-            adamw_multi_tensor_kernel[grid, block_size, stream](*arguments, hyper.view(np.float32), hyper, grad_scale)
+            adamw_multi_tensor_kernel[grid, block_size, stream](*arguments, hyper.view(np.float32), hyper, grad_scale,
+                                                                words_per_thread)
 
     return launch

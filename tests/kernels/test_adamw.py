@@ -164,10 +164,12 @@ def test_adamw_rejects_bad_input(rng):
         adamw.adamw_update(params, grads, master, m, v, 0, 1e-3)
 
 
-def test_multi_tensor_update_is_the_per_tensor_update_bit_for_bit(rng):
+@pytest.mark.parametrize("words_per_thread", [1, 3, adamw.MULTI_TENSOR_WORDS_PER_THREAD])
+def test_multi_tensor_update_is_the_per_tensor_update_bit_for_bit(rng, words_per_thread):
     """One launch over several ranges, its step values read from device memory, gives the bits of
     one adamw_update call per range (weight decay on some, seed base + index, the clip scale),
-    ranges with tails and the gaps between ranges (left alone) included."""
+    ranges with tails and the gaps between ranges (left alone) included, however many words each
+    thread takes (3: a range of 100 words is one whole block and part of another)."""
     n = 1100
     ranges = [(0, 256, 0, True, 0), (256, 37, 256, False, 1), (296, 400, 296, True, 2), (700, 3, 700, False, 3),
               (712, 385, 712, True, 5)]  # (offset, count, state_offset, decay, seed index); 293-295, 703-711 untouched
@@ -180,7 +182,7 @@ def test_multi_tensor_update_is_the_per_tensor_update_bit_for_bit(rng):
         adamw.adamw_update(*per_tensor.device, step, lr, weight_decay=weight_decay if decay else 0.0,
                            grad_scale=grad_scale, seed=(base + index) & 0xFFFFFFFF, offset=offset, count=count,
                            state_offset=state_offset, block_size=32)
-    launch = adamw.prepare_adamw_multi_tensor(*multi.device, ranges, block_size=32)
+    launch = adamw.prepare_adamw_multi_tensor(*multi.device, ranges, block_size=32, words_per_thread=words_per_thread)
     hyper = cuda.to_device(adamw.adamw_hyperparameters(step, lr, weight_decay=weight_decay, seed=base))
     launch(hyper, cuda.to_device(np.array([grad_scale], np.float32)))
     for name, a, b in zip(("params", "master", "m", "v"), per_tensor.download(), multi.download()):
@@ -189,7 +191,8 @@ def test_multi_tensor_update_is_the_per_tensor_update_bit_for_bit(rng):
     # and against the float64 reference (not only self-consistency): one decayed range with a tail
     fresh = State(rng, n)
     offset, count, state_offset, _, index = ranges[4]
-    launch = adamw.prepare_adamw_multi_tensor(*fresh.device, [ranges[4]], block_size=32)
+    launch = adamw.prepare_adamw_multi_tensor(*fresh.device, [ranges[4]], block_size=32,
+                                              words_per_thread=words_per_thread)
     launch(cuda.to_device(adamw.adamw_hyperparameters(step, weight_decay=weight_decay, seed=base, **HYPER)),
            cuda.to_device(np.array([0.7], np.float32)))
     check_update(fresh, offset, count, state_offset, step, weight_decay, 0.7, (base + index) & 0xFFFFFFFF)
