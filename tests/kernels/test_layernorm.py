@@ -7,7 +7,7 @@ from numba import cuda
 
 from nanollm import reference
 from nanollm.kernels import layernorm
-from nanollm.kernels.bf16 import bf16_ulps_apart, from_bf16_bits, to_bf16_bits
+from nanollm.kernels.bf16 import from_bf16_bits, to_bf16_bits
 from nanollm.kernels.cuda_common import SIMULATOR
 
 from .helpers import (BF16_ONE_ROUNDING, download_bf16, poisoned_bf16, poisoned_f32, random_bf16,
@@ -117,10 +117,11 @@ def test_fused_residual_layernorm_forward(rng, shape, launch, variant):
     np.testing.assert_allclose(rstd.copy_to_host(), stored_rstd, **STATS_TOLERANCE)
 
 
-def run_backward(rng, shape, launch, variants=(None,), with_reference=True, spread=0):
+def run_backward(rng, shape, launch, variants=(None,), with_reference=True, spread=0, inputs=None):
     """Random inputs (spread: see bf16_input) and random starting gradients; each variant runs on
     its own copy of the starting gradients. Returns the kernels' results (dinp, dweight, dbias
-    device arrays; a list per variant) and the reference's (or None)."""
+    device arrays; a list per variant) and the reference's (or None). `inputs`, a dict, gets the
+    float64 values of the inputs and of the starting dinp."""
     B, T, C = shape
     inp, inp_ref = bf16_input(rng, shape, scale=2.0, shift=0.5, spread=spread)
     weight, weight_ref, _, bias_ref = layernorm_params(rng, C)
@@ -133,6 +134,8 @@ def run_backward(rng, shape, launch, variants=(None,), with_reference=True, spre
     grad_scale = np.sqrt(B * T)
     starts = [random_bf16(rng, shape), random_bf16(rng, (C,), scale=grad_scale),
               random_bf16(rng, (C,), scale=grad_scale)]
+    if inputs is not None:
+        inputs.update(inp=inp_ref, weight=weight_ref, dout=dout_ref, mean=mean_ref, rstd=rstd_ref, dinp=starts[0][1])
     kwargs = backward_kwargs(launch)
     scratch = cuda.to_device(np.full(layernorm.layernorm_backward_scratch_size(C, kwargs.get(
         "num_blocks", layernorm.BACKWARD_BLOCKS)), np.nan, dtype=np.float32))
@@ -181,10 +184,28 @@ BITS_SHAPES = [
 # code), so the simulator checks v2
 FORWARD_CANDIDATES = with_variants(BITS_SHAPES, layernorm.FORWARD_VARIANTS[1:], ["v2"], False)
 BACKWARD_CANDIDATES = with_variants(BITS_SHAPES, layernorm.BACKWARD_VARIANTS[1:], ["v3"], False)
-# compiled for a GPU, the backward's v3 moves a few outputs per million to the neighbouring bf16 of
-# v1's (8 of 26M at d48 on an H200; see the module docstring of layernorm): at most one ulp apart,
-# in at most this share of the elements
+# compiled for a GPU, the backward's v3 moves a few dinp outputs per million away from v1's (see the
+# module docstring of layernorm): in at most this share of the elements, and by no more than two
+# fp32 evaluations of the same formula can differ (dinp_evaluation_bound)
 BACKWARD_GPU_DIFFERING = 1e-5
+
+
+def dinp_evaluation_bound(inputs):
+    """Per element, how far two fp32 evaluations of dinp + (w g - mean(w g) - n mean(w g n)) s, then
+    rounded to bf16, can land apart when they differ only in rounding (the order or contraction of
+    multiply-adds): one bf16 ulp of the result, plus 8 fp32 ulps of each term's size, the row
+    means counted at the size of their terms' absolute sums (sums of inputs spread over 2^-8..2^8
+    cancel, so a term may be far larger than the result)."""
+    x, w, g, mean, rstd, old = (inputs[k] for k in ("inp", "weight", "dout", "mean", "rstd", "dinp"))
+    s = rstd[..., None]
+    norm = (x - mean[..., None]) * s
+    dnorm = w * g
+    sum_abs = np.abs(dnorm).mean(axis=-1, keepdims=True)
+    sum_abs_norm = np.abs(dnorm * norm).mean(axis=-1, keepdims=True)
+    dval = (dnorm - dnorm.mean(axis=-1, keepdims=True) - norm * (dnorm * norm).mean(axis=-1, keepdims=True)) * s
+    terms = np.abs(old) + (np.abs(dnorm) + sum_abs + np.abs(norm) * sum_abs_norm) * s
+    result_ulp = np.exp2(np.floor(np.log2(np.maximum(np.abs(old + dval), 2.0 ** -126))) - 7)
+    return result_ulp + 8 * 2.0 ** -24 * terms
 
 
 def forward_outputs(variant, shape, launch, inputs, fused):
@@ -213,17 +234,23 @@ def test_forward_candidate_gives_v1_bits(rng, shape, launch, fused, variant):
 
 @pytest.mark.parametrize("shape,launch,variant", BACKWARD_CANDIDATES)
 def test_backward_candidate_agrees_with_v1(rng, shape, launch, variant):
-    """v1's bits on the simulator; on a GPU, at most one bf16 ulp from them, in few elements."""
-    (want, got), _ = run_backward(rng, shape, launch, ["v1", variant], with_reference=False, spread=SPREAD)
+    """v1's bits on the simulator; on a GPU, dweight's and dbias's too, and dinp's in all but a few
+    elements, those within what rounding differences can explain."""
+    inputs = {}
+    (want, got), _ = run_backward(rng, shape, launch, ["v1", variant], with_reference=False, spread=SPREAD,
+                                  inputs=inputs)
     for name, a, b in zip(["dinp", "dweight", "dbias"], got, want):
         a, b = a.copy_to_host(), b.copy_to_host()
-        if SIMULATOR:
+        if SIMULATOR or name != "dinp":
             np.testing.assert_array_equal(a, b, err_msg=name)
             continue
-        differing = int(np.count_nonzero(a != b))
-        assert differing <= BACKWARD_GPU_DIFFERING * a.size, f"{name}: {differing} of {a.size} differ"
-        if differing:
-            assert bf16_ulps_apart(a, b) <= 1.0, f"{name}: {bf16_ulps_apart(a, b)} ulps apart"
+        differ = a != b
+        assert np.count_nonzero(differ) <= BACKWARD_GPU_DIFFERING * a.size, \
+            f"{name}: {np.count_nonzero(differ)} of {a.size} differ"
+        if differ.any():
+            apart = np.abs(from_bf16_bits(a[differ]).astype(np.float64) - from_bf16_bits(b[differ]))
+            bound = dinp_evaluation_bound(inputs)[differ]
+            assert (apart <= bound).all(), f"{name}: {apart[apart > bound][:5]} apart, bounds {bound[apart > bound][:5]}"
 
 
 def test_layernorm_rejects_bad_inputs():
