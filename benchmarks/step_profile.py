@@ -3,6 +3,7 @@ sees every kernel in the process -- Numba's, cuBLASLt's and cuDNN's) and the hos
 queue the step. If queuing takes longer than the GPU runs, the step is host-bound.
 
     python benchmarks/step_profile.py -e d12 -b 64 -t 1024 --attention cudnn
+    python benchmarks/step_profile.py -e d48 -b 16 -t 1024 -r 0 -ge 1 --attention cudnn   # llm.c's 1.5B flags
 """
 
 import argparse
@@ -20,6 +21,8 @@ def main():
     parser.add_argument("-b", type=int, default=64)
     parser.add_argument("-t", type=int, default=1024)
     parser.add_argument("--attention", default="cudnn", choices=("numba", "cudnn", "auto"))
+    parser.add_argument("-r", type=int, default=1, help="recompute, as train's -r")
+    parser.add_argument("-ge", type=int, default=2, help="gelu fusion, as train's -ge")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args()
@@ -32,7 +35,7 @@ def main():
 
     torch.cuda.init()
     config = from_descriptor(args.e)
-    model = GPT2(config, args.b, args.t, attention=args.attention)
+    model = GPT2(config, args.b, args.t, attention=args.attention, recompute=args.r, gelu_fusion=args.ge)
     rng = np.random.default_rng(0)
     batches = [rng.integers(0, config.vocab_size, (2, args.b, args.t)) for _ in range(2)]
 
@@ -72,7 +75,8 @@ def main():
             entry[0] += event.device_time / 1e3 / args.steps  # ms per step
             entry[1] += 1
     total = sum(ms for ms, _ in per_kernel.values())
-    print(f"\n{args.e} B={args.b} T={args.t} attention={model.attention} on {device_name()}, commit {git_commit()}")
+    print(f"\n{args.e} B={args.b} T={args.t} -r {args.r} -ge {args.ge} attention={model.attention} "
+          f"on {device_name()}, commit {git_commit()}")
     print(f"GPU busy per step: {total:.1f} ms (sum of kernel and copy times)")
     print(f"{'ms/step':>8} {'%':>5} {'calls':>6}  kernel")
     for name, (ms, calls) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:args.top]:
