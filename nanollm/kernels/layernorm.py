@@ -54,8 +54,10 @@ row, from kernels compiled for 6 words per lane as at C=768).
   dinp_evaluation_bound); each variant is deterministic. (A v2 backward, the same with the
   integer rounding, was up to 8 ulps from v1 in a few dinp elements on the H200, also
   unexplained: dropped, before the bound replaced the test's one-ulp limit.)
-- (A v4 backward, v3 with two rows of loads in flight instead of one, ran no faster at d12 or d48
-  on the H200: dropped; benchmarks/RESULTS.md.)
+- Tried on the H200 and dropped (benchmarks/RESULTS.md): v3 with two rows of loads in flight
+  instead of one (no faster); a warp per row with no block barrier, each warp's dweight/dbias sums
+  in shared memory (16 rows in flight per SM instead of 2 at C=1600, yet 15% slower there and 83%
+  slower at C=768).
 """
 
 import math

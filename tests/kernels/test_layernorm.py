@@ -160,10 +160,11 @@ def test_layernorm_backward(rng, shape, launch, variant):
         assert relative_error(download_bf16(got), want) < BF16_ONE_ROUNDING, name
 
 
+@pytest.mark.parametrize("variant", layernorm.BACKWARD_VARIANTS)
 @pytest.mark.parametrize("shape,launch", [SHAPES[0], SHAPES[2]])  # the simulator itself is deterministic
-def test_layernorm_backward_is_deterministic(rng, shape, launch):
+def test_layernorm_backward_is_deterministic(rng, shape, launch, variant):
     """The same inputs give the same bits (no atomics: fixed summation order)."""
-    (first, second), _ = run_backward(rng, shape, launch, [None, None], with_reference=False)
+    (first, second), _ = run_backward(rng, shape, launch, [variant, variant], with_reference=False)
     for a, b in zip(first, second):
         np.testing.assert_array_equal(a.copy_to_host(), b.copy_to_host())
 
