@@ -74,7 +74,7 @@ def main():
 
     import nanollm.kernels
     wanted = sys.argv[1:]
-    print(f"{'kernel':60} {'registers':>9} {'spill st/ld (B)':>15} {'smem (B)':>8}")
+    print(f"{'kernel':60} {'registers':>9} {'stack (B)':>9} {'spill st/ld (B)':>15} {'smem (B)':>8}")
     for info in pkgutil.iter_modules(nanollm.kernels.__path__):
         module = importlib.import_module(f"nanollm.kernels.{info.name}")
         for kernel, signature in getattr(module, "PTX_SIGNATURES", {}).items():
@@ -88,7 +88,8 @@ def main():
             registers = re.search(r"Used (\d+) registers", text)
             spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
             smem = re.search(r"(\d+) bytes smem", text)
-            print(f"{name:60} {registers.group(1) if registers else '?':>9} "
+            stack = re.search(r"(\d+) bytes stack frame", text)
+            print(f"{name:60} {registers.group(1) if registers else '?':>9} {stack.group(1) if stack else '?':>9} "
                   f"{(spills.group(1) + '/' + spills.group(2)) if spills else '?':>15} "
                   f"{smem.group(1) if smem else '0':>8}")
 

@@ -196,7 +196,9 @@ class GPT2:
             "norm_scratch": (norm_scratch_size or global_norm.global_norm_scratch_size(),),
             "norm": (1,),
             "grad_scale": (1,),  # the clip factor update_clipped computes on the device
-            "bias_scratch": (matmul.MAX_BIAS_PARTIALS * Vp,),
+            # the bias gradients' partial sums: the widest layer with a bias is the fc (4C; the
+            # lm head has none)
+            "bias_scratch": (matmul.MAX_BIAS_PARTIALS * 4 * C,),
         }
         return bf16, fp32
 
