@@ -180,8 +180,9 @@ class GPT2:
             "lnf": (B, T, C),
             "logits": (B, T, Vp),                # becomes dlogits after the classifier
             # backward scratch, shared by all layers (llm.c's grads_acts)
+            # (the (B,T,C) gradient scratch is the last layer's residual3 once the final
+            # layernorm's backward has read it, as llm.c's dl_btc: 96 MiB less at d12 B=64)
             "dresidual": (B, T, C),
-            "dbtc": (B, T, C),
             "dbt4c": (B, T, 4 * C),              # also (B,T,3C) for dqkv, and the forward's qkv/proj scratch
             "dqkvr": (0,) if cudnn else (3, B, NH, T, C // NH),
             "datt": (0,) if cudnn else (B, NH, T, T),
@@ -547,11 +548,16 @@ class GPT2:
         a, a32, p, g = self.acts, self.acts32, self.params, self.grads
         bias_scratch, ln_scratch = a32.bias_scratch, a32.layernorm_scratch
         device_memset(a.dresidual, 0, a.dresidual.nbytes, stream=s)  # layernorm_backward adds into it
-        # lm head: logits = lnf . wte^T (no bias); the logits buffer holds dlogits
-        matmul.matmul_backward(a.dbtc, g.wte, None, a.logits, a.lnf, p.wte, stream=s)
-        layernorm.layernorm_backward(a.dresidual, g.lnfw, g.lnfb, ln_scratch, a.dbtc, a.residual3[L - 1],
-                                     p.lnfw, a32.lnf_mean, a32.lnf_rstd, stream=s)
         dbt4c = a.dbt4c
+        # lm head: logits = lnf . wte^T (no bias); the logits buffer holds dlogits. d lnf goes to the
+        # 4C scratch (free until the last layer's fcproj backward), as llm.c
+        dlnf = dbt4c.reshape(-1)[:B * T * C].reshape(B, T, C)
+        matmul.matmul_backward(dlnf, g.wte, None, a.logits, a.lnf, p.wte, stream=s)
+        layernorm.layernorm_backward(a.dresidual, g.lnfw, g.lnfb, ln_scratch, dlnf, a.residual3[L - 1],
+                                     p.lnfw, a32.lnf_mean, a32.lnf_rstd, stream=s)
+        # the last residual is not read again this step: from here it is the (B,T,C) gradient
+        # scratch (llm.c's dl_btc); the next forward rewrites it
+        dbtc = a.residual3[L - 1]
         dqkv = dbt4c.reshape(-1)[:B * T * 3 * C].reshape(B, T, 3 * C)
         for l in reversed(range(L)):
             residual = a.encoded if l == 0 else a.residual3[l - 1]
@@ -566,22 +572,22 @@ class GPT2:
                 matmul.matmul_backward(dbt4c, g.fcprojw[l], g.fcprojb[l], a.dresidual, fch_gelu, p.fcprojw[l],
                                        dbias_scratch=bias_scratch, stream=s)
                 gelu.gelu_backward_inplace(dbt4c, a.fch[l], stream=s)
-            matmul.matmul_backward(a.dbtc, g.fcw[l], g.fcb[l], dbt4c, a.ln2[l], p.fcw[l], dbias_scratch=bias_scratch,
+            matmul.matmul_backward(dbtc, g.fcw[l], g.fcb[l], dbt4c, a.ln2[l], p.fcw[l], dbias_scratch=bias_scratch,
                                    stream=s)
-            layernorm.layernorm_backward(a.dresidual, g.ln2w[l], g.ln2b[l], ln_scratch, a.dbtc, a.residual2[l],
+            layernorm.layernorm_backward(a.dresidual, g.ln2w[l], g.ln2b[l], ln_scratch, dbtc, a.residual2[l],
                                          p.ln2w[l], a32.ln2_mean[l], a32.ln2_rstd[l], stream=s)
             # dresidual is now d residual2
-            matmul.matmul_backward(a.dbtc, g.attprojw[l], g.attprojb[l], a.dresidual, a.atty[l], p.attprojw[l],
+            matmul.matmul_backward(dbtc, g.attprojw[l], g.attprojb[l], a.dresidual, a.atty[l], p.attprojw[l],
                                    dbias_scratch=bias_scratch, stream=s)
             if self.attention == "cudnn":
-                attention_cudnn.attention_backward_cudnn(dqkv, a.dbtc, a.qkvr[l], a.atty[l], a32.att_stats[l], NH,
+                attention_cudnn.attention_backward_cudnn(dqkv, dbtc, a.qkvr[l], a.atty[l], a32.att_stats[l], NH,
                                                          stream=s)
             else:
-                attention.attention_backward(dqkv, a.dqkvr.reshape(-1), a.datt, a.dbtc, a.qkvr[l].reshape(-1),
+                attention.attention_backward(dqkv, a.dqkvr.reshape(-1), a.datt, dbtc, a.qkvr[l].reshape(-1),
                                              a.att[l], NH, stream=s)
-            matmul.matmul_backward(a.dbtc, g.qkvw[l], g.qkvb[l], dqkv, a.ln1[l], p.qkvw[l], dbias_scratch=bias_scratch,
+            matmul.matmul_backward(dbtc, g.qkvw[l], g.qkvb[l], dqkv, a.ln1[l], p.qkvw[l], dbias_scratch=bias_scratch,
                                    stream=s)
-            layernorm.layernorm_backward(a.dresidual, g.ln1w[l], g.ln1b[l], ln_scratch, a.dbtc, residual,
+            layernorm.layernorm_backward(a.dresidual, g.ln1w[l], g.ln1b[l], ln_scratch, dbtc, residual,
                                          p.ln1w[l], a32.ln1_mean[l], a32.ln1_rstd[l], stream=s)
             if reduce_layers:
                 self._reduce_layer_on_side_stream(l)
