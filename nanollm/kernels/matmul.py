@@ -15,9 +15,11 @@ cuBLAS's A is our b, its B our a, and m, n = N, M (llm.c's layout trick: matmul_
 always called with the weight as A).
 
 One handle and one 32 MiB workspace per process (as llm.c). Unlike llm.c, the matmul descriptor,
-the layouts and the heuristic's algorithm are built once per (shape, transposes, epilogue,
-pointer alignments) and cached: a call only sets the bias/aux pointers and calls cublasLtMatmul.
-The cache is not thread-safe (one training loop per process uses it).
+the layouts and the algorithm are built once per (shape, transposes, epilogue, pointer
+alignments) and cached: a call only sets the bias/aux pointers and calls cublasLtMatmul. The
+algorithm is the fastest of the heuristic's top answers on this GPU, timed on the product's first
+call and saved for later runs (matmul_tuning), or with NANOLLM_MATMUL_ALGORITHM=heuristic the
+first answer, as llm.c. The cache is not thread-safe (one training loop per process uses it).
 
 On the Numba CUDA simulator there is no GPU and no cuBLAS: every product is computed by numpy in
 fp32 on host copies, outputs rounded to bf16 once, with the same epilogue and accumulation

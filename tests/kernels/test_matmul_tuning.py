@@ -10,11 +10,12 @@ import os
 
 import numpy as np
 import pytest
+from numba import cuda
 
 from nanollm import reference
 from nanollm.kernels import matmul, matmul_tuning
 
-from .helpers import BF16_ONE_ROUNDING, random_bf16, relative_error
+from .helpers import BF16_ONE_ROUNDING, download_bf16, random_bf16, relative_error
 from .test_matmul import FakeCublasLt, _host_bf16, _host_bf16_values, host_as_device
 
 DEVICE = {"name": "Fake GPU 80GB", "compute_capability": [9, 0], "sms": 132, "cublasLt": 130500}
@@ -205,10 +206,9 @@ def test_timed_choice_on_the_gpu(rng, monkeypatch, tmp_path):
     inp, inp_ref = random_bf16(rng, (rows, C))
     weight, weight_ref = random_bf16(rng, (OC, C), 0.05)
     dweight, dweight_ref = random_bf16(rng, (OC, C))
-    dinp = matmul.cuda.to_device(np.full((rows, C), 0xFFFF, np.uint16))
+    dinp = cuda.to_device(np.full((rows, C), 0xFFFF, np.uint16))
     matmul.matmul_backward(dinp, dweight, None, dout, inp, weight)
     rows_checked = np.sort(rng.choice(rows, 256, replace=False))
-    from .helpers import download_bf16
     assert relative_error(download_bf16(dinp)[rows_checked], dout_ref[rows_checked] @ weight_ref) < BF16_ONE_ROUNDING
     assert relative_error(download_bf16(dweight), dweight_ref + dout_ref.T @ inp_ref) < BF16_ONE_ROUNDING
     plans = {key: plan.index for key, plan in matmul._plans.items()}
