@@ -61,14 +61,6 @@ def ptxas_info(ptx, arch="sm_90"):
     return text.value.decode(errors="replace")
 
 
-def blocks_per_sm(registers, threads):
-    """Blocks of `threads` that fit an sm_90 SM's 65,536 registers (allocated per warp, in units of
-    256: 8 per thread), at most 2048 threads and 32 blocks."""
-    per_warp = -(-registers * 32 // 256) * 256
-    warps = -(-threads // 32)
-    return min(65536 // (per_warp * warps), 2048 // (warps * 32), 32)
-
-
 def main():
     from numba import cuda
 

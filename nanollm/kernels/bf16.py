@@ -210,12 +210,17 @@ def from_bf16_bits(bits):
     return (b.astype(np.uint32) << 16).view(np.float32)
 
 
+def bf16_ulp(values):
+    """The unit in the last place (8 significant bits) of a bf16 number of each value's size
+    (float64; below the smallest normal, the smallest normal's)."""
+    return np.exp2(np.floor(np.log2(np.maximum(np.abs(values), 2.0 ** -126))) - 7)
+
+
 def bf16_ulps_apart(a_bits, b_bits):
     """The largest distance between two bf16 (uint16 bits) arrays, in units of the last place
     (8 significant bits) of the larger of each pair."""
     a, b = from_bf16_bits(a_bits).astype(np.float64), from_bf16_bits(b_bits).astype(np.float64)
-    larger = np.maximum(np.maximum(np.abs(a), np.abs(b)), 2.0 ** -126)
-    return float(np.max(np.abs(a - b) / np.exp2(np.floor(np.log2(larger)) - 7)))
+    return float(np.max(np.abs(a - b) / bf16_ulp(np.maximum(np.abs(a), np.abs(b)))))
 
 
 def round_to_bf16(array):

@@ -28,6 +28,8 @@ simulated Numba code.
 """
 
 
+import math
+
 import numpy as np
 from numba import cuda, float32
 from nvmath.bindings import cublasLt
@@ -185,7 +187,8 @@ CUBLAS_OP_T = 1
 
 Epilogue = cublasLt.Epilogue
 _BIAS_EPILOGUES = (Epilogue.BIAS, Epilogue.GELU_AUX_BIAS)
-_AUX_EPILOGUES = (Epilogue.GELU_AUX, Epilogue.GELU_AUX_BIAS, Epilogue.DGELU)
+_GELU_AUX_EPILOGUES = (Epilogue.GELU_AUX, Epilogue.GELU_AUX_BIAS)  # they write aux (the pre-activation)
+_AUX_EPILOGUES = _GELU_AUX_EPILOGUES + (Epilogue.DGELU,)
 
 _handle = None
 _workspace = None
@@ -396,10 +399,9 @@ def _choose_by_timing(plan, launch, out, a, b, bias, aux, epilogue, beta, stream
     fastest (matmul_tuning). The timed launches write out (and aux, with a GELU_AUX epilogue): those
     are saved and put back where the real call would otherwise not see what it should."""
     saved = _algorithms_saved()
-    configs = [plan.algorithm_config(i) for i in range(plan.found)]
     choice = saved.get(plan.name)
     if choice is None:
-        writes_aux = epilogue in (Epilogue.GELU_AUX, Epilogue.GELU_AUX_BIAS)
+        writes_aux = epilogue in _GELU_AUX_EPILOGUES
         reads = (a, b, bias) if writes_aux else (a, b, bias, aux)
         keep = [out] if beta != 0.0 or matmul_tuning.overlaps(out, reads) else []
         if writes_aux and matmul_tuning.overlaps(aux, reads):
@@ -408,14 +410,14 @@ def _choose_by_timing(plan, launch, out, a, b, bias, aux, epilogue, beta, stream
             milliseconds = matmul_tuning.time_candidates(lambda i: launch(plan.algorithm_pointer(i)), plan.found,
                                                          stream, lambda error: isinstance(error, cublasLt.cuBLASLtError))
         index = matmul_tuning.pick(milliseconds)
-        choice = saved.put(plan.name, {"index": index, "config": configs[index],
-                                       "ms": [round(ms, 5) if ms != float("inf") else None for ms in milliseconds]})
+        choice = saved.put(plan.name, {"index": index, "config": plan.algorithm_config(index),
+                                       "ms": [round(ms, 5) if math.isfinite(ms) else None for ms in milliseconds]})
     index = choice["index"]
-    if index >= plan.found or choice["config"] != configs[index]:
+    config = plan.algorithm_config(index) if index < plan.found else f"only {plan.found} candidates"
+    if config != choice["config"]:
         raise RuntimeError(f"{saved.path}: the saved choice for {plan.name} is the heuristic's answer {index} "
-                           f"({choice['config']}), but this cuBLASLt answers "
-                           f"{configs[index] if index < plan.found else f'only {plan.found} candidates'}; delete "
-                           f"the file and the algorithms are timed again")
+                           f"({choice['config']}), but this cuBLASLt answers {config}; delete the file and the "
+                           f"algorithms are timed again")
     plan.use(index)
 
 
@@ -435,7 +437,7 @@ def _gemm_host(out, a, b, M, N, K, batch, transa, transb, epilogue, bias, aux, a
         result += np.float32(beta) * load(out, (batch, M, N))
     if epilogue in _BIAS_EPILOGUES:
         result += from_bf16_bits(bias.copy_to_host())
-    if epilogue in (Epilogue.GELU_AUX, Epilogue.GELU_AUX_BIAS):
+    if epilogue in _GELU_AUX_EPILOGUES:
         aux.copy_to_device(to_bf16_bits(result).reshape(aux.shape))
         result = reference.gelu_forward(result)
     elif epilogue == Epilogue.DGELU:

@@ -32,6 +32,7 @@ import numpy as np
 from numba import cuda
 
 from .. import atomic
+from .cuda_common import device_pointer
 
 CANDIDATES = 8  # heuristic answers asked for and timed
 MARGIN = 0.02  # a candidate replaces the first answer only if at least this much faster
@@ -159,7 +160,7 @@ def time_candidates(launch, count, stream, is_launch_error):
 
 
 def _memory_range(array):
-    pointer = int(array.__cuda_array_interface__["data"][0])
+    pointer = device_pointer(array)
     return pointer, pointer + array.nbytes
 
 
@@ -189,6 +190,9 @@ def _to_device(array, saved):
 @contextmanager
 def preserved(arrays):
     """The arrays' contents as they were before the with-block (saved to the host, put back after)."""
+    if not arrays:  # nothing to save: no synchronisation either
+        yield
+        return
     cuda.synchronize()  # what is queued into them has been written
     saved = [(array, _to_host(array)) for array in arrays]
     try:

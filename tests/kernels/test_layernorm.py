@@ -7,7 +7,7 @@ from numba import cuda
 
 from nanollm import reference
 from nanollm.kernels import layernorm
-from nanollm.kernels.bf16 import from_bf16_bits, to_bf16_bits
+from nanollm.kernels.bf16 import bf16_ulp, from_bf16_bits, to_bf16_bits
 from nanollm.kernels.cuda_common import SIMULATOR
 
 from .helpers import (BF16_ONE_ROUNDING, download_bf16, poisoned_bf16, poisoned_f32, random_bf16,
@@ -205,8 +205,7 @@ def dinp_evaluation_bound(inputs):
     sum_abs_norm = np.abs(dnorm * norm).mean(axis=-1, keepdims=True)
     dval = (dnorm - dnorm.mean(axis=-1, keepdims=True) - norm * (dnorm * norm).mean(axis=-1, keepdims=True)) * s
     terms = np.abs(old) + (np.abs(dnorm) + sum_abs + np.abs(norm) * sum_abs_norm) * s
-    result_ulp = np.exp2(np.floor(np.log2(np.maximum(np.abs(old + dval), 2.0 ** -126))) - 7)
-    return result_ulp + 8 * 2.0 ** -24 * terms
+    return bf16_ulp(old + dval) + 8 * 2.0 ** -24 * terms
 
 
 def forward_outputs(variant, shape, launch, inputs, fused):

@@ -16,7 +16,7 @@ from nanollm import reference
 from nanollm.kernels import matmul, matmul_tuning
 
 from .helpers import BF16_ONE_ROUNDING, download_bf16, random_bf16, relative_error
-from .test_matmul import FakeCublasLt, _host_bf16, _host_bf16_values, host_as_device
+from .test_matmul import _host_bf16, _host_bf16_values, fake_cublaslt, host_as_device  # noqa: F401 (a fixture)
 
 DEVICE = {"name": "Fake GPU 80GB", "compute_capability": [9, 0], "sms": 132, "cublasLt": 130500}
 
@@ -36,20 +36,18 @@ class FakeTimer:
 
 
 @pytest.fixture
-def timed(monkeypatch, tmp_path):
-    if not matmul.SIMULATOR:
-        pytest.skip("the cuBLASLt stand-in runs on the simulator; on a GPU the real path is tested")
-    fake = FakeCublasLt()
-    fake.answers = 4
-    monkeypatch.setattr(matmul, "cublasLt", fake)
-    monkeypatch.setattr(matmul, "SIMULATOR", False)
-    monkeypatch.setattr(matmul, "_plans", {})
-    monkeypatch.setattr(matmul, "_handle", 1)
-    monkeypatch.setattr(matmul, "ALGORITHM", "timed")
-    monkeypatch.setattr(matmul, "_algorithm_file", None)
+def timed(fake_cublaslt, monkeypatch, tmp_path):
+    """test_matmul's stand-in with four answers per product, in the timed mode, on a fresh file."""
+    fake_cublaslt.answers = 4
+    _timed_mode(monkeypatch, tmp_path / "cache")
     monkeypatch.setattr(matmul, "_device_description", lambda: dict(DEVICE))
-    monkeypatch.setenv("NANOLLM_CACHE_DIR", str(tmp_path / "cache"))
-    return fake
+    return fake_cublaslt
+
+
+def _timed_mode(monkeypatch, cache_folder):
+    monkeypatch.setattr(matmul, "ALGORITHM", "timed")
+    monkeypatch.setenv("NANOLLM_CACHE_DIR", str(cache_folder))
+    _new_process(monkeypatch)
 
 
 def _new_process(monkeypatch):
@@ -197,10 +195,7 @@ def test_the_mode_comes_from_the_environment():
 def test_timed_choice_on_the_gpu(rng, monkeypatch, tmp_path):
     """The real library: every answer the timing may pick computes the product (checked against the
     reference), the choice is saved, and a fresh plan reads the same choice back."""
-    monkeypatch.setattr(matmul, "ALGORITHM", "timed")
-    monkeypatch.setattr(matmul, "_plans", {})
-    monkeypatch.setattr(matmul, "_algorithm_file", None)
-    monkeypatch.setenv("NANOLLM_CACHE_DIR", str(tmp_path))
+    _timed_mode(monkeypatch, tmp_path)
     rows, C, OC = 8192, 768, 3072
     dout, dout_ref = random_bf16(rng, (rows, OC))
     inp, inp_ref = random_bf16(rng, (rows, C))
