@@ -25,8 +25,8 @@ contiguous (B*T rows of C channels); sums are fp32.
   (llm.c's kernel10 keeps the sums in shared memory and syncs twice per 256 channels of a row; the
   last block reduces the partials, found with an atomic counter.)
 
-Variants, chosen once at import by NANOLLM_LN_FORWARD and NANOLLM_LN_BACKWARD (default v3, the
-fastest on an H200: benchmarks/RESULTS.md; the launchers also take variant=). v1 is the plain
+Variants, chosen once at import by NANOLLM_LN_FORWARD and NANOLLM_LN_BACKWARD (defaults v3 and
+v5, the fastest on an H200: benchmarks/RESULTS.md; the launchers also take variant=). v1 is the plain
 form of the kernels described above; v2 and v3 rewrite its instructions, not its algorithm.
 Instruction and register counts below are ptxas's for sm_90 (static, per 4-channel word of a
 row, from kernels compiled for 6 words per lane as at C=768).
@@ -54,6 +54,15 @@ row, from kernels compiled for 6 words per lane as at C=768).
   dinp_evaluation_bound); each variant is deterministic. (A v2 backward, the same with the
   integer rounding, was up to 8 ulps from v1 in a few dinp elements on the H200, also
   unexplained: dropped, before the bound replaced the test's one-ulp limit.)
+- NANOLLM_LN_BACKWARD=v5 (the default): v3 with the warps' row sums combined by a butterfly of
+  shuffles (lane i takes warp i's two sums) instead of a loop over the warps in every thread. ncu
+  showed v3 issue-bound, not waiting on memory (0.72-0.80 warp instructions issued per scheduler
+  cycle at 26-41% of DRAM bandwidth): the loop cost ~18 instructions per warp of the row, 13 warps
+  at C=1600, in each of the row's threads, for one word of work each. On the H200: 0.0773 against
+  v3's 0.1283 ms at d48 B=16 (64% of copy), 0.1320 against 0.1592 at d12 B=64. The warps' sums are
+  added in another order than v1's, so dinp can differ from v1's by rounding (109 of 50M elements
+  at d12, 49 of 26M at d48, within the tests' dinp_evaluation_bound); dweight and dbias keep v1's
+  bits (the same sums in the same order).
 - Tried on the H200 and dropped (benchmarks/RESULTS.md): v3 with two rows of loads in flight
   instead of one (no faster); a warp per row with no block barrier, each warp's dweight/dbias sums
   in shared memory (16 rows in flight per SM instead of 2 at C=1600, yet 15% slower there and 83%
@@ -79,10 +88,10 @@ ROW_SUMS_SHARED = 2 * 32 * 2  # fp32 at the start of the backward's shared memor
 PARAM_GRAD_ROWS = 16  # threads summing partials per channel word in layernorm_param_grad_kernel
 ELEMENTWISE_BLOCK = 256
 FORWARD_VARIANTS = ("v1", "v2", "v3")
-BACKWARD_VARIANTS = ("v1", "v3")  # v2 dropped: up to 8 bf16 ulps from v1 on an H200 (docstring)
-DEFAULT_VARIANT = "v3"  # measured fastest, forward and backward (benchmarks/RESULTS.md)
-FORWARD_VARIANT = variant_from_environment("NANOLLM_LN_FORWARD", FORWARD_VARIANTS, DEFAULT_VARIANT)
-BACKWARD_VARIANT = variant_from_environment("NANOLLM_LN_BACKWARD", BACKWARD_VARIANTS, DEFAULT_VARIANT)
+BACKWARD_VARIANTS = ("v1", "v3", "v5")  # v2 dropped: up to 8 bf16 ulps from v1 on an H200 (docstring)
+# measured fastest on an H200 (benchmarks/RESULTS.md)
+FORWARD_VARIANT = variant_from_environment("NANOLLM_LN_FORWARD", FORWARD_VARIANTS, "v3")
+BACKWARD_VARIANT = variant_from_environment("NANOLLM_LN_BACKWARD", BACKWARD_VARIANTS, "v5")
 
 
 # ---- kernels ---------------------------------------------------------------------------------
@@ -211,11 +220,13 @@ def load_row_ahead(dinp, dout, inp, mean, rstd, row, N, C4, c):
 
 
 @device_function
-def block_row_means(shared, dnorm_sum, dnorm_norm_sum, parity, slot, warps_per_row, lane, c, inv_C):
-    """The row's two sums over the block's warps (warp sums, then warp 0, 1, ... in order, as
-    layernorm_backward_kernel adds them), divided by C. Every thread of the block must call it:
-    a block barrier. shared[0:256]: (2 parities, 32 warps, 2 sums), used in turn, so one barrier
-    per row is enough."""
+def block_row_means(shared, dnorm_sum, dnorm_norm_sum, parity, slot, warps_per_row, lane, c, inv_C, tree):
+    """The row's two sums over the block's warps (warp sums, then the warps' sums combined), divided
+    by C. tree False: warp 0, 1, ... added in order, as layernorm_backward_kernel adds them; tree
+    True (v5): lane i takes warp i's sums and a butterfly adds them, ten shuffles for any number
+    of warps, where the loop over the warps costs ~18 instructions per warp (13 warps at C=1600)
+    in every thread. Every thread of the block must call it: a block barrier. shared[0:256]: (2
+    parities, 32 warps, 2 sums), used in turn, so one barrier per row is enough."""
     first_warp = slot * warps_per_row
     dnorm_sum = warp_reduce_sum(dnorm_sum)
     dnorm_norm_sum = warp_reduce_sum(dnorm_norm_sum)
@@ -225,9 +236,16 @@ def block_row_means(shared, dnorm_sum, dnorm_norm_sum, parity, slot, warps_per_r
     cuda.syncthreads()
     dnorm_mean = float32(0.0)
     dnorm_norm_mean = float32(0.0)
-    for i in range(warps_per_row):
-        dnorm_mean += shared[uint64((parity * 32 + first_warp + i) * 2)]
-        dnorm_norm_mean += shared[uint64((parity * 32 + first_warp + i) * 2 + 1)]
+    if tree:
+        if lane < warps_per_row:
+            dnorm_mean = shared[uint64((parity * 32 + first_warp + lane) * 2)]
+            dnorm_norm_mean = shared[uint64((parity * 32 + first_warp + lane) * 2 + 1)]
+        dnorm_mean = warp_reduce_sum(dnorm_mean)
+        dnorm_norm_mean = warp_reduce_sum(dnorm_norm_mean)
+    else:
+        for i in range(warps_per_row):
+            dnorm_mean += shared[uint64((parity * 32 + first_warp + i) * 2)]
+            dnorm_norm_mean += shared[uint64((parity * 32 + first_warp + i) * 2 + 1)]
     return dnorm_mean * inv_C, dnorm_norm_mean * inv_C
 
 
@@ -348,7 +366,7 @@ def layernorm_param_grad_kernel(dweight, dbias, partials, num_blocks, C4):
             dweight[c] = add_fp32_to_bf16x4(dweight[c], acc)
 
 
-# ---- variants v2, v3 (NANOLLM_LN_FORWARD; NANOLLM_LN_BACKWARD v3; see the module docstring) -------
+# ---- variants v2, v3 (NANOLLM_LN_FORWARD; NANOLLM_LN_BACKWARD v3, v5; see the module docstring) ---
 
 @device_function
 def pack_word(cvt, v0, v1, v2, v3):
@@ -450,7 +468,7 @@ def fused_residual_layernorm_forward_cvt_kernel(residual, normed, mean, rstd, in
 
 
 @device_function
-def backward_row(dinp, acc, shared, w, g, x, old, m, s, row, N, parity, slot, warps_per_row, c, C4, cvt):
+def backward_row(dinp, acc, shared, w, g, x, old, m, s, row, N, parity, slot, warps_per_row, c, C4, cvt, tree):
     """One row of the backward from word c of its dout (g), inp (x) and dinp (old) (zeros past N or
     C4) and its mean and rstd, in v1's arithmetic: the row's two sums over the block (a barrier:
     every thread of the block must call it), dinp += for a live row, its dbias and dweight terms
@@ -466,7 +484,7 @@ def backward_row(dinp, acc, shared, w, g, x, old, m, s, row, N, parity, slot, wa
     dnorm_sum, dnorm_norm_sum = add_channel_terms(acc, 2, live, dnorm_sum, dnorm_norm_sum, w2, g2, x2, m, s)
     dnorm_sum, dnorm_norm_sum = add_channel_terms(acc, 3, live, dnorm_sum, dnorm_norm_sum, w3, g3, x3, m, s)
     dnorm_mean, dnorm_norm_mean = block_row_means(shared, dnorm_sum, dnorm_norm_sum, parity, slot, warps_per_row,
-                                                  c % WARP_SIZE, c, float32(1.0) / float32(4 * C4))
+                                                  c % WARP_SIZE, c, float32(1.0) / float32(4 * C4), tree)
     if live:
         o0, o1, o2, o3 = bf16x4_unpack(old)
         dinp[uint64(row * C4 + c)] = pack_word(cvt, o0 + dinp_term(w0, g0, x0, m, s, dnorm_mean, dnorm_norm_mean),
@@ -476,7 +494,7 @@ def backward_row(dinp, acc, shared, w, g, x, old, m, s, row, N, parity, slot, wa
 
 
 @device_function
-def layernorm_backward_prefetch(dinp, partials, dout, inp, weight, mean, rstd, C4, cvt):
+def layernorm_backward_prefetch(dinp, partials, dout, inp, weight, mean, rstd, C4, cvt, tree):
     # layernorm_backward_kernel's layout, arithmetic and partials (block (width, slots), thread c
     # owns word c of a row, blocks stride over the rows), with the next row's mean and rstd loaded
     # ahead with its words (v1 loads them when the row starts: a memory latency per row that
@@ -504,14 +522,19 @@ def layernorm_backward_prefetch(dinp, partials, dout, inp, weight, mean, rstd, C
         g, x, old, m, s = g_next, x_next, old_next, m_next, s_next
         g_next, x_next, old_next, m_next, s_next = load_row_ahead(dinp, dout, inp, mean, rstd,
                                                                   row + stride, N, C4, c)
-        backward_row(dinp, acc, shared, w, g, x, old, m, s, row, N, parity, slot, warps_per_row, c, C4, cvt)
+        backward_row(dinp, acc, shared, w, g, x, old, m, s, row, N, parity, slot, warps_per_row, c, C4, cvt, tree)
         parity = 1 - parity
     write_block_partial(partials, shared, ROW_SUMS_SHARED, acc, slot, slots, c, C4)
 
 
 @kernel
 def layernorm_backward_cvt_kernel(dinp, partials, dout, inp, weight, mean, rstd, C4):
-    layernorm_backward_prefetch(dinp, partials, dout, inp, weight, mean, rstd, C4, True)
+    layernorm_backward_prefetch(dinp, partials, dout, inp, weight, mean, rstd, C4, True, False)
+
+
+@kernel
+def layernorm_backward_tree_kernel(dinp, partials, dout, inp, weight, mean, rstd, C4):
+    layernorm_backward_prefetch(dinp, partials, dout, inp, weight, mean, rstd, C4, True, True)
 
 
 _WORDS = "uint64[::1]"
@@ -523,6 +546,7 @@ PTX_SIGNATURES = {
     residual_forward_kernel: f"void({_WORDS}, {_WORDS}, {_WORDS})",
     layernorm_backward_kernel: f"void({_WORDS}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, {_F32}, {_F32}, int64)",
     layernorm_backward_cvt_kernel: f"void({_WORDS}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, {_F32}, {_F32}, int64)",
+    layernorm_backward_tree_kernel: f"void({_WORDS}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, {_F32}, {_F32}, int64)",
     layernorm_param_grad_kernel: f"void({_WORDS}, {_WORDS}, {_F32}, int64, int64)",
     layernorm_forward_lean_kernel: f"void({_WORDS}, {_F32}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, int64)",
     layernorm_forward_cvt_kernel: f"void({_WORDS}, {_F32}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, int64)",
@@ -535,7 +559,7 @@ PTX_SIGNATURES = {
 FORWARD_KERNELS = dict(v1=layernorm_forward_kernel, v2=layernorm_forward_lean_kernel, v3=layernorm_forward_cvt_kernel)
 FUSED_FORWARD_KERNELS = dict(v1=fused_residual_layernorm_forward_kernel, v2=fused_residual_layernorm_forward_lean_kernel,
                              v3=fused_residual_layernorm_forward_cvt_kernel)
-BACKWARD_KERNELS = dict(v1=layernorm_backward_kernel, v3=layernorm_backward_cvt_kernel)
+BACKWARD_KERNELS = dict(v1=layernorm_backward_kernel, v3=layernorm_backward_cvt_kernel, v5=layernorm_backward_tree_kernel)
 
 
 # ---- launchers -------------------------------------------------------------------------------
@@ -619,7 +643,8 @@ def layernorm_backward(dinp, dweight, dbias, scratch, dout, inp, weight, mean, r
     dinp, dout, inp are (B,T,C) bf16; dweight, dbias, weight (C,) bf16; mean, rstd (B,T) fp32 from
     the forward; scratch: fp32 device array of at least layernorm_backward_scratch_size(C, num_blocks)
     elements (overwritten). num_blocks caps the grid, i.e. the fp32 partial rows in scratch.
-    variant: one of BACKWARD_VARIANTS (the same bits, NaN aside); None takes NANOLLM_LN_BACKWARD's."""
+    variant: one of BACKWARD_VARIANTS (dweight and dbias: the same bits; dinp: see the module
+    docstring); None takes NANOLLM_LN_BACKWARD's."""
     variant = check_variant(variant or BACKWARD_VARIANT, BACKWARD_VARIANTS)
     shape, N, C = _rows("inp", inp)
     inp_words = as_words("inp", inp, shape)

@@ -178,17 +178,21 @@ def test_layernorm_backward_is_deterministic(rng, shape, launch, variant):
 SPREAD = 8
 BITS_SHAPES = [
     pytest.param((1, 7, 136), dict(warps=4, rows=2, blocks=2), id="odd"),
+    # C/4 = 66 words: 3 warps a row, so the backward's v5 adds the warps' sums in another order than v1
+    pytest.param((1, 5, 264), dict(warps=4, rows=1, blocks=2), id="three-warps"),
     pytest.param((64, 1024, 768), dict(warps=None, rows=None, blocks=None), id="d12", marks=pytest.mark.gpu),
     pytest.param((16, 1024, 1600), dict(warps=None, rows=None, blocks=None), id="d48", marks=pytest.mark.gpu),
 ]
 # v3 differs from v2 on a GPU only (the conversion instruction; on the simulator both run integer
 # code), so the simulator checks v2
 FORWARD_CANDIDATES = with_variants(BITS_SHAPES, layernorm.FORWARD_VARIANTS[1:], ["v2"], False)
-BACKWARD_CANDIDATES = with_variants(BITS_SHAPES, layernorm.BACKWARD_VARIANTS[1:], ["v3"], False)
+BACKWARD_CANDIDATES = with_variants(BITS_SHAPES, layernorm.BACKWARD_VARIANTS[1:], ["v3", "v5"], False)
 # compiled for a GPU, the backward's v3 moves a few dinp outputs per million away from v1's (see the
 # module docstring of layernorm): in at most this share of the elements, and by no more than two
-# fp32 evaluations of the same formula can differ (dinp_evaluation_bound)
-BACKWARD_GPU_DIFFERING = 1e-5
+# fp32 evaluations of the same formula can differ (dinp_evaluation_bound). v5 adds the warps' row
+# sums in another order (a butterfly), on the simulator too: any share may move, within the bound.
+BACKWARD_DIFFERING = {"v3": 1e-5, "v5": 1.0}
+BACKWARD_V1_BITS_ON_SIMULATOR = ("v3",)
 
 
 def dinp_evaluation_bound(inputs):
@@ -234,18 +238,19 @@ def test_forward_candidate_gives_v1_bits(rng, shape, launch, fused, variant):
 
 @pytest.mark.parametrize("shape,launch,variant", BACKWARD_CANDIDATES)
 def test_backward_candidate_agrees_with_v1(rng, shape, launch, variant):
-    """v1's bits on the simulator; on a GPU, dweight's and dbias's too, and dinp's in all but a few
-    elements, those within what rounding differences can explain."""
+    """dweight's and dbias's bits of v1 (the same sums in the same order); dinp's bits on the
+    simulator (v3), or, where the variant's arithmetic differs, dinp within what rounding
+    differences can explain in all but BACKWARD_DIFFERING of the elements."""
     inputs = {}
     (want, got), _ = run_backward(rng, shape, launch, ["v1", variant], with_reference=False, spread=SPREAD,
                                   inputs=inputs)
     for name, a, b in zip(["dinp", "dweight", "dbias"], got, want):
         a, b = a.copy_to_host(), b.copy_to_host()
-        if SIMULATOR or name != "dinp":
+        if name != "dinp" or (SIMULATOR and variant in BACKWARD_V1_BITS_ON_SIMULATOR):
             np.testing.assert_array_equal(a, b, err_msg=name)
             continue
         differ = a != b
-        assert np.count_nonzero(differ) <= BACKWARD_GPU_DIFFERING * a.size, \
+        assert np.count_nonzero(differ) <= BACKWARD_DIFFERING[variant] * a.size, \
             f"{name}: {np.count_nonzero(differ)} of {a.size} differ"
         if differ.any():
             apart = np.abs(from_bf16_bits(a[differ]).astype(np.float64) - from_bf16_bits(b[differ]))
