@@ -21,9 +21,11 @@ def _reference_step(config, flat_params, tokens, targets):
     return logits, loss, grads
 
 
-def test_one_step_matches_reference(rng):
+# gelu_fusion 2: the backward's GELU in fcproj's DGELU epilogue; 1: in the fc bias gradient's pass
+@pytest.mark.parametrize("gelu_fusion", [2, 1])
+def test_one_step_matches_reference(rng, gelu_fusion):
     B, T = 2, 8
-    model = GPT2(TINY, B, T, seed=int(rng.integers(1000)))
+    model = GPT2(TINY, B, T, seed=int(rng.integers(1000)), gelu_fusion=gelu_fusion)
     tokens, targets = rng.integers(0, TINY.vocab_size, (2, B, T))
     model.forward(tokens)  # no targets: the logits stay (the classifier overwrites them with dlogits)
     logits = np.stack([model.logits_at(b, t) for b in range(B) for t in (0, T - 1)])

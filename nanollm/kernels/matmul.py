@@ -36,10 +36,11 @@ from nvmath.bindings import cublasLt
 
 from .. import cuda_libraries, reference, startup
 from . import matmul_tuning
-from .bf16 import (bf16_to_float, bf16x2_high, bf16x2_low, float_to_bf16, from_bf16_bits, high_half, low_half,
-                   to_bf16_bits)
+from .bf16 import (bf16_to_float, bf16x2_high, bf16x2_low, float_to_bf16, from_bf16_bits, high_half, join_halves,
+                   low_half, to_bf16_bits)
 from .cuda_common import SIMULATOR, ceil_div, check_contiguous, device_function, kernel, variant_from_environment
 from .cuda_common import device_pointer as _pointer, stream_handle as _stream_handle
+from .gelu import gelu_backward_bf16x2
 
 # ---- CUDA kernels: the bias gradient ----------------------------------------------------------
 
@@ -76,12 +77,27 @@ def add_bf16x4(acc0, acc1, acc2, acc3, word):
             acc2 + bf16x2_low(high_half(word)), acc3 + bf16x2_high(high_half(word)))
 
 
-@kernel
-def matmul_backward_bias_kernel(partial, dout, rows, n_words, rows_per_block):
+@device_function
+def load_column_word(dout, pre_gelu, index, through_gelu):
+    """Word `index` of dout as the bias kernels sum it; through_gelu: replaced in dout, first, by
+    its GELU backward at the pre-activation's word (gelu_backward_inplace's arithmetic)."""
+    word = dout[index]
+    if through_gelu:
+        x = pre_gelu[index]
+        word = join_halves(gelu_backward_bf16x2(low_half(word), low_half(x)),
+                           gelu_backward_bf16x2(high_half(word), high_half(x)))
+        dout[index] = word
+    return word
+
+
+@device_function
+def bias_column_sums(partial, dout, pre_gelu, rows, n_words, rows_per_block, through_gelu):
     # dout: (rows * n_words,) uint64 words: (rows, OC) bf16 with OC = 4 * n_words
     # partial: (>= gridDim.y * OC,) fp32; row p (OC values from p * OC) = the column sums over rows
     # [p * rows_per_block, (p + 1) * rows_per_block). Each thread sums its 4 columns over rows
     # ty, ty + blockDim.y, ... of the slice in order, then the block adds its row-lanes in order.
+    # through_gelu (a constant per kernel): each word of dout is first replaced by its GELU
+    # backward (pre_gelu: the pre-activation's words), and the new words are summed.
     sums = cuda.shared.array((BIAS_BLOCK_ROWS, BIAS_BLOCK_COLUMNS), float32)
     tx = cuda.threadIdx.x
     ty = cuda.threadIdx.y
@@ -97,14 +113,14 @@ def matmul_backward_bias_kernel(partial, dout, rows, n_words, rows_per_block):
         index = row * n_words + word
         index_step = step * n_words
         while row + 7 * step < row_end:  # BIAS_LOADS_IN_FLIGHT = 8 rows: all loads, then the adds
-            w0 = dout[index]
-            w1 = dout[index + index_step]
-            w2 = dout[index + 2 * index_step]
-            w3 = dout[index + 3 * index_step]
-            w4 = dout[index + 4 * index_step]
-            w5 = dout[index + 5 * index_step]
-            w6 = dout[index + 6 * index_step]
-            w7 = dout[index + 7 * index_step]
+            w0 = load_column_word(dout, pre_gelu, index, through_gelu)
+            w1 = load_column_word(dout, pre_gelu, index + index_step, through_gelu)
+            w2 = load_column_word(dout, pre_gelu, index + 2 * index_step, through_gelu)
+            w3 = load_column_word(dout, pre_gelu, index + 3 * index_step, through_gelu)
+            w4 = load_column_word(dout, pre_gelu, index + 4 * index_step, through_gelu)
+            w5 = load_column_word(dout, pre_gelu, index + 5 * index_step, through_gelu)
+            w6 = load_column_word(dout, pre_gelu, index + 6 * index_step, through_gelu)
+            w7 = load_column_word(dout, pre_gelu, index + 7 * index_step, through_gelu)
             acc0, acc1, acc2, acc3 = add_bf16x4(acc0, acc1, acc2, acc3, w0)
             acc0, acc1, acc2, acc3 = add_bf16x4(acc0, acc1, acc2, acc3, w1)
             acc0, acc1, acc2, acc3 = add_bf16x4(acc0, acc1, acc2, acc3, w2)
@@ -116,7 +132,8 @@ def matmul_backward_bias_kernel(partial, dout, rows, n_words, rows_per_block):
             row += 8 * step
             index += 8 * index_step
         while row < row_end:  # the slice's last rows (a slice shorter than a full round)
-            acc0, acc1, acc2, acc3 = add_bf16x4(acc0, acc1, acc2, acc3, dout[index])
+            acc0, acc1, acc2, acc3 = add_bf16x4(acc0, acc1, acc2, acc3,
+                                                load_column_word(dout, pre_gelu, index, through_gelu))
             row += step
             index += index_step
     # sums[ty, 4 * tx + k]: column 4 * word + k of row-lane ty (zeros past the last column)
@@ -137,6 +154,18 @@ def matmul_backward_bias_kernel(partial, dout, rows, n_words, rows_per_block):
             for r in range(1, cuda.blockDim.y):
                 total += sums[r, c]
             partial[out + c] = total
+
+
+@kernel
+def matmul_backward_bias_kernel(partial, dout, rows, n_words, rows_per_block):
+    bias_column_sums(partial, dout, dout, rows, n_words, rows_per_block, False)
+
+
+# fastmath as gelu_backward_inplace_kernel (approximate exp and division in the GELU's tanh), so
+# the words it writes are that kernel's
+@kernel(fastmath=True)
+def gelu_backward_bias_kernel(partial, dout, pre_gelu, rows, n_words, rows_per_block):
+    bias_column_sums(partial, dout, pre_gelu, rows, n_words, rows_per_block, True)
 
 
 @kernel
@@ -173,6 +202,7 @@ def matmul_bias_add_partials_kernel(dbias, partial, n_partials):
 
 PTX_SIGNATURES = {
     matmul_backward_bias_kernel: "void(float32[::1], uint64[::1], int64, int64, int64)",
+    gelu_backward_bias_kernel: "void(float32[::1], uint64[::1], uint64[::1], int64, int64, int64)",
     matmul_bias_add_partials_kernel: "void(uint16[::1], float32[::1], int64)",
 }
 
@@ -521,11 +551,14 @@ def _bias_grid(rows, OC, block_words, block_rows):
     return grid, rows_per_block
 
 
-def matmul_backward_bias(dbias, dout, dbias_scratch=None, stream=0, block=None):
+def matmul_backward_bias(dbias, dout, dbias_scratch=None, stream=0, block=None, pre_gelu=None):
     """dbias (OC,) += dout summed over rows; dout (B,T,OC) bf16 with OC a multiple of 4.
     Deterministic: each column is summed in fp32 in a fixed order (set by the shape and block) and
     rounded to bf16 once. dbias_scratch: float32, at least MAX_BIAS_PARTIALS * OC elements.
-    block: (words, rows) threads, at most (BIAS_BLOCK_WORDS, BIAS_BLOCK_ROWS) (the default on a GPU)."""
+    block: (words, rows) threads, at most (BIAS_BLOCK_WORDS, BIAS_BLOCK_ROWS) (the default on a GPU).
+    pre_gelu (same shape as dout): the GELU's backward first, in the same pass -- dout holds dL/d
+    gelu(pre_gelu) on entry and dL/d pre_gelu on exit (gelu.gelu_backward_inplace's words), and
+    dbias gets the sums of the new words: the fc layer's bias gradient without reading dout again."""
     global _bias_scratch
     check_contiguous("dbias", dbias, np.uint16)
     if len(dbias.shape) != 1:
@@ -552,7 +585,15 @@ def matmul_backward_bias(dbias, dout, dbias_scratch=None, stream=0, block=None):
     # the kernels index the scratch as flat rows of OC: no per-call slicing of device arrays (host time)
     partial = dbias_scratch if len(dbias_scratch.shape) == 1 else dbias_scratch.reshape(dbias_scratch.size)
     dout_words = dout.reshape(dout.size).view(np.uint64)
-    matmul_backward_bias_kernel[grid, block, stream](partial, dout_words, rows, OC // 4, rows_per_block)
+    if pre_gelu is None:
+        matmul_backward_bias_kernel[grid, block, stream](partial, dout_words, rows, OC // 4, rows_per_block)
+    else:
+        _check_same_rows(rows, pre_gelu=(pre_gelu, OC))
+        if not SIMULATOR and _pointer(pre_gelu) % 8:
+            raise ValueError("pre_gelu: device pointer must be 8-byte aligned (the kernel reads uint64 words)")
+        pre_gelu_words = pre_gelu.reshape(pre_gelu.size).view(np.uint64)
+        gelu_backward_bias_kernel[grid, block, stream](partial, dout_words, pre_gelu_words, rows, OC // 4,
+                                                       rows_per_block)
     add_block = (min(BIAS_ADD_COLUMNS, OC), min(4 if SIMULATOR else BIAS_ADD_LANES, grid[1]))
     matmul_bias_add_partials_kernel[ceil_div(OC, add_block[0]), add_block, stream](dbias, partial, grid[1])
 

@@ -15,7 +15,7 @@ from numba import cuda
 from nvmath.bindings import cublasLt as real_cublaslt
 
 from nanollm import reference
-from nanollm.kernels import matmul
+from nanollm.kernels import gelu, matmul
 from nanollm.kernels.bf16 import from_bf16_bits, to_bf16_bits
 
 from .helpers import BF16_ONE_ROUNDING, download_bf16, poisoned_bf16, random_bf16, relative_error
@@ -140,6 +140,33 @@ def test_matmul_backward_bias(rng, rows, OC, block):
     dbias.copy_to_device(to_bf16_bits(dbias_ref))
     matmul.matmul_backward_bias(dbias, dout, scratch, block=block)
     np.testing.assert_array_equal(dbias.copy_to_host(), first)
+
+
+@pytest.mark.parametrize("rows, OC, block", [
+    pytest.param(5, 8, (2, 2), id="rows-tail"),
+    pytest.param(64, 44, (4, 3), id="column-tail-odd-block-rows"),
+    pytest.param(16384, 6400, None, id="d48-fc", marks=pytest.mark.gpu),
+    pytest.param(65536, 3072, None, id="d12-fc", marks=pytest.mark.gpu),
+])
+def test_bias_gradient_through_gelu(rng, rows, OC, block):
+    """matmul_backward_bias(pre_gelu=) writes gelu_backward_inplace's words into dout and adds
+    their column sums into dbias, the bits of the two kernels run one after the other."""
+    grad, grad_ref = random_bf16(rng, (rows, OC))
+    pre_gelu, pre_gelu_ref = random_bf16(rng, (rows, OC))
+    dbias_bits = to_bf16_bits(rng.standard_normal(OC).astype(np.float32))
+    scratch = cuda.to_device(np.full(matmul.MAX_BIAS_PARTIALS * OC, np.nan, dtype=np.float32))
+    separate, separate_dbias = cuda.to_device(grad.copy_to_host()), cuda.to_device(dbias_bits)
+    gelu.gelu_backward_inplace(separate, pre_gelu)
+    matmul.matmul_backward_bias(separate_dbias, separate, scratch, block=block)
+    fused, fused_dbias = grad, cuda.to_device(dbias_bits)
+    matmul.matmul_backward_bias(fused_dbias, fused, scratch, block=block, pre_gelu=pre_gelu)
+    np.testing.assert_array_equal(fused.copy_to_host(), separate.copy_to_host(), err_msg="d pre_gelu")
+    np.testing.assert_array_equal(fused_dbias.copy_to_host(), separate_dbias.copy_to_host(), err_msg="dbias")
+    check = _sample(rng, rows)
+    expected = reference.gelu_backward(grad_ref[check], pre_gelu_ref[check])
+    assert relative_error(download_bf16(fused)[check], expected) < BF16_ONE_ROUNDING
+    expected_dbias = from_bf16_bits(dbias_bits).astype(np.float64) + download_bf16(fused).sum(axis=0)
+    assert relative_error(download_bf16(fused_dbias), expected_dbias) < BF16_ONE_ROUNDING
 
 
 BATCHED = [
