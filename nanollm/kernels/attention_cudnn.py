@@ -168,6 +168,7 @@ _handle_error = None
 _stream = None  # the stream last set on the handle
 _workspace = None
 _workspace_ptr = 0
+_replaced_workspaces = []  # earlier, smaller workspaces, alive for the CUDA graphs that captured them
 _graphs = {}  # (B, T, NH, HS, "forward" | "inference" | "backward") -> built cudnn.pygraph
 
 
@@ -204,11 +205,14 @@ def _cudnn_handle():
 
 
 def _reserve_workspace(nbytes):
-    """Grow the shared workspace to at least nbytes (at graph build time, never during a step)."""
+    """Grow the shared workspace to at least nbytes (at graph build time, never during a step).
+    A replaced buffer is kept, never freed: a CUDA graph captured before the growth (the model's
+    step) holds its address, and a graph built later (an evaluation or generation shape) must not
+    leave that graph pointing at freed memory."""
     global _workspace, _workspace_ptr
     if nbytes > 0 and (_workspace is None or _workspace.size < nbytes):
-        # the old buffer goes back through Numba's deferred deallocation; freeing device memory
-        # waits for the work still using it
+        if _workspace is not None:
+            _replaced_workspaces.append(_workspace)
         workspace = cuda.device_array(nbytes, dtype=np.uint8)
         _workspace, _workspace_ptr = workspace, _pointer(workspace)
 

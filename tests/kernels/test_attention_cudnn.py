@@ -179,3 +179,19 @@ def test_launchers_reject_bad_inputs():
         # well-formed inputs without cuDNN: a clear error, not a crash
         with pytest.raises(RuntimeError, match="not available"):
             attention_cudnn.attention_forward_cudnn(out, stats, inp, NH)
+
+
+def test_a_grown_workspace_keeps_the_old_one_alive(monkeypatch):
+    """A CUDA graph captured before the workspace grew holds the old buffer's address: growing must
+    not free it. Small, bigger, smaller: two buffers allocated, the first kept alive."""
+    monkeypatch.setattr(attention_cudnn, "_workspace", None)
+    monkeypatch.setattr(attention_cudnn, "_workspace_ptr", 0)
+    monkeypatch.setattr(attention_cudnn, "_replaced_workspaces", [])
+    monkeypatch.setattr(attention_cudnn, "_pointer", lambda array: 4096)  # the simulator's arrays have none
+    attention_cudnn._reserve_workspace(256)
+    first = attention_cudnn._workspace
+    attention_cudnn._reserve_workspace(1024)
+    assert attention_cudnn.workspace_bytes() == 1024 and attention_cudnn._workspace is not first
+    attention_cudnn._reserve_workspace(512)  # fits: nothing allocated
+    assert attention_cudnn.workspace_bytes() == 1024
+    assert attention_cudnn._replaced_workspaces == [first]
