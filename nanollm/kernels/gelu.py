@@ -14,7 +14,7 @@ import math
 from numba import cuda, float32, uint64
 
 from .bf16 import as_words, bf16x2_high, bf16x2_low, high_half, join_halves, low_half, pack_bf16x2_rn
-from .cuda_common import GELU_SCALING_FACTOR, ceil_div, device_function, kernel
+from .cuda_common import GELU_SCALING_FACTOR, SIMULATOR, ceil_div, device_function, kernel
 
 
 @device_function
@@ -102,7 +102,7 @@ PTX_SIGNATURES = {
     gelu_backward_inplace_kernel: "void(uint64[::1], uint64[::1])",
 }
 
-BLOCK_SIZE = 256
+BLOCK_SIZE = 32 if SIMULATOR else 256  # the simulator runs a Python thread per GPU thread: small blocks there
 
 
 def gelu_forward(out, inp, stream=0):
