@@ -9,6 +9,7 @@ FULL_MASK on a GPU.
 
 import math
 import threading
+import time
 
 import numpy as np
 
@@ -102,8 +103,23 @@ def _locked_static_shared_array(original):
     return array
 
 
+def _yielding_is_alive(original):
+    """The simulator's block loop polls its threads' is_alive() without pause, holding the GIL
+    against the very threads it waits for: the same kernel took 2 s or 300 s from run to run
+    (global_norm at the tests' tiny model). A sleep(0) before each poll hands the GIL over."""
+    def is_alive(self):
+        time.sleep(0)
+        return original(self)
+
+    return is_alive
+
+
 def install():
-    from numba.cuda.simulator import kernelapi
+    from numba.cuda.simulator import kernel, kernelapi
+
+    if not getattr(kernel.BlockThread.is_alive, "_nanollm_yielding", False):
+        kernel.BlockThread.is_alive = _yielding_is_alive(kernel.BlockThread.is_alive)
+        kernel.BlockThread.is_alive._nanollm_yielding = True
 
     shared = kernelapi.FakeCUDAShared
     if not getattr(shared.array, "_nanollm_locked", False):
