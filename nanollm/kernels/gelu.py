@@ -1,12 +1,15 @@
 """GELU, tanh approximation (GPT-2's), forward and backward. After llm.c's gelu.cuh.
 
-Elementwise and memory-bound: each thread moves one uint64 word, i.e. four bf16 values. On an
-H100 that ran at ~1.9 TB/s where one uint32 word per thread ran at 1.2-1.5 TB/s, and fastmath
+Elementwise and memory-bound: threads move uint64 words, four bf16 values each. On an H100 one
+uint64 word per thread ran at ~1.9 TB/s where one uint32 word ran at 1.2-1.5 TB/s, and fastmath
 (tanh.approx, approximate division: errors far below one bf16 rounding) lifted it to ~2.3 TB/s,
 85% of the card's copy bandwidth (.scratch experiment, 2026-11-28). On an H200 (4.3 TB/s copy) the
-forward ran at 2.3 TB/s, 54%: the bf16 rounding is now the hardware's conversion instruction.
-In the model the forward is fused into the fc matmul's epilogue (GELU_AUX_BIAS); these kernels
-are the stand-alone versions llm.c also keeps, and the reference for that fusion.
+bf16 rounding became the hardware's conversion instruction, and each thread now loads
+WORDS_PER_THREAD words before using the first: the forward at 97% of copy (benchmarks/RESULTS.md).
+In the model the forward is fused into the fc matmul's epilogue (GELU_AUX_BIAS) and runs here as
+-r 1's recompute; the backward is fused into fcproj's DGELU epilogue at -ge 2, or, at -ge 0/1, into
+the fc bias gradient's pass (matmul.matmul_backward_bias(pre_gelu=), this module's arithmetic).
+These kernels are also the stand-alone versions llm.c keeps, and the reference for those fusions.
 """
 
 import math
