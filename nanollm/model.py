@@ -565,19 +565,16 @@ class GPT2:
             if self.recompute:
                 gelu.gelu_forward(fch_gelu, a.fch[l], stream=s)
             # fcproj: dresidual is d residual3; with gelu_fusion 2 the DGELU epilogue gives d fch
-            if self.gelu_fusion >= 2:
-                matmul.matmul_backward(dbt4c, g.fcprojw[l], g.fcprojb[l], a.dresidual, fch_gelu, p.fcprojw[l],
-                                       pre_gelu=a.fch[l], dbias_scratch=bias_scratch, stream=s)
-                fc_dbias = g.fcb[l]
-            else:
-                matmul.matmul_backward(dbt4c, g.fcprojw[l], g.fcprojb[l], a.dresidual, fch_gelu, p.fcprojw[l],
-                                       dbias_scratch=bias_scratch, stream=s)
+            dgelu_epilogue = self.gelu_fusion >= 2
+            matmul.matmul_backward(dbt4c, g.fcprojw[l], g.fcprojb[l], a.dresidual, fch_gelu, p.fcprojw[l],
+                                   pre_gelu=a.fch[l] if dgelu_epilogue else None, dbias_scratch=bias_scratch,
+                                   stream=s)
+            if not dgelu_epilogue:
                 # the GELU's backward in place and fc's bias gradient from its output in one pass
                 # (the bits of gelu_backward_inplace, then the bias kernel)
                 matmul.matmul_backward_bias(g.fcb[l], dbt4c, bias_scratch, stream=s, pre_gelu=a.fch[l])
-                fc_dbias = None
-            matmul.matmul_backward(dbtc, g.fcw[l], fc_dbias, dbt4c, a.ln2[l], p.fcw[l], dbias_scratch=bias_scratch,
-                                   stream=s)
+            matmul.matmul_backward(dbtc, g.fcw[l], g.fcb[l] if dgelu_epilogue else None, dbt4c, a.ln2[l], p.fcw[l],
+                                   dbias_scratch=bias_scratch, stream=s)
             layernorm.layernorm_backward(a.dresidual, g.ln2w[l], g.ln2b[l], ln_scratch, dbtc, a.residual2[l],
                                          p.ln2w[l], a32.ln2_mean[l], a32.ln2_rstd[l], stream=s)
             # dresidual is now d residual2

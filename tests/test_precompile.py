@@ -60,8 +60,7 @@ def test_training_launches_only_the_precompiled_signatures(launches, rng, monkey
     assert len(launches) >= 15, sorted(launches)
     chosen = {"v1": "fused_classifier_kernel", "v2": "fused_classifier_staged_kernel"}[classifier.VARIANT]
     assert ("nanollm.kernels.classifier", chosen) in launches
-    backward = {"v1": "layernorm_backward_kernel", "v3": "layernorm_backward_cvt_kernel",
-                "v5": "layernorm_backward_tree_kernel"}[layernorm.BACKWARD_VARIANT]
+    backward = layernorm.BACKWARD_KERNELS[layernorm.BACKWARD_VARIANT].py_func.__name__
     assert ("nanollm.kernels.layernorm", backward) in launches
     for (module_name, kernel_name), signatures in launches.items():
         assert (module_name, kernel_name) in jobs, f"{module_name}.{kernel_name} is launched but has no PTX signature"

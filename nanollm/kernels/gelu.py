@@ -75,11 +75,13 @@ def gelu_forward_kernel(out, inp):
     n = uint64(inp.shape[0])
     words = cuda.local.array(WORDS_PER_THREAD, uint64)  # registers: constant indices once unrolled
     for k in range(WORDS_PER_THREAD):
-        if first + uint64(k) * step < n:
-            words[k] = inp[first + uint64(k) * step]
+        i = first + uint64(k) * step
+        if i < n:
+            words[k] = inp[i]
     for k in range(WORDS_PER_THREAD):
-        if first + uint64(k) * step < n:
-            out[first + uint64(k) * step] = join_halves(gelu_bf16x2(low_half(words[k])), gelu_bf16x2(high_half(words[k])))
+        i = first + uint64(k) * step
+        if i < n:
+            out[i] = join_halves(gelu_bf16x2(low_half(words[k])), gelu_bf16x2(high_half(words[k])))
 
 
 @kernel(fastmath=True)
@@ -91,13 +93,15 @@ def gelu_backward_inplace_kernel(d_in_out, inp):
     words = cuda.local.array(WORDS_PER_THREAD, uint64)
     grads = cuda.local.array(WORDS_PER_THREAD, uint64)
     for k in range(WORDS_PER_THREAD):
-        if first + uint64(k) * step < n:
-            words[k] = inp[first + uint64(k) * step]
-            grads[k] = d_in_out[first + uint64(k) * step]
+        i = first + uint64(k) * step
+        if i < n:
+            words[k] = inp[i]
+            grads[k] = d_in_out[i]
     for k in range(WORDS_PER_THREAD):
-        if first + uint64(k) * step < n:
-            d_in_out[first + uint64(k) * step] = join_halves(gelu_backward_bf16x2(low_half(grads[k]), low_half(words[k])),
-                                                     gelu_backward_bf16x2(high_half(grads[k]), high_half(words[k])))
+        i = first + uint64(k) * step
+        if i < n:
+            d_in_out[i] = join_halves(gelu_backward_bf16x2(low_half(grads[k]), low_half(words[k])),
+                                      gelu_backward_bf16x2(high_half(grads[k]), high_half(words[k])))
 
 
 PTX_SIGNATURES = {
