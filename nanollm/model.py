@@ -14,7 +14,8 @@ forward: encoder -> per layer: layernorm -> qkv matmul (+bias) -> attention -> a
 (+bias) -> residual + layernorm (fused) -> fc matmul (+bias, GELU epilogue) -> fcproj matmul
 (+bias) -> residual + next layernorm (fused) ... -> logits = lnf . wte^T -> fused classifier
 (losses, and the logits overwritten in place with dloss * dlogits).
-backward: the reverse, with += into gradients so micro-steps accumulate. update: global norm,
+backward: the reverse, with += into gradients so micro-steps accumulate; after zero_grad() the
+first backward writes them (=) instead, so no pass zeroes them (3 GB at 1.5B). update: global norm,
 then AdamW per tensor (weight decay on the 2-D tensors only), stochastic rounding to bf16.
 
 Several ranks (nanollm/distributed.py, zero.py): the last micro-step's backward averages the
@@ -125,6 +126,9 @@ class GPT2:
         shapes = parameter_shapes(config)
         self.params = Buffers(shapes, np.uint16)
         self.grads = Buffers(shapes, np.uint16)
+        # zeros once: the gaps between tensors (which no backward writes, and the global norm reads)
+        # stay zero, since zero_grad() no longer passes over the whole buffer
+        device_memset(self.grads.memory, 0, self.grads.memory.nbytes, stream=self.stream)
         # the optimizer state of this rank's shard (every parameter at -z 0), per tensor packed
         state_shapes = {t.tensor: (t.state_count,) for t in self.layout.tensors}
         self.master = Buffers(state_shapes, np.float32)
@@ -227,6 +231,9 @@ class GPT2:
         self.update_hyper = cuda.device_array(adamw.HYPER_WORDS, dtype=np.uint32)
         self.hyper_uploads = PinnedUploads(adamw.HYPER_WORDS, np.uint32, self.stream)
         self._results_ready = None  # an event after update_clipped's copies to host_out
+        # zero_grad() was called and the gradients not zeroed yet: the next backward overwrites
+        # them; anything else reading them zeroes them first (_zero_grads_now)
+        self._grads_zero_pending = False
 
     def _prepare_communication(self):
         """Views of every unit (zero.Unit: what one collective moves) of the gradients and parameters,
@@ -306,6 +313,7 @@ class GPT2:
         return from_bf16_bits(self._download(self.params))
 
     def gradients(self):
+        self._zero_grads_now()
         return from_bf16_bits(self._download(self.grads))
 
     def master_weights(self):
@@ -500,7 +508,17 @@ class GPT2:
     # ---- backward -----------------------------------------------------------------------------
 
     def zero_grad(self):
-        device_memset(self.grads.memory, 0, self.grads.memory.nbytes, stream=self.stream)
+        """The gradients read as zeros from here on. No pass over them: the next backward writes
+        every gradient instead of adding to it (matmul weight gradients with beta 0, the bias and
+        layernorm kernels with accumulate off: the bits of += into zeros)."""
+        self._grads_zero_pending = True
+
+    def _zero_grads_now(self):
+        """Zero the gradients if zero_grad() left that to the next backward and something else reads
+        them first."""
+        if self._grads_zero_pending:
+            device_memset(self.grads.memory, 0, self.grads.memory.nbytes, stream=self.stream)
+            self._grads_zero_pending = False
 
     def backward(self, reduce=False):
         """Gradients of the last forward's loss, added (+=) into self.grads. Returns without
@@ -512,7 +530,9 @@ class GPT2:
             raise RuntimeError("backward() needs a forward(tokens, targets) of the full batch before it")
         reduce = reduce and self.comm.active
         overlap = reduce and self.comm.stream_ordered
-        self._replay("backward+reduce" if overlap else "backward", lambda: self._backward_layers(overlap))
+        overwrite, self._grads_zero_pending = self._grads_zero_pending, False
+        key = ("backward+reduce" if overlap else "backward") + (" (overwrites)" if overwrite else "")
+        self._replay(key, lambda: self._backward_layers(overlap, overwrite))
         # eager: its grid is the batch's number of distinct tokens
         encoder.encoder_backward_packed(self.grads.wte, self.grads.wpe, self.acts.dresidual, self.encoder_buckets,
                                         self.num_buckets, stream=self.stream)
@@ -539,22 +559,27 @@ class GPT2:
         done.record(self.reduce_stream)
         done.wait(self.stream)
 
-    def _backward_layers(self, reduce_layers=False):
+    def _backward_layers(self, reduce_layers=False, overwrite=False):
         """backward() up to the encoder: lm head, the layers in reverse, d encoded in dresidual.
         reduce_layers: each layer's gradients go to the reduce stream when its backward is queued;
-        the model stream waits for them at the end (a captured graph must end joined)."""
+        the model stream waits for them at the end (a captured graph must end joined).
+        overwrite: write the gradients instead of adding to them (the first backward after
+        zero_grad()); wpe's, which only the encoder backward adds to, is zeroed here (T*C)."""
         c, B, T, s = self.config, self.B, self.T, self.stream
         L, C, NH = c.num_layers, c.channels, c.num_heads
         a, a32, p, g = self.acts, self.acts32, self.params, self.grads
         bias_scratch, ln_scratch = a32.bias_scratch, a32.layernorm_scratch
         device_memset(a.dresidual, 0, a.dresidual.nbytes, stream=s)  # layernorm_backward adds into it
+        if overwrite:
+            device_memset(g.wpe, 0, g.wpe.nbytes, stream=s)
+        add = not overwrite  # wte: the lm head writes it, the encoder backward (after) adds to it
         dbt4c = a.dbt4c
         # lm head: logits = lnf . wte^T (no bias); the logits buffer holds dlogits. d lnf goes to the
         # 4C scratch (free until the last layer's fcproj backward), as llm.c
         dlnf = dbt4c.reshape(-1)[:B * T * C].reshape(B, T, C)
-        matmul.matmul_backward(dlnf, g.wte, None, a.logits, a.lnf, p.wte, stream=s)
+        matmul.matmul_backward(dlnf, g.wte, None, a.logits, a.lnf, p.wte, stream=s, accumulate=add)
         layernorm.layernorm_backward(a.dresidual, g.lnfw, g.lnfb, ln_scratch, dlnf, a.residual3[L - 1],
-                                     p.lnfw, a32.lnf_mean, a32.lnf_rstd, stream=s)
+                                     p.lnfw, a32.lnf_mean, a32.lnf_rstd, stream=s, accumulate=add)
         # the last residual is not read again this step: from here it is the (B,T,C) gradient
         # scratch (llm.c's dl_btc); the next forward rewrites it
         dbtc = a.residual3[L - 1]
@@ -568,18 +593,19 @@ class GPT2:
             dgelu_epilogue = self.gelu_fusion >= 2
             matmul.matmul_backward(dbt4c, g.fcprojw[l], g.fcprojb[l], a.dresidual, fch_gelu, p.fcprojw[l],
                                    pre_gelu=a.fch[l] if dgelu_epilogue else None, dbias_scratch=bias_scratch,
-                                   stream=s)
+                                   stream=s, accumulate=add)
             if not dgelu_epilogue:
                 # the GELU's backward in place and fc's bias gradient from its output in one pass
                 # (the bits of gelu_backward_inplace, then the bias kernel)
-                matmul.matmul_backward_bias(g.fcb[l], dbt4c, bias_scratch, stream=s, pre_gelu=a.fch[l])
+                matmul.matmul_backward_bias(g.fcb[l], dbt4c, bias_scratch, stream=s, pre_gelu=a.fch[l],
+                                            accumulate=add)
             matmul.matmul_backward(dbtc, g.fcw[l], g.fcb[l] if dgelu_epilogue else None, dbt4c, a.ln2[l], p.fcw[l],
-                                   dbias_scratch=bias_scratch, stream=s)
+                                   dbias_scratch=bias_scratch, stream=s, accumulate=add)
             layernorm.layernorm_backward(a.dresidual, g.ln2w[l], g.ln2b[l], ln_scratch, dbtc, a.residual2[l],
-                                         p.ln2w[l], a32.ln2_mean[l], a32.ln2_rstd[l], stream=s)
+                                         p.ln2w[l], a32.ln2_mean[l], a32.ln2_rstd[l], stream=s, accumulate=add)
             # dresidual is now d residual2
             matmul.matmul_backward(dbtc, g.attprojw[l], g.attprojb[l], a.dresidual, a.atty[l], p.attprojw[l],
-                                   dbias_scratch=bias_scratch, stream=s)
+                                   dbias_scratch=bias_scratch, stream=s, accumulate=add)
             if self.attention == "cudnn":
                 attention_cudnn.attention_backward_cudnn(dqkv, dbtc, a.qkvr[l], a.atty[l], a32.att_stats[l], NH,
                                                          stream=s)
@@ -587,9 +613,9 @@ class GPT2:
                 attention.attention_backward(dqkv, a.dqkvr.reshape(-1), a.datt, dbtc, a.qkvr[l].reshape(-1),
                                              a.att[l], NH, stream=s)
             matmul.matmul_backward(dbtc, g.qkvw[l], g.qkvb[l], dqkv, a.ln1[l], p.qkvw[l], dbias_scratch=bias_scratch,
-                                   stream=s)
+                                   stream=s, accumulate=add)
             layernorm.layernorm_backward(a.dresidual, g.ln1w[l], g.ln1b[l], ln_scratch, dbtc, residual,
-                                         p.ln1w[l], a32.ln1_mean[l], a32.ln1_rstd[l], stream=s)
+                                         p.ln1w[l], a32.ln1_mean[l], a32.ln1_rstd[l], stream=s, accumulate=add)
             if reduce_layers:
                 self._reduce_layer_on_side_stream(l)
         if reduce_layers:
@@ -601,6 +627,7 @@ class GPT2:
         """Global L2 norm of all gradients (one host synchronisation). After a -z 1 reduction each
         rank holds the averaged gradients of its slices only: the squares of those, summed over the
         ranks (as llm.c's gpt2_calculate_grad_norm)."""
+        self._zero_grads_now()
         if self.layout.sharded:  # one launch per slice: replayed as one graph
             self._replay("shard norm", self._queue_norm_squared)
         else:
@@ -627,6 +654,7 @@ class GPT2:
     def update(self, learning_rate, weight_decay=0.0, grad_scale=1.0, beta1=0.9, beta2=0.95, eps=1e-8):
         """One AdamW step; weight decay only on the 2-D tensors (WEIGHT_DECAY_PARAMETERS). Under
         -z 1 on this rank's slices, then the parameters all-gathered."""
+        self._zero_grads_now()
         if self._adamw_launches is None:  # one prepared launch per tensor (all its slices), built once
             self._adamw_launches = [
                 (t.tensor in WEIGHT_DECAY_PARAMETERS,
@@ -667,6 +695,7 @@ class GPT2:
         -- then the micro-steps' losses and the norm copied to pinned memory. step_results() waits
         for them. The same bits as grad_norm() + update(learning_rate, weight_decay, grad_scale)
         with the host's clip scale."""
+        self._zero_grads_now()
         if self._adamw_multi_tensor is None:
             # every slice of every tensor this rank updates; update()'s seed index is the tensor's
             ranges = [(self.params.offsets[t.tensor] + t.start + s * t.stride, t.count,

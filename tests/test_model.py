@@ -140,3 +140,30 @@ def test_given_parameters_or_the_seeds_initialisation(rng):
     np.testing.assert_array_equal(model.master_weights(), round_to_bf16(flat))
     seeded = GPT2(MICRO, 1, 4, seed=5)
     np.testing.assert_array_equal(seeded.parameters(), round_to_bf16(reference.init_parameters(MICRO, 5).memory))
+
+
+def test_zero_grad_then_backward_writes_what_zeroing_would(rng):
+    """zero_grad() no longer passes over the gradients: the first backward after it writes them.
+    From non-zero gradients (as an earlier step leaves them), one step of two micro-steps gives
+    every gradient the old way's values (zeroed, then added to; a zero's sign aside), and
+    gradients() right after zero_grad() reads zeros."""
+    from nanollm.kernels.bf16 import to_bf16_bits
+
+    seed = int(rng.integers(1000))
+    batches = rng.integers(0, MICRO.vocab_size, (2, 2, 1, 4))  # micro-step, tokens/targets
+    written, zeroed = (GPT2(MICRO, 1, 4, seed=seed, grad_accum_steps=2) for _ in range(2))
+    n = written.grads.memory.size
+    written.grads.memory.copy_to_device(to_bf16_bits(rng.standard_normal(n).astype(np.float32)))
+    written.zero_grad()
+    assert not written.gradients().any()
+    written.grads.memory.copy_to_device(to_bf16_bits(rng.standard_normal(n).astype(np.float32)))
+    written.zero_grad()
+    zeroed.zero_grad()
+    zeroed._zero_grads_now()  # the memset zero_grad() did before
+    for model in (written, zeroed):
+        for micro_step in range(2):
+            model.forward(*batches[micro_step], micro_step=micro_step)
+            model.backward()
+    got, want = written.gradients(), zeroed.gradients()
+    assert np.count_nonzero(want) > want.size // 2
+    np.testing.assert_array_equal(got, want)

@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")
 
 from nanollm import reference  # noqa: E402
 from nanollm.config import from_descriptor, parameter_shapes  # noqa: E402
+from nanollm.kernels.bf16 import to_bf16_bits  # noqa: E402
 from nanollm.model import GPT2  # noqa: E402
 
 from .test_reference import torch_model_from, torch_values  # noqa: E402
@@ -114,13 +115,44 @@ def test_cuda_graphs_replay_the_eager_step_exactly(attention):
             losses.append(model.losses())
             evals.append(model.evaluate(*batches[step, 0]))
         if graphs:
-            assert {("forward", 0), ("forward", 1), "backward", "evaluate"} <= set(model.graphs.captured)
+            assert {("forward", 0), ("forward", 1), "backward (overwrites)", "backward",
+                    "evaluate"} <= set(model.graphs.captured)
         state = model.optimizer_state()
         results.append((losses, evals, state))
     (losses, evals, state), (g_losses, g_evals, g_state) = results
     assert losses == g_losses and evals == g_evals
     for name in ("params_bf16", "master", "m", "v"):
         np.testing.assert_array_equal(state[name], g_state[name], err_msg=name)
+
+
+@pytest.mark.parametrize("gelu_fusion", [2, 1])
+def test_zero_grad_then_backward_writes_what_zeroing_would(gelu_fusion):
+    """The first backward after zero_grad() writes the gradients (cuBLASLt with beta 0, the bias
+    and layernorm kernels without accumulating): at d12 with cuDNN attention and CUDA graphs, over
+    two steps of two micro-steps from non-zero gradients, every gradient has the values of the
+    old way (zeroed, then added to; a zero's sign aside)."""
+    config = from_descriptor("d12")
+    B, T = 4, 64
+    _skip_without_cudnn(config, B, T)
+    rng = np.random.default_rng()
+    batches = rng.integers(0, config.vocab_size, (2, 2, 2, B, T))  # step, micro-step, tokens/targets
+    written, zeroed = (GPT2(config, B, T, seed=7, attention="cudnn", grad_accum_steps=2, gelu_fusion=gelu_fusion)
+                       for _ in range(2))
+    noise = rng.standard_normal(written.grads.memory.size).astype(np.float32)
+    written.grads.memory.copy_to_device(to_bf16_bits(noise))
+    for step in range(2):  # step 0 eager, step 1 replays the captured graphs
+        for model in (written, zeroed):
+            model.zero_grad()
+            if model is zeroed:
+                model._zero_grads_now()  # the memset zero_grad() did before
+            for micro_step in range(2):
+                model.forward(*batches[step, micro_step], micro_step=micro_step)
+                model.backward()
+        got, want = written.gradients(), zeroed.gradients()
+        np.testing.assert_array_equal(got, want, err_msg=f"step {step}")
+        for model in (written, zeroed):
+            model.update(3e-4, weight_decay=0.1)
+    assert {"backward (overwrites)", "backward"} <= set(written.graphs.captured)
 
 
 @pytest.mark.parametrize("attention", ["cudnn"])

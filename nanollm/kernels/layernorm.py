@@ -82,7 +82,10 @@ from .cuda_common import (WARP_SIZE, ceil_div, check_contiguous, check_variant, 
 LAYERNORM_EPS = 1e-5
 ROW_WORDS = 16  # uint64 words of a row each lane keeps in registers: C <= 32 * 4 * 16
 MAX_C = WARP_SIZE * 4 * ROW_WORDS
-FORWARD_WARPS = 8  # rows (warps) per block of the forward kernels: 256 threads
+# rows (warps) per block of the forward kernels: 128 threads. Measured faster than 8 warps
+# (benchmarks/layernorm_sweep.py, H200: the fused forward 0.1305 -> 0.1225 ms at
+# d12 B=64, 0.0702 -> 0.0692 at d48 B=16); any number of warps writes the same bits
+FORWARD_WARPS = 4
 BACKWARD_BLOCKS = 256  # most blocks (fp32 partial rows in scratch) of layernorm_backward
 ROW_SUMS_SHARED = 2 * 32 * 2  # fp32 at the start of the backward's shared memory: 2 parities, 32 warps, 2 sums
 PARAM_GRAD_ROWS = 16  # threads summing partials per channel word in layernorm_param_grad_kernel
@@ -336,8 +339,9 @@ def layernorm_backward_kernel(dinp, partials, dout, inp, weight, mean, rstd, C4)
 
 
 @kernel
-def layernorm_param_grad_kernel(dweight, dbias, partials, num_blocks, C4):
-    # dweight, dbias: (C4,) words, += the sum of the num_blocks partials (num_blocks, 2, 4, C4)
+def layernorm_param_grad_kernel(dweight, dbias, partials, num_blocks, C4, accumulate):
+    # dweight, dbias: (C4,) words, += the sum of the num_blocks partials (num_blocks, 2, 4, C4);
+    # accumulate false: overwritten with 0 + the sum (the bits of += into zeros, nothing read)
     # block (32, PARAM_GRAD_ROWS); grid (ceil(C4/32), 2): blockIdx.y 0 is dbias, 1 is dweight;
     # dynamic shared memory: (PARAM_GRAD_ROWS, 4, 32) fp32
     lane = cuda.threadIdx.x
@@ -361,9 +365,9 @@ def layernorm_param_grad_kernel(dweight, dbias, partials, num_blocks, C4):
             for j in range(4):
                 acc[j] += row_sums[(other * 4 + j) * WARP_SIZE + lane]
         if which == 0:
-            dbias[c] = add_fp32_to_bf16x4(dbias[c], acc)
+            dbias[c] = add_fp32_to_bf16x4(dbias[c] if accumulate else uint64(0), acc)
         else:
-            dweight[c] = add_fp32_to_bf16x4(dweight[c], acc)
+            dweight[c] = add_fp32_to_bf16x4(dweight[c] if accumulate else uint64(0), acc)
 
 
 # ---- variants v2, v3 (NANOLLM_LN_FORWARD; NANOLLM_LN_BACKWARD v3, v5; see the module docstring) ---
@@ -547,7 +551,7 @@ PTX_SIGNATURES = {
     layernorm_backward_kernel: f"void({_WORDS}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, {_F32}, {_F32}, int64)",
     layernorm_backward_cvt_kernel: f"void({_WORDS}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, {_F32}, {_F32}, int64)",
     layernorm_backward_tree_kernel: f"void({_WORDS}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, {_F32}, {_F32}, int64)",
-    layernorm_param_grad_kernel: f"void({_WORDS}, {_WORDS}, {_F32}, int64, int64)",
+    layernorm_param_grad_kernel: f"void({_WORDS}, {_WORDS}, {_F32}, int64, int64, boolean)",
     layernorm_forward_lean_kernel: f"void({_WORDS}, {_F32}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, int64)",
     layernorm_forward_cvt_kernel: f"void({_WORDS}, {_F32}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, int64)",
     fused_residual_layernorm_forward_lean_kernel:
@@ -638,8 +642,10 @@ def layernorm_backward_scratch_size(C, num_blocks=BACKWARD_BLOCKS):
 
 
 def layernorm_backward(dinp, dweight, dbias, scratch, dout, inp, weight, mean, rstd, stream=0,
-                       num_blocks=BACKWARD_BLOCKS, rows_per_block=None, variant=None):
-    """dinp += dL/dinp; dweight += and dbias += over all B*T rows (deterministic, no atomics).
+                       num_blocks=BACKWARD_BLOCKS, rows_per_block=None, variant=None, accumulate=True):
+    """dinp += dL/dinp; dweight += and dbias += over all B*T rows (deterministic, no atomics);
+    accumulate=False overwrites dweight and dbias instead (the bits of += into zeros; dinp is
+    always added to).
     dinp, dout, inp are (B,T,C) bf16; dweight, dbias, weight (C,) bf16; mean, rstd (B,T) fp32 from
     the forward; scratch: fp32 device array of at least layernorm_backward_scratch_size(C, num_blocks)
     elements (overwritten). num_blocks caps the grid, i.e. the fp32 partial rows in scratch.
@@ -666,4 +672,4 @@ def layernorm_backward(dinp, dweight, dbias, scratch, dout, inp, weight, mean, r
         dinp_words, partials, dout_words, inp_words, weight_words, mean.reshape(N), rstd.reshape(N), C4)
     layernorm_param_grad_kernel[(ceil_div(C4, WARP_SIZE), 2), (WARP_SIZE, PARAM_GRAD_ROWS), stream,
                                 PARAM_GRAD_ROWS * 4 * WARP_SIZE * 4](
-        dweight_words, dbias_words, partials, blocks, C4)
+        dweight_words, dbias_words, partials, blocks, C4, bool(accumulate))

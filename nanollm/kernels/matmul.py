@@ -78,14 +78,20 @@ def add_bf16x4(acc0, acc1, acc2, acc3, word):
 
 
 @device_function
+def gelu_backward_word(word, x):
+    """The GELU backward of a word of dout at the pre-activation's word x (gelu_backward_inplace's
+    arithmetic)."""
+    return join_halves(gelu_backward_bf16x2(low_half(word), low_half(x)),
+                       gelu_backward_bf16x2(high_half(word), high_half(x)))
+
+
+@device_function
 def load_column_word(dout, pre_gelu, index, through_gelu):
     """Word `index` of dout as the bias kernels sum it; through_gelu: replaced in dout, first, by
-    its GELU backward at the pre-activation's word (gelu_backward_inplace's arithmetic)."""
+    its GELU backward at the pre-activation's word."""
     word = dout[index]
     if through_gelu:
-        x = pre_gelu[index]
-        word = join_halves(gelu_backward_bf16x2(low_half(word), low_half(x)),
-                           gelu_backward_bf16x2(high_half(word), high_half(x)))
+        word = gelu_backward_word(word, pre_gelu[index])
         dout[index] = word
     return word
 
@@ -113,14 +119,34 @@ def bias_column_sums(partial, dout, pre_gelu, rows, n_words, rows_per_block, thr
         index = row * n_words + word
         index_step = step * n_words
         while row + 7 * step < row_end:  # BIAS_LOADS_IN_FLIGHT = 8 rows: all loads, then the adds
-            w0 = load_column_word(dout, pre_gelu, index, through_gelu)
-            w1 = load_column_word(dout, pre_gelu, index + index_step, through_gelu)
-            w2 = load_column_word(dout, pre_gelu, index + 2 * index_step, through_gelu)
-            w3 = load_column_word(dout, pre_gelu, index + 3 * index_step, through_gelu)
-            w4 = load_column_word(dout, pre_gelu, index + 4 * index_step, through_gelu)
-            w5 = load_column_word(dout, pre_gelu, index + 5 * index_step, through_gelu)
-            w6 = load_column_word(dout, pre_gelu, index + 6 * index_step, through_gelu)
-            w7 = load_column_word(dout, pre_gelu, index + 7 * index_step, through_gelu)
+            w0 = dout[index]
+            w1 = dout[index + index_step]
+            w2 = dout[index + 2 * index_step]
+            w3 = dout[index + 3 * index_step]
+            w4 = dout[index + 4 * index_step]
+            w5 = dout[index + 5 * index_step]
+            w6 = dout[index + 6 * index_step]
+            w7 = dout[index + 7 * index_step]
+            if through_gelu:
+                # the round's pre-activation loads too, before any store: as far as the compiler
+                # knows a store to dout may alias a later load, so interleaved (load, GELU, store
+                # per word) the loads waited for each other and the pass ran at 78% of copy
+                w0 = gelu_backward_word(w0, pre_gelu[index])
+                w1 = gelu_backward_word(w1, pre_gelu[index + index_step])
+                w2 = gelu_backward_word(w2, pre_gelu[index + 2 * index_step])
+                w3 = gelu_backward_word(w3, pre_gelu[index + 3 * index_step])
+                w4 = gelu_backward_word(w4, pre_gelu[index + 4 * index_step])
+                w5 = gelu_backward_word(w5, pre_gelu[index + 5 * index_step])
+                w6 = gelu_backward_word(w6, pre_gelu[index + 6 * index_step])
+                w7 = gelu_backward_word(w7, pre_gelu[index + 7 * index_step])
+                dout[index] = w0
+                dout[index + index_step] = w1
+                dout[index + 2 * index_step] = w2
+                dout[index + 3 * index_step] = w3
+                dout[index + 4 * index_step] = w4
+                dout[index + 5 * index_step] = w5
+                dout[index + 6 * index_step] = w6
+                dout[index + 7 * index_step] = w7
             acc0, acc1, acc2, acc3 = add_bf16x4(acc0, acc1, acc2, acc3, w0)
             acc0, acc1, acc2, acc3 = add_bf16x4(acc0, acc1, acc2, acc3, w1)
             acc0, acc1, acc2, acc3 = add_bf16x4(acc0, acc1, acc2, acc3, w2)
@@ -169,8 +195,9 @@ def gelu_backward_bias_kernel(partial, dout, pre_gelu, rows, n_words, rows_per_b
 
 
 @kernel
-def matmul_bias_add_partials_kernel(dbias, partial, n_partials):
-    # dbias: (OC,) bf16, accumulated into (+=, one rounding); partial: (>= n_partials * OC,) fp32,
+def matmul_bias_add_partials_kernel(dbias, partial, n_partials, accumulate):
+    # dbias: (OC,) bf16, accumulated into (+=, one rounding) or, with accumulate false, overwritten
+    # (0 + the sum: the bits of += into zeros, without reading them); partial: (>= n_partials * OC,) fp32,
     # n_partials rows of OC. Block (columns, lanes): lane ty sums rows ty, ty + blockDim.y, ... of
     # its column in order (four loads at once), then lane 0 adds the lanes in order.
     lane_sums = cuda.shared.array((BIAS_ADD_LANES, BIAS_ADD_COLUMNS), float32)
@@ -197,13 +224,14 @@ def matmul_bias_add_partials_kernel(dbias, partial, n_partials):
     if ty == 0 and col < OC:
         for r in range(1, lanes):
             total += lane_sums[r, tx]
-        dbias[col] = float_to_bf16(bf16_to_float(dbias[col]) + total)
+        old = bf16_to_float(dbias[col]) if accumulate else float32(0.0)
+        dbias[col] = float_to_bf16(old + total)
 
 
 PTX_SIGNATURES = {
     matmul_backward_bias_kernel: "void(float32[::1], uint64[::1], int64, int64, int64)",
     gelu_backward_bias_kernel: "void(float32[::1], uint64[::1], uint64[::1], int64, int64, int64)",
-    matmul_bias_add_partials_kernel: "void(uint16[::1], float32[::1], int64)",
+    matmul_bias_add_partials_kernel: "void(uint16[::1], float32[::1], int64, boolean)",
 }
 
 # ---- cuBLASLt set-up ---------------------------------------------------------------------------
@@ -517,9 +545,12 @@ def matmul_forward(out, inp, weight, bias=None, pre_gelu=None, stream=0):
     _gemm(out, inp, weight, rows, OC, C, 1, False, True, epilogue, bias, pre_gelu, stream=stream)
 
 
-def matmul_backward(dinp, dweight, dbias, dout, inp, weight, pre_gelu=None, dbias_scratch=None, stream=0):
+def matmul_backward(dinp, dweight, dbias, dout, inp, weight, pre_gelu=None, dbias_scratch=None, stream=0,
+                    accumulate=True):
     """Backward of matmul_forward, as llm.c: dinp = dout @ weight (overwritten), dweight +=
-    dout^T @ inp, dbias += column sums of dout (if dbias is given). With pre_gelu (the
+    dout^T @ inp, dbias += column sums of dout (if dbias is given). accumulate=False: dweight and
+    dbias are overwritten instead (the first micro-step: no zeroing pass, no read of the old
+    values; the values of += into zeros, a zero's sign aside). With pre_gelu (the
     pre-activation of the GELU that produced inp, same shape as dinp), dinp is multiplied by
     gelu'(pre_gelu) in the DGELU epilogue: it becomes the gradient wrt that pre-activation.
     dout (B,T,OC), inp and dinp (B,T,C), weight and dweight (OC,C), dbias (OC,). dbias_scratch:
@@ -531,10 +562,10 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight, pre_gelu=None, dbia
     if pre_gelu is not None:
         _check_same_rows(rows, pre_gelu=(pre_gelu, C))
     if dbias is not None:
-        matmul_backward_bias(dbias, dout, dbias_scratch, stream)
+        matmul_backward_bias(dbias, dout, dbias_scratch, stream, accumulate=accumulate)
     _gemm(dinp, dout, weight, rows, C, OC, 1, False, False,
           Epilogue.DGELU if pre_gelu is not None else Epilogue.DEFAULT, aux=pre_gelu, stream=stream)
-    _gemm(dweight, dout, inp, OC, C, rows, 1, True, False, beta=1.0, stream=stream)
+    _gemm(dweight, dout, inp, OC, C, rows, 1, True, False, beta=1.0 if accumulate else 0.0, stream=stream)
 
 
 _bias_scratch = None
@@ -551,8 +582,9 @@ def _bias_grid(rows, OC, block_words, block_rows):
     return grid, rows_per_block
 
 
-def matmul_backward_bias(dbias, dout, dbias_scratch=None, stream=0, block=None, pre_gelu=None):
-    """dbias (OC,) += dout summed over rows; dout (B,T,OC) bf16 with OC a multiple of 4.
+def matmul_backward_bias(dbias, dout, dbias_scratch=None, stream=0, block=None, pre_gelu=None, accumulate=True):
+    """dbias (OC,) += dout summed over rows (accumulate=False: dbias = the sums, the bits of += into
+    zeros); dout (B,T,OC) bf16 with OC a multiple of 4.
     Deterministic: each column is summed in fp32 in a fixed order (set by the shape and block) and
     rounded to bf16 once. dbias_scratch: float32, at least MAX_BIAS_PARTIALS * OC elements.
     block: (words, rows) threads, at most (BIAS_BLOCK_WORDS, BIAS_BLOCK_ROWS) (the default on a GPU).
@@ -595,7 +627,8 @@ def matmul_backward_bias(dbias, dout, dbias_scratch=None, stream=0, block=None, 
         gelu_backward_bias_kernel[grid, block, stream](partial, dout_words, pre_gelu_words, rows, OC // 4,
                                                        rows_per_block)
     add_block = (min(BIAS_ADD_COLUMNS, OC), min(4 if SIMULATOR else BIAS_ADD_LANES, grid[1]))
-    matmul_bias_add_partials_kernel[ceil_div(OC, add_block[0]), add_block, stream](dbias, partial, grid[1])
+    matmul_bias_add_partials_kernel[ceil_div(OC, add_block[0]), add_block, stream](dbias, partial, grid[1],
+                                                                                    bool(accumulate))
 
 
 def matmul_batched(out, a, b, transa=False, transb=False, alpha=1.0, beta=0.0, stream=0):

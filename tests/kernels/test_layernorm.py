@@ -169,6 +169,35 @@ def test_layernorm_backward_is_deterministic(rng, shape, launch, variant):
         np.testing.assert_array_equal(a.copy_to_host(), b.copy_to_host())
 
 
+@pytest.mark.parametrize("shape,launch,variant", [
+    pytest.param(*SHAPES[0].values, layernorm.BACKWARD_VARIANT, id="tiny"),
+    pytest.param(*SHAPES[2].values, layernorm.BACKWARD_VARIANT, marks=pytest.mark.gpu, id="gpt2-124M"),
+])
+def test_layernorm_backward_without_accumulate_overwrites(rng, shape, launch, variant):
+    """accumulate=False (the first micro-step after zero_grad): dweight and dbias start poisoned
+    (NaN) and end with the bits += leaves in zeros; dinp is still added to."""
+    B, T, C = shape
+    inp, _ = bf16_input(rng, shape, scale=2.0, shift=0.5)
+    weight, weight_ref, _, bias_ref = layernorm_params(rng, C)
+    dout, _ = bf16_input(rng, shape)
+    _, mean_ref, rstd_ref = reference.layernorm_forward(download_bf16(inp), weight_ref, bias_ref)
+    mean, rstd = cuda.to_device(mean_ref.astype(np.float32)), cuda.to_device(rstd_ref.astype(np.float32))
+    start_dinp = random_bf16(rng, shape)[0].copy_to_host()
+    kwargs = backward_kwargs(launch)
+    scratch = cuda.device_array(layernorm.layernorm_backward_scratch_size(C, kwargs.get(
+        "num_blocks", layernorm.BACKWARD_BLOCKS)), np.float32)
+    results = []
+    for accumulate in (True, False):
+        zeros_or_poison = (lambda s: cuda.to_device(np.zeros(s, np.uint16))) if accumulate else poisoned_bf16
+        grads = [cuda.to_device(start_dinp), zeros_or_poison((C,)), zeros_or_poison((C,))]
+        layernorm.layernorm_backward(*grads, scratch, dout, inp, weight, mean, rstd, variant=variant,
+                                     accumulate=accumulate, **kwargs)
+        results.append([g.copy_to_host() for g in grads])
+    for name, added, written in zip(["dinp", "dweight", "dbias"], *results):
+        np.testing.assert_array_equal(written, added, err_msg=name)
+    assert np.isfinite(from_bf16_bits(results[1][1])).all()
+
+
 # Candidates against v1 on the same inputs: the design keeps every output bit (same per-row
 # arithmetic in the same order). N = 7 rows is no multiple of the rows per block, and C/4 = 34
 # words is one whole warp and 2 lanes. On a GPU, at the training step's shapes. Inputs span

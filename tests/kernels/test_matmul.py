@@ -169,6 +169,40 @@ def test_bias_gradient_through_gelu(rng, rows, OC, block):
     assert relative_error(download_bf16(fused_dbias), expected_dbias) < BF16_ONE_ROUNDING
 
 
+@pytest.mark.parametrize("shape", [
+    pytest.param((12, 16, 24), id="tiny"),
+    pytest.param((16384, 1600, 6400), id="d48-fc", marks=pytest.mark.gpu),
+])
+@pytest.mark.parametrize("through_gelu", [False, True], ids=["bias", "gelu-bias"])
+def test_backward_without_accumulate_overwrites(rng, shape, through_gelu):
+    """accumulate=False (the first micro-step after zero_grad): dweight and dbias start poisoned
+    (NaN) and end with the values += gives into zeros -- nothing of the old contents read --
+    the bias bit for bit, the weight gradient as values (beta 0 may keep a product's -0.0)."""
+    rows, C, OC = shape
+    dout, _ = random_bf16(rng, (rows, OC))
+    inp, _ = random_bf16(rng, (rows, C))
+    weight, _ = random_bf16(rng, (OC, C), scale=1 / np.sqrt(C))
+    pre_gelu, _ = random_bf16(rng, (rows, OC), scale=2.0)
+    scratch = cuda.device_array(matmul.MAX_BIAS_PARTIALS * OC, dtype=np.float32)
+    results = []
+    for accumulate in (True, False):
+        dweight = cuda.to_device(np.zeros((OC, C), np.uint16)) if accumulate else poisoned_bf16((OC, C))
+        dbias = cuda.to_device(np.zeros(OC, np.uint16)) if accumulate else poisoned_bf16((OC,))
+        grad, dinp = cuda.to_device(dout.copy_to_host()), cuda.device_array((rows, C), np.uint16)
+        if through_gelu:  # as the model at -ge 0/1: fc's bias from the GELU backward's pass
+            matmul.matmul_backward_bias(dbias, grad, scratch, pre_gelu=pre_gelu, accumulate=accumulate)
+            matmul.matmul_backward(dinp, dweight, None, grad, inp, weight, accumulate=accumulate)
+        else:
+            matmul.matmul_backward(dinp, dweight, dbias, grad, inp, weight, dbias_scratch=scratch,
+                                   accumulate=accumulate)
+        results.append((download_bf16(dweight), dbias.copy_to_host(), grad.copy_to_host()))
+    (weight_added, bias_added, grad_added), (weight_written, bias_written, grad_written) = results
+    assert np.isfinite(weight_written).all() and np.isfinite(from_bf16_bits(bias_written)).all()
+    np.testing.assert_array_equal(weight_written, weight_added)  # float compare: -0.0 == 0.0
+    np.testing.assert_array_equal(bias_written, bias_added)
+    np.testing.assert_array_equal(grad_written, grad_added)
+
+
 BATCHED = [
     pytest.param((3, 8, 12, 16), id="tiny"),
     pytest.param((96, 1024, 1024, 64), id="gpt2-attention", marks=pytest.mark.gpu),  # B*NH, T, T, HS
