@@ -58,7 +58,7 @@ def test_training_launches_only_the_precompiled_signatures(launches, rng, monkey
     model.forward(tokens)  # inference (no targets): the logits kept
     jobs = precompile.kernel_jobs()
     assert len(launches) >= 15, sorted(launches)
-    chosen = {"v1": "fused_classifier_kernel", "v2": "fused_classifier_staged_kernel"}[classifier.VARIANT]
+    chosen = classifier.TRAINING_KERNELS[classifier.VARIANT].py_func.__name__
     assert ("nanollm.kernels.classifier", chosen) in launches
     backward = layernorm.BACKWARD_KERNELS[layernorm.BACKWARD_VARIANT].py_func.__name__
     assert ("nanollm.kernels.layernorm", backward) in launches

@@ -279,6 +279,8 @@ BLOCK_SIZE = 32 if SIMULATOR else 512
 VARIANTS = ("v1", "v2")
 DEFAULT_VARIANT = "v2"  # 4.68 against 5.61 ms at d12 B=64 on an H200 (benchmarks/RESULTS.md)
 VARIANT = variant_from_environment("NANOLLM_CLASSIFIER", VARIANTS, DEFAULT_VARIANT)
+# the kernel each variant runs when it writes dlogits (training); the loss alone always runs v1's
+TRAINING_KERNELS = dict(v1=fused_classifier_kernel, v2=fused_classifier_staged_kernel)
 
 _staged_row_limit = {}  # device id -> bytes of dynamic shared memory the staged kernel may take
 
@@ -334,7 +336,7 @@ def fused_classifier(logits, losses, dloss, targets, V, write_dlogits=True, bloc
     kernel, shared_bytes = fused_classifier_kernel, 0
     # loss only (evaluation): v1 reads the row once either way and was the faster on an H200
     # (2.46 against 2.84 ms at d12 B=64), so v2 stages rows only when it writes dlogits
-    if variant == "v2" and write_dlogits:
+    if write_dlogits and TRAINING_KERNELS[variant] is fused_classifier_staged_kernel:
         shared_bytes = staged_row_bytes(V)
         kernel = fused_classifier_staged_kernel
         if not _staged_row_fits(shared_bytes):  # a vocabulary too large for a row on chip: v1
