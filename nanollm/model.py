@@ -521,7 +521,8 @@ class GPT2:
             self._grads_zero_pending = False
 
     def backward(self, reduce=False):
-        """Gradients of the last forward's loss, added (+=) into self.grads. Returns without
+        """Gradients of the last forward's loss, added (+=) into self.grads (written instead by the
+        first backward after zero_grad(): the same values). Returns without
         waiting for the GPU (except for a host-staged reduction). reduce (the last micro-step):
         then average the gradients across the ranks, all-reduce at -z 0, reduce-scatter at -z 1
         (only this rank's slices are averaged; it updates only those); with NCCL each layer's as
