@@ -144,14 +144,14 @@ def test_given_parameters_or_the_seeds_initialisation(rng):
 
 def test_zero_grad_then_backward_writes_what_zeroing_would(rng):
     """zero_grad() no longer passes over the gradients: the first backward after it writes them.
-    From non-zero gradients (as an earlier step leaves them), one step of two micro-steps gives
-    every gradient the old way's values (zeroed, then added to; a zero's sign aside), and
-    gradients() right after zero_grad() reads zeros."""
+    From non-zero gradients (as an earlier step leaves them), that backward gives every gradient
+    the old way's values (zeroed, then added to; a zero's sign aside), and gradients() right after
+    zero_grad() reads zeros. (Later micro-steps add, as before; test_model_gpu.py runs two.)"""
     from nanollm.kernels.bf16 import to_bf16_bits
 
     seed = int(rng.integers(1000))
-    batches = rng.integers(0, MICRO.vocab_size, (2, 2, 1, 4))  # micro-step, tokens/targets
-    written, zeroed = (GPT2(MICRO, 1, 4, seed=seed, grad_accum_steps=2) for _ in range(2))
+    tokens, targets = rng.integers(0, MICRO.vocab_size, (2, 1, 4))
+    written, zeroed = GPT2(MICRO, 1, 4, seed=seed), GPT2(MICRO, 1, 4, seed=seed)
     n = written.grads.memory.size
     written.grads.memory.copy_to_device(to_bf16_bits(rng.standard_normal(n).astype(np.float32)))
     written.zero_grad()
@@ -161,9 +161,8 @@ def test_zero_grad_then_backward_writes_what_zeroing_would(rng):
     zeroed.zero_grad()
     zeroed._zero_grads_now()  # the memset zero_grad() did before
     for model in (written, zeroed):
-        for micro_step in range(2):
-            model.forward(*batches[micro_step], micro_step=micro_step)
-            model.backward()
+        model.forward(tokens, targets)
+        model.backward()
     got, want = written.gradients(), zeroed.gradients()
     assert np.count_nonzero(want) > want.size // 2
     np.testing.assert_array_equal(got, want)
