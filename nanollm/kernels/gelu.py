@@ -60,6 +60,14 @@ def gelu_backward_bf16x2(grad, word):
     return pack_bf16x2_rn(d_low, d_high)
 
 
+@device_function
+def gelu_backward_word(grad, word):
+    """The GELU backward of a uint64 word of gradients (four bf16) at the pre-activation's word:
+    gelu_backward_inplace's arithmetic, and the fc bias gradient's pass (matmul.py)."""
+    return join_halves(gelu_backward_bf16x2(low_half(grad), low_half(word)),
+                       gelu_backward_bf16x2(high_half(grad), high_half(word)))
+
+
 # words (four bf16 each) per thread, WORDS_PER_THREAD * blockDim.x a block: a thread's words sit
 # blockDim.x apart (each load coalesced across the warp) and are all loaded before the first is
 # used. One word per thread kept 16 KB in flight per SM, short of what HBM3 needs (~40-64 KB):
@@ -100,8 +108,7 @@ def gelu_backward_inplace_kernel(d_in_out, inp):
     for k in range(WORDS_PER_THREAD):
         i = first + uint64(k) * step
         if i < n:
-            d_in_out[i] = join_halves(gelu_backward_bf16x2(low_half(grads[k]), low_half(words[k])),
-                                      gelu_backward_bf16x2(high_half(grads[k]), high_half(words[k])))
+            d_in_out[i] = gelu_backward_word(grads[k], words[k])
 
 
 PTX_SIGNATURES = {

@@ -36,11 +36,11 @@ from nvmath.bindings import cublasLt
 
 from .. import cuda_libraries, reference, startup
 from . import matmul_tuning
-from .bf16 import (bf16_to_float, bf16x2_high, bf16x2_low, float_to_bf16, from_bf16_bits, high_half, join_halves,
+from .bf16 import (bf16_to_float, bf16x2_high, bf16x2_low, float_to_bf16, from_bf16_bits, high_half,
                    low_half, to_bf16_bits)
 from .cuda_common import SIMULATOR, ceil_div, check_contiguous, device_function, kernel, variant_from_environment
 from .cuda_common import device_pointer as _pointer, stream_handle as _stream_handle
-from .gelu import gelu_backward_bf16x2
+from .gelu import gelu_backward_word
 
 # ---- CUDA kernels: the bias gradient ----------------------------------------------------------
 
@@ -75,14 +75,6 @@ def add_bf16x4(acc0, acc1, acc2, acc3, word):
     """The four bf16 of a uint64 word (columns 4w .. 4w+3) added to four fp32 sums."""
     return (acc0 + bf16x2_low(low_half(word)), acc1 + bf16x2_high(low_half(word)),
             acc2 + bf16x2_low(high_half(word)), acc3 + bf16x2_high(high_half(word)))
-
-
-@device_function
-def gelu_backward_word(word, x):
-    """The GELU backward of a word of dout at the pre-activation's word x (gelu_backward_inplace's
-    arithmetic)."""
-    return join_halves(gelu_backward_bf16x2(low_half(word), low_half(x)),
-                       gelu_backward_bf16x2(high_half(word), high_half(x)))
 
 
 @device_function
