@@ -579,8 +579,12 @@ class GPT2:
         # 4C scratch (free until the last layer's fcproj backward), as llm.c
         dlnf = dbt4c.reshape(-1)[:B * T * C].reshape(B, T, C)
         matmul.matmul_backward(dlnf, g.wte, None, a.logits, a.lnf, p.wte, stream=s, accumulate=add)
+        # each layernorm backward also sums the residual gradient it leaves, per channel: the bias
+        # gradient of the projection that fed the residual (fcproj's here and at ln1 of the layer
+        # after, attproj's at ln2), so matmul_backward does not read the (B,T,C) gradient again for it
         layernorm.layernorm_backward(a.dresidual, g.lnfw, g.lnfb, ln_scratch, dlnf, a.residual3[L - 1],
-                                     p.lnfw, a32.lnf_mean, a32.lnf_rstd, stream=s, accumulate=add)
+                                     p.lnfw, a32.lnf_mean, a32.lnf_rstd, stream=s, accumulate=add,
+                                     dinp_sums=g.fcprojb[L - 1])
         # the last residual is not read again this step: from here it is the (B,T,C) gradient
         # scratch (llm.c's dl_btc); the next forward rewrites it
         dbtc = a.residual3[L - 1]
@@ -592,7 +596,8 @@ class GPT2:
                 gelu.gelu_forward(fch_gelu, a.fch[l], stream=s)
             # fcproj: dresidual is d residual3; with gelu_fusion 2 the DGELU epilogue gives d fch
             dgelu_epilogue = self.gelu_fusion >= 2
-            matmul.matmul_backward(dbt4c, g.fcprojw[l], g.fcprojb[l], a.dresidual, fch_gelu, p.fcprojw[l],
+            # (fcproj's and attproj's bias gradients: the layernorm backwards' dinp_sums)
+            matmul.matmul_backward(dbt4c, g.fcprojw[l], None, a.dresidual, fch_gelu, p.fcprojw[l],
                                    pre_gelu=a.fch[l] if dgelu_epilogue else None, dbias_scratch=bias_scratch,
                                    stream=s, accumulate=add)
             if not dgelu_epilogue:
@@ -603,9 +608,10 @@ class GPT2:
             matmul.matmul_backward(dbtc, g.fcw[l], g.fcb[l] if dgelu_epilogue else None, dbt4c, a.ln2[l], p.fcw[l],
                                    dbias_scratch=bias_scratch, stream=s, accumulate=add)
             layernorm.layernorm_backward(a.dresidual, g.ln2w[l], g.ln2b[l], ln_scratch, dbtc, a.residual2[l],
-                                         p.ln2w[l], a32.ln2_mean[l], a32.ln2_rstd[l], stream=s, accumulate=add)
+                                         p.ln2w[l], a32.ln2_mean[l], a32.ln2_rstd[l], stream=s, accumulate=add,
+                                         dinp_sums=g.attprojb[l])
             # dresidual is now d residual2
-            matmul.matmul_backward(dbtc, g.attprojw[l], g.attprojb[l], a.dresidual, a.atty[l], p.attprojw[l],
+            matmul.matmul_backward(dbtc, g.attprojw[l], None, a.dresidual, a.atty[l], p.attprojw[l],
                                    dbias_scratch=bias_scratch, stream=s, accumulate=add)
             if self.attention == "cudnn":
                 attention_cudnn.attention_backward_cudnn(dqkv, dbtc, a.qkvr[l], a.atty[l], a32.att_stats[l], NH,
@@ -616,7 +622,8 @@ class GPT2:
             matmul.matmul_backward(dbtc, g.qkvw[l], g.qkvb[l], dqkv, a.ln1[l], p.qkvw[l], dbias_scratch=bias_scratch,
                                    stream=s, accumulate=add)
             layernorm.layernorm_backward(a.dresidual, g.ln1w[l], g.ln1b[l], ln_scratch, dbtc, residual,
-                                         p.ln1w[l], a32.ln1_mean[l], a32.ln1_rstd[l], stream=s, accumulate=add)
+                                         p.ln1w[l], a32.ln1_mean[l], a32.ln1_rstd[l], stream=s, accumulate=add,
+                                         dinp_sums=g.fcprojb[l - 1] if l > 0 else None)
             if reduce_layers:
                 self._reduce_layer_on_side_stream(l)
         if reduce_layers:

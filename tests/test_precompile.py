@@ -62,6 +62,9 @@ def test_training_launches_only_the_precompiled_signatures(launches, rng, monkey
     assert ("nanollm.kernels.classifier", chosen) in launches
     backward = layernorm.BACKWARD_KERNELS[layernorm.BACKWARD_VARIANT].py_func.__name__
     assert ("nanollm.kernels.layernorm", backward) in launches
+    if layernorm.BACKWARD_VARIANT in layernorm.BACKWARD_SUMS_KERNELS:  # the layers' residual bias gradients
+        fused = layernorm.BACKWARD_SUMS_KERNELS[layernorm.BACKWARD_VARIANT].py_func.__name__
+        assert ("nanollm.kernels.layernorm", fused) in launches
     for (module_name, kernel_name), signatures in launches.items():
         assert (module_name, kernel_name) in jobs, f"{module_name}.{kernel_name} is launched but has no PTX signature"
         _, signature = precompile._lookup(module_name, kernel_name)

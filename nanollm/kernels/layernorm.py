@@ -24,6 +24,14 @@ contiguous (B*T rows of C channels); sums are fp32.
   layernorm_backward_scratch_size(C) float32 elements (1.5 MiB at C=768).
   (llm.c's kernel10 keeps the sums in shared memory and syncs twice per 256 channels of a row; the
   last block reduces the partials, found with an atomic counter.)
+  With dinp_sums the backward also sums, per channel, the dinp words it writes: dinp is the
+  residual stream's gradient, and its column sums are the bias gradient of the projection that
+  added into the residual (attproj, fcproj), which llm.c's matmul_backward_bias reads dinp again
+  for. The model takes them from here: on an H200 the backward with the sums took 0.1322 ms where
+  the backward and then the bias kernel took 0.1640 at d12 B=64 (0.0784 against 0.0990 at d48
+  B=16; benchmarks/layernorm_bias.py, RESULTS.md). The sums kernel
+  (layernorm_backward_tree_sums_kernel, v5's code) is held to 72 registers, v5's count, so two
+  416-thread blocks (C=1600) still fit an SM (uncapped it takes 80; capped, ptxas spills 8 bytes).
 
 Variants, chosen once at import by NANOLLM_LN_FORWARD and NANOLLM_LN_BACKWARD (defaults v3 and
 v5, the fastest on an H200: benchmarks/RESULTS.md; the launchers also take variant=). v1 is the plain
@@ -253,19 +261,21 @@ def block_row_means(shared, dnorm_sum, dnorm_norm_sum, parity, slot, warps_per_r
 
 
 @device_function
-def write_block_partial(partials, shared, offset, acc, slot, slots, c, C4):
-    """The block's dbias/dweight partial: its row slots' sums (acc) added in slot order, through
-    shared memory from `offset` (slots * 8 * C4 fp32), to partials[blockIdx.x] (8, C4)."""
+def write_block_partial(partials, shared, offset, acc, slot, slots, c, C4, count):
+    """The block's partial of its `count` per-channel sums (8: dbias and dweight; 12: and dinp's
+    column sums): its row slots' sums (acc) added in slot order, through shared memory from
+    `offset` (slots * count * C4 fp32), to partials[blockIdx.x] (count, C4). count is a constant
+    in each kernel."""
     if c < C4:
-        for q in range(8):
-            shared[offset + (slot * 8 + q) * C4 + c] = acc[q]
+        for q in range(count):
+            shared[offset + (slot * count + q) * C4 + c] = acc[q]
     cuda.syncthreads()
     if slot == 0 and c < C4:
-        for q in range(8):
+        for q in range(count):
             total = float32(0.0)
             for r in range(slots):
-                total += shared[offset + (r * 8 + q) * C4 + c]
-            partials[(cuda.blockIdx.x * 8 + q) * C4 + c] = total
+                total += shared[offset + (r * count + q) * C4 + c]
+            partials[(cuda.blockIdx.x * count + q) * C4 + c] = total
 
 
 @kernel
@@ -335,15 +345,16 @@ def layernorm_backward_kernel(dinp, partials, dout, inp, weight, mean, rstd, C4)
                 acc[4 + j] += grad * norm
             dinp[row * C4 + c] = new
         parity = 1 - parity
-    write_block_partial(partials, shared, ROW_SUMS_SHARED, acc, slot, rows, c, C4)
+    write_block_partial(partials, shared, ROW_SUMS_SHARED, acc, slot, rows, c, C4, 8)
 
 
 @kernel
-def layernorm_param_grad_kernel(dweight, dbias, partials, num_blocks, C4, accumulate):
-    # dweight, dbias: (C4,) words, += the sum of the num_blocks partials (num_blocks, 2, 4, C4);
-    # accumulate false: overwritten with 0 + the sum (the bits of += into zeros, nothing read)
-    # block (32, PARAM_GRAD_ROWS); grid (ceil(C4/32), 2): blockIdx.y 0 is dbias, 1 is dweight;
-    # dynamic shared memory: (PARAM_GRAD_ROWS, 4, 32) fp32
+def layernorm_param_grad_kernel(dweight, dbias, dsums, partials, num_blocks, num_sums, C4, accumulate):
+    # dweight, dbias (and dsums): (C4,) words, += the sum of the num_blocks partials
+    # (num_blocks, num_sums, 4, C4); accumulate false: overwritten with 0 + the sum (the bits of +=
+    # into zeros, nothing read). num_sums 2: dbias, dweight; 3: and dinp's column sums into dsums
+    # block (32, PARAM_GRAD_ROWS); grid (ceil(C4/32), num_sums): blockIdx.y 0 is dbias, 1 dweight,
+    # 2 dsums; dynamic shared memory: (PARAM_GRAD_ROWS, 4, 32) fp32
     lane = cuda.threadIdx.x
     r = cuda.threadIdx.y
     c = cuda.blockIdx.x * WARP_SIZE + lane
@@ -353,7 +364,7 @@ def layernorm_param_grad_kernel(dweight, dbias, partials, num_blocks, C4, accumu
         acc[j] = float32(0.0)
     if c < C4:
         for b in range(r, num_blocks, PARAM_GRAD_ROWS):
-            base = (b * 2 + which) * 4 * C4 + c
+            base = (b * num_sums + which) * 4 * C4 + c
             for j in range(4):
                 acc[j] += partials[base + j * C4]
     row_sums = cuda.shared.array(0, float32)
@@ -366,8 +377,10 @@ def layernorm_param_grad_kernel(dweight, dbias, partials, num_blocks, C4, accumu
                 acc[j] += row_sums[(other * 4 + j) * WARP_SIZE + lane]
         if which == 0:
             dbias[c] = add_fp32_to_bf16x4(dbias[c] if accumulate else uint64(0), acc)
-        else:
+        elif which == 1:
             dweight[c] = add_fp32_to_bf16x4(dweight[c] if accumulate else uint64(0), acc)
+        else:
+            dsums[c] = add_fp32_to_bf16x4(dsums[c] if accumulate else uint64(0), acc)
 
 
 # ---- variants v2, v3 (NANOLLM_LN_FORWARD; NANOLLM_LN_BACKWARD v3, v5; see the module docstring) ---
@@ -472,11 +485,13 @@ def fused_residual_layernorm_forward_cvt_kernel(residual, normed, mean, rstd, in
 
 
 @device_function
-def backward_row(dinp, acc, shared, w, g, x, old, m, s, row, N, parity, slot, warps_per_row, c, C4, cvt, tree):
+def backward_row(dinp, acc, shared, w, g, x, old, m, s, row, N, parity, slot, warps_per_row, c, C4, cvt, tree,
+                 dinp_sums):
     """One row of the backward from word c of its dout (g), inp (x) and dinp (old) (zeros past N or
     C4) and its mean and rstd, in v1's arithmetic: the row's two sums over the block (a barrier:
     every thread of the block must call it), dinp += for a live row, its dbias and dweight terms
-    added to acc."""
+    added to acc[0:8]; with dinp_sums (a constant), the bf16 values written to dinp added to
+    acc[8:12]."""
     live = row < N and c < C4
     w0, w1, w2, w3 = bf16x4_unpack(w)
     g0, g1, g2, g3 = bf16x4_unpack(g)
@@ -491,14 +506,21 @@ def backward_row(dinp, acc, shared, w, g, x, old, m, s, row, N, parity, slot, wa
                                                   c % WARP_SIZE, c, float32(1.0) / float32(4 * C4), tree)
     if live:
         o0, o1, o2, o3 = bf16x4_unpack(old)
-        dinp[uint64(row * C4 + c)] = pack_word(cvt, o0 + dinp_term(w0, g0, x0, m, s, dnorm_mean, dnorm_norm_mean),
-                                               o1 + dinp_term(w1, g1, x1, m, s, dnorm_mean, dnorm_norm_mean),
-                                               o2 + dinp_term(w2, g2, x2, m, s, dnorm_mean, dnorm_norm_mean),
-                                               o3 + dinp_term(w3, g3, x3, m, s, dnorm_mean, dnorm_norm_mean))
+        word = pack_word(cvt, o0 + dinp_term(w0, g0, x0, m, s, dnorm_mean, dnorm_norm_mean),
+                         o1 + dinp_term(w1, g1, x1, m, s, dnorm_mean, dnorm_norm_mean),
+                         o2 + dinp_term(w2, g2, x2, m, s, dnorm_mean, dnorm_norm_mean),
+                         o3 + dinp_term(w3, g3, x3, m, s, dnorm_mean, dnorm_norm_mean))
+        dinp[uint64(row * C4 + c)] = word
+        if dinp_sums:
+            n0, n1, n2, n3 = bf16x4_unpack(word)
+            acc[8] += n0
+            acc[9] += n1
+            acc[10] += n2
+            acc[11] += n3
 
 
 @device_function
-def layernorm_backward_prefetch(dinp, partials, dout, inp, weight, mean, rstd, C4, cvt, tree):
+def layernorm_backward_prefetch(dinp, partials, dout, inp, weight, mean, rstd, C4, cvt, tree, dinp_sums):
     # layernorm_backward_kernel's layout, arithmetic and partials (block (width, slots), thread c
     # owns word c of a row, blocks stride over the rows), with the next row's mean and rstd loaded
     # ahead with its words (v1 loads them when the row starts: a memory latency per row that
@@ -511,8 +533,11 @@ def layernorm_backward_prefetch(dinp, partials, dout, inp, weight, mean, rstd, C
     w = uint64(0)  # threads past C4 compute on zeros: they add nothing to the row sums
     if c < C4:
         w = weight[uint64(c)]
-    acc = cuda.local.array(8, float32)  # dbias (0..3) and dweight (4..7) of the thread's channels
-    for q in range(8):
+    # dbias (0..3), dweight (4..7) and with dinp_sums dinp's column sums (8..11) of the thread's
+    # channels; without, 8..11 are never touched and take no registers
+    acc = cuda.local.array(12, float32)
+    count = 12 if dinp_sums else 8
+    for q in range(count):
         acc[q] = float32(0.0)
     shared = cuda.shared.array(0, float32)  # as layernorm_backward_kernel's
     parity = 0
@@ -526,19 +551,28 @@ def layernorm_backward_prefetch(dinp, partials, dout, inp, weight, mean, rstd, C
         g, x, old, m, s = g_next, x_next, old_next, m_next, s_next
         g_next, x_next, old_next, m_next, s_next = load_row_ahead(dinp, dout, inp, mean, rstd,
                                                                   row + stride, N, C4, c)
-        backward_row(dinp, acc, shared, w, g, x, old, m, s, row, N, parity, slot, warps_per_row, c, C4, cvt, tree)
+        backward_row(dinp, acc, shared, w, g, x, old, m, s, row, N, parity, slot, warps_per_row, c, C4, cvt, tree,
+                     dinp_sums)
         parity = 1 - parity
-    write_block_partial(partials, shared, ROW_SUMS_SHARED, acc, slot, slots, c, C4)
+    write_block_partial(partials, shared, ROW_SUMS_SHARED, acc, slot, slots, c, C4, count)
 
 
 @kernel
 def layernorm_backward_cvt_kernel(dinp, partials, dout, inp, weight, mean, rstd, C4):
-    layernorm_backward_prefetch(dinp, partials, dout, inp, weight, mean, rstd, C4, True, False)
+    layernorm_backward_prefetch(dinp, partials, dout, inp, weight, mean, rstd, C4, True, False, False)
 
 
 @kernel
 def layernorm_backward_tree_kernel(dinp, partials, dout, inp, weight, mean, rstd, C4):
-    layernorm_backward_prefetch(dinp, partials, dout, inp, weight, mean, rstd, C4, True, True)
+    layernorm_backward_prefetch(dinp, partials, dout, inp, weight, mean, rstd, C4, True, True, False)
+
+
+@kernel(max_registers=72)  # as v5: two 416-thread blocks an SM at C=1600 (80 uncapped; see the docstring)
+def layernorm_backward_tree_sums_kernel(dinp, partials, dout, inp, weight, mean, rstd, C4):
+    # v5 that also sums the dinp words it writes per channel (partials (gridDim.x, 12, C4)): the
+    # residual stream's gradient, whose column sums are the bias gradient of the projection
+    # (attproj, fcproj) that added into the residual, without a pass of the bias kernel over it
+    layernorm_backward_prefetch(dinp, partials, dout, inp, weight, mean, rstd, C4, True, True, True)
 
 
 _WORDS = "uint64[::1]"
@@ -551,7 +585,9 @@ PTX_SIGNATURES = {
     layernorm_backward_kernel: f"void({_WORDS}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, {_F32}, {_F32}, int64)",
     layernorm_backward_cvt_kernel: f"void({_WORDS}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, {_F32}, {_F32}, int64)",
     layernorm_backward_tree_kernel: f"void({_WORDS}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, {_F32}, {_F32}, int64)",
-    layernorm_param_grad_kernel: f"void({_WORDS}, {_WORDS}, {_F32}, int64, int64, boolean)",
+    layernorm_backward_tree_sums_kernel:
+        f"void({_WORDS}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, {_F32}, {_F32}, int64)",
+    layernorm_param_grad_kernel: f"void({_WORDS}, {_WORDS}, {_WORDS}, {_F32}, int64, int64, int64, boolean)",
     layernorm_forward_lean_kernel: f"void({_WORDS}, {_F32}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, int64)",
     layernorm_forward_cvt_kernel: f"void({_WORDS}, {_F32}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, int64)",
     fused_residual_layernorm_forward_lean_kernel:
@@ -564,6 +600,7 @@ FORWARD_KERNELS = dict(v1=layernorm_forward_kernel, v2=layernorm_forward_lean_ke
 FUSED_FORWARD_KERNELS = dict(v1=fused_residual_layernorm_forward_kernel, v2=fused_residual_layernorm_forward_lean_kernel,
                              v3=fused_residual_layernorm_forward_cvt_kernel)
 BACKWARD_KERNELS = dict(v1=layernorm_backward_kernel, v3=layernorm_backward_cvt_kernel, v5=layernorm_backward_tree_kernel)
+BACKWARD_SUMS_KERNELS = dict(v5=layernorm_backward_tree_sums_kernel)  # with dinp_sums; the others: see the launcher
 
 
 # ---- launchers -------------------------------------------------------------------------------
@@ -637,12 +674,14 @@ def layernorm_backward_block(C, rows=None):
 
 
 def layernorm_backward_scratch_size(C, num_blocks=BACKWARD_BLOCKS):
-    """float32 elements of the scratch buffer layernorm_backward needs: one (2C,) partial per block."""
-    return num_blocks * 2 * C
+    """float32 elements of the scratch buffer layernorm_backward needs: one (3C,) partial per block
+    (dbias, dweight and, with dinp_sums, dinp's column sums)."""
+    return num_blocks * 3 * C
 
 
 def layernorm_backward(dinp, dweight, dbias, scratch, dout, inp, weight, mean, rstd, stream=0,
-                       num_blocks=BACKWARD_BLOCKS, rows_per_block=None, variant=None, accumulate=True):
+                       num_blocks=BACKWARD_BLOCKS, rows_per_block=None, variant=None, accumulate=True,
+                       dinp_sums=None):
     """dinp += dL/dinp; dweight += and dbias += over all B*T rows (deterministic, no atomics);
     accumulate=False overwrites dweight and dbias instead (the bits of += into zeros; dinp is
     always added to).
@@ -650,7 +689,14 @@ def layernorm_backward(dinp, dweight, dbias, scratch, dout, inp, weight, mean, r
     the forward; scratch: fp32 device array of at least layernorm_backward_scratch_size(C, num_blocks)
     elements (overwritten). num_blocks caps the grid, i.e. the fp32 partial rows in scratch.
     variant: one of BACKWARD_VARIANTS (dweight and dbias: the same bits; dinp: see the module
-    docstring); None takes NANOLLM_LN_BACKWARD's."""
+    docstring); None takes NANOLLM_LN_BACKWARD's.
+    dinp_sums, (C,) bf16: += (accumulate=False: =) dinp's column sums over all rows after the
+    update, summed in fp32 and rounded once, like dweight and dbias. dinp is the residual stream's
+    gradient, so these are the bias gradient of the projection whose output was added into the
+    residual (attproj's at ln2, fcproj's at ln1 of the next layer and at lnf): the model takes it
+    from here instead of reading dinp again in matmul_backward_bias. v5 sums the words as it writes
+    them; v1 and v3 run matmul_backward_bias over dinp after the kernel (the same sums in another
+    order)."""
     variant = check_variant(variant or BACKWARD_VARIANT, BACKWARD_VARIANTS)
     shape, N, C = _rows("inp", inp)
     inp_words = as_words("inp", inp, shape)
@@ -661,15 +707,22 @@ def layernorm_backward(dinp, dweight, dbias, scratch, dout, inp, weight, mean, r
     check_contiguous("rstd", rstd, np.float32, shape[:-1])
     width, rows = layernorm_backward_block(C, rows_per_block)
     blocks = min(ceil_div(N, rows), num_blocks)
-    needed = blocks * 2 * C
+    fused_sums = dinp_sums is not None and variant in BACKWARD_SUMS_KERNELS
+    num_sums = 3 if fused_sums else 2  # per-channel sums per block: dbias, dweight (, dinp's)
+    needed = blocks * num_sums * C
     if scratch.dtype != np.float32 or scratch.ndim != 1 or scratch.size < needed:
         raise ValueError(f"scratch: expected a 1-D float32 array of at least {needed} elements "
                          f"(layernorm_backward_scratch_size), got {scratch.dtype} {tuple(scratch.shape)}")
+    sums_words = as_words("dinp_sums", dinp_sums, (C,)) if dinp_sums is not None else dbias_words
     partials = scratch[:needed]
     C4 = C // 4
-    shared_bytes = (ROW_SUMS_SHARED + rows * 8 * C4) * 4
-    BACKWARD_KERNELS[variant][blocks, (width, rows), stream, shared_bytes](
+    shared_bytes = (ROW_SUMS_SHARED + rows * 4 * num_sums * C4) * 4
+    backward_kernel = BACKWARD_SUMS_KERNELS[variant] if fused_sums else BACKWARD_KERNELS[variant]
+    backward_kernel[blocks, (width, rows), stream, shared_bytes](
         dinp_words, partials, dout_words, inp_words, weight_words, mean.reshape(N), rstd.reshape(N), C4)
-    layernorm_param_grad_kernel[(ceil_div(C4, WARP_SIZE), 2), (WARP_SIZE, PARAM_GRAD_ROWS), stream,
+    layernorm_param_grad_kernel[(ceil_div(C4, WARP_SIZE), num_sums), (WARP_SIZE, PARAM_GRAD_ROWS), stream,
                                 PARAM_GRAD_ROWS * 4 * WARP_SIZE * 4](
-        dweight_words, dbias_words, partials, blocks, C4, bool(accumulate))
+        dweight_words, dbias_words, sums_words, partials, blocks, num_sums, C4, bool(accumulate))
+    if dinp_sums is not None and not fused_sums:
+        from . import matmul  # here only: matmul is the heavier import, and only v1/v3 need it
+        matmul.matmul_backward_bias(dinp_sums, dinp, stream=stream, accumulate=accumulate)

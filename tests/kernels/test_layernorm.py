@@ -151,6 +151,15 @@ def run_backward(rng, shape, launch, variants=(None,), with_reference=True, spre
     return results, expected
 
 
+def backward_inputs(rng, shape):
+    """Device inputs of one backward: inp, dout, weight, and mean and rstd of inp's forward."""
+    inp, _ = bf16_input(rng, shape, scale=2.0, shift=0.5)
+    weight, weight_ref, _, bias_ref = layernorm_params(rng, shape[-1])
+    dout, _ = bf16_input(rng, shape)
+    _, mean_ref, rstd_ref = reference.layernorm_forward(download_bf16(inp), weight_ref, bias_ref)
+    return inp, dout, weight, cuda.to_device(mean_ref.astype(np.float32)), cuda.to_device(rstd_ref.astype(np.float32))
+
+
 @pytest.mark.parametrize("shape,launch,variant", BACKWARD_SHAPES)
 def test_layernorm_backward(rng, shape, launch, variant):
     (actual,), expected = run_backward(rng, shape, launch, [variant])
@@ -177,11 +186,7 @@ def test_layernorm_backward_without_accumulate_overwrites(rng, shape, launch, va
     """accumulate=False (the first micro-step after zero_grad): dweight and dbias start poisoned
     (NaN) and end with the bits += leaves in zeros; dinp is still added to."""
     B, T, C = shape
-    inp, _ = bf16_input(rng, shape, scale=2.0, shift=0.5)
-    weight, weight_ref, _, bias_ref = layernorm_params(rng, C)
-    dout, _ = bf16_input(rng, shape)
-    _, mean_ref, rstd_ref = reference.layernorm_forward(download_bf16(inp), weight_ref, bias_ref)
-    mean, rstd = cuda.to_device(mean_ref.astype(np.float32)), cuda.to_device(rstd_ref.astype(np.float32))
+    inp, dout, weight, mean, rstd = backward_inputs(rng, shape)
     start_dinp = random_bf16(rng, shape)[0].copy_to_host()
     kwargs = backward_kwargs(launch)
     scratch = cuda.device_array(layernorm.layernorm_backward_scratch_size(C, kwargs.get(
@@ -196,6 +201,52 @@ def test_layernorm_backward_without_accumulate_overwrites(rng, shape, launch, va
     for name, added, written in zip(["dinp", "dweight", "dbias"], *results):
         np.testing.assert_array_equal(written, added, err_msg=name)
     assert np.isfinite(from_bf16_bits(results[1][1])).all()
+
+
+# dinp_sums: on the simulator (slow) v5, which fuses the sums, over several blocks and both ways,
+# and v1 and v3 (their fallback: matmul_backward_bias over dinp) once each; every case on a GPU
+SUMS_CASES = [
+    pytest.param((2, 3, 20), dict(warps=2, rows=2, blocks=2), "v5", True, id="tiny-v5-accumulate"),
+    pytest.param((2, 3, 20), dict(warps=2, rows=2, blocks=2), "v5", False, id="tiny-v5-overwrite"),
+    # 14 rows over 3 blocks of 2 row slots; C/4 = 34 words = a warp and 2 lanes
+    pytest.param((2, 7, 136), dict(warps=2, rows=2, blocks=3), "v5", True, id="multi-block-v5-accumulate"),
+    pytest.param((2, 3, 20), dict(warps=2, rows=2, blocks=2), "v1", False, id="tiny-v1-overwrite"),
+    pytest.param((2, 3, 20), dict(warps=2, rows=2, blocks=2), "v3", True, id="tiny-v3-accumulate"),
+] + [pytest.param(*SHAPES[2].values, variant, accumulate, marks=pytest.mark.gpu,
+                  id=f"gpt2-124M-{variant}-{'accumulate' if accumulate else 'overwrite'}")
+     for variant in layernorm.BACKWARD_VARIANTS for accumulate in (True, False)]
+
+
+@pytest.mark.parametrize("shape,launch,variant,accumulate", SUMS_CASES)
+def test_layernorm_backward_dinp_sums(rng, shape, launch, variant, accumulate):
+    """dinp_sums gets dinp's column sums after the update (added to its start, or written over a
+    NaN start without accumulate), each within one bf16 rounding of the float64 sum of the
+    written dinp plus fp32 summation's error; dinp, dweight and dbias keep the bits of a call
+    without dinp_sums."""
+    B, T, C = shape
+    N = B * T
+    inp, dout, weight, mean, rstd = backward_inputs(rng, shape)
+    start_dinp = random_bf16(rng, shape)[0].copy_to_host()
+    start_grads = [random_bf16(rng, (C,), scale=np.sqrt(N))[0].copy_to_host() for _ in range(2)]
+    kwargs = backward_kwargs(launch)
+    scratch = poisoned_f32(layernorm.layernorm_backward_scratch_size(C, kwargs.get("num_blocks",
+                                                                                   layernorm.BACKWARD_BLOCKS)))
+    outputs = []
+    sums_start, sums_start_ref = random_bf16(rng, (C,), scale=np.sqrt(N))
+    sums = sums_start if accumulate else poisoned_bf16((C,))
+    for dinp_sums in (None, sums):
+        grads = [cuda.to_device(start_dinp)] + [cuda.to_device(g) for g in start_grads]
+        layernorm.layernorm_backward(*grads, scratch, dout, inp, weight, mean, rstd, variant=variant,
+                                     accumulate=accumulate, dinp_sums=dinp_sums, **kwargs)
+        outputs.append([g.copy_to_host() for g in grads])
+    for name, without, with_sums in zip(["dinp", "dweight", "dbias"], *outputs):
+        np.testing.assert_array_equal(with_sums, without, err_msg=name)
+    dinp = from_bf16_bits(outputs[1][0]).astype(np.float64).reshape(N, C)
+    expected = dinp.sum(axis=0) + (sums_start_ref if accumulate else 0.0)
+    got = download_bf16(sums)
+    bound = bf16_ulp(expected) + N * 2.0 ** -24 * np.abs(dinp).sum(axis=0)
+    assert (np.abs(got - expected) <= bound).all(), \
+        f"{np.count_nonzero(np.abs(got - expected) > bound)} of {C} column sums off by more than their bound"
 
 
 # Candidates against v1 on the same inputs: the design keeps every output bit (same per-row
