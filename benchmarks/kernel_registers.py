@@ -31,11 +31,15 @@ def _library():
     raise SystemExit(f"libnvJitLink not found in {folders}")
 
 
-def ptxas_info(ptx, arch="sm_90"):
-    """ptxas's verbose log for one PTX module linked for `arch`."""
+def ptxas_info(ptx, arch="sm_90", max_registers=None):
+    """ptxas's verbose log for one PTX module linked for `arch` (with a kernel's max_registers cap,
+    which Numba hands to the linker, not to the PTX)."""
     lib = _library()
     handle = ctypes.c_void_p()
-    options = (ctypes.c_char_p * 2)(f"-arch={arch}".encode(), b"-verbose")
+    flags = [f"-arch={arch}".encode(), b"-verbose"]
+    if max_registers:
+        flags.append(f"-maxrregcount={max_registers}".encode())
+    options = (ctypes.c_char_p * len(flags))(*flags)
 
     def call(name, *args):
         result = getattr(lib, f"__nvJitLink{name}_{VERSION}")(*args)
@@ -49,7 +53,7 @@ def ptxas_info(ptx, arch="sm_90"):
         lib[f"__nvJitLinkGetErrorLog_{VERSION}"](handle, text)
         return text.value.decode(errors="replace")
 
-    call("Create", ctypes.byref(handle), 2, options)
+    call("Create", ctypes.byref(handle), len(flags), options)
     data = ptx.encode()
     call("AddData", handle, NVJITLINK_INPUT_PTX, data, len(data), b"kernel.ptx")
     call("Complete", handle)
@@ -76,7 +80,7 @@ def main():
             ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=(9, 0), lineinfo=False,
                                       **({"launch_bounds": kernel.targetoptions["launch_bounds"]}
                                          if kernel.targetoptions.get("launch_bounds") else {}))
-            text = ptxas_info(ptx)
+            text = ptxas_info(ptx, max_registers=kernel.targetoptions.get("max_registers"))
             registers = re.search(r"Used (\d+) registers", text)
             spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
             smem = re.search(r"(\d+) bytes smem", text)
