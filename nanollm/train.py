@@ -79,7 +79,9 @@ class GpuBackend:
 
         cublaslt_path = cuda_libraries.load("cublasLt")  # a clear error naming the package if missing
         gelu_fusion = cfg.gelu_fusion
-        if gelu_fusion == -1:  # llm.c: 2 on sm_90 and newer
+        # -1: 2 on sm_90 and newer, as llm.c's code comments intend (its main() sets 0 for now, f1e2ace);
+        # on an H200 nanollm's d12 step ran the same at -ge 0, 1 and 2 (benchmarks/RESULTS.md)
+        if gelu_fusion == -1:
             gelu_fusion = 2 if cuda.get_current_device().compute_capability >= (9, 0) else 0
         self.model = GPT2(config, cfg.batch_size, cfg.seq_len, seed=cfg.seed, gelu_fusion=gelu_fusion,
                           recompute=cfg.recompute, grad_accum_steps=grad_accum, attention=cfg.attention,
