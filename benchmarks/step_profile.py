@@ -81,9 +81,39 @@ def main():
     print(f"{'ms/step':>8} {'%':>5} {'calls':>6}  kernel")
     for name, (ms, calls) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:args.top]:
         print(f"{ms:8.2f} {100 * ms / total:5.1f} {calls // args.steps:6d}  {name[:110]}")
+    print_idle(prof, torch)
     print("\nhost side, ms per step (median):")
     for name, values in queue_ms.items():
         print(f"{np.median(values):8.2f}  {name}")
+
+
+def print_idle(prof, torch, step_gap_us=1000.0):
+    """Per profiled step: the GPU's span from its first operation to its last, the time busy and
+    the idle time between operations (a step ends at a gap longer than step_gap_us: the host's
+    wait for the loss), and the longest gap with what came before and after it."""
+    ops = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                 if e.device_type == torch.autograd.DeviceType.CUDA)
+    if not ops:
+        return
+    print("\nGPU idle between operations, per step:")
+    steps, current = [], [ops[0]]
+    for op in ops[1:]:
+        if op[0] - max(end for _, end, _ in current) > step_gap_us:
+            steps.append(current)
+            current = []
+        current.append(op)
+    steps.append(current)
+    for step in steps:
+        idle, longest, end = 0.0, (0.0, "", ""), step[0][1]
+        for previous, op in zip(step, step[1:]):
+            end = max(end, previous[1])
+            gap = op[0] - end
+            if gap > 0:
+                idle += gap
+                longest = max(longest, (gap, previous[2][:40], op[2][:40]))
+        busy = sum(stop - start for start, stop, _ in step)
+        print(f"  {len(step)} ops, span {(step[-1][1] - step[0][0]) / 1e3:.2f} ms, busy {busy / 1e3:.2f} ms, "
+              f"idle {idle / 1e3:.2f} ms; longest gap {longest[0]:.1f} us ({longest[1]} -> {longest[2]})")
 
 
 if __name__ == "__main__":
