@@ -96,12 +96,13 @@ def print_idle(prof, torch, step_gap_us=1000.0):
     if not ops:
         return
     print("\nGPU idle between operations, per step:")
-    steps, current = [], [ops[0]]
+    steps, current, current_end = [], [ops[0]], ops[0][1]
     for op in ops[1:]:
-        if op[0] - max(end for _, end, _ in current) > step_gap_us:
+        if op[0] - current_end > step_gap_us:
             steps.append(current)
-            current = []
+            current, current_end = [], op[1]
         current.append(op)
+        current_end = max(current_end, op[1])
     steps.append(current)
     for step in steps:
         idle, longest, end = 0.0, (0.0, "", ""), step[0][1]
