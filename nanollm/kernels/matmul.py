@@ -38,7 +38,8 @@ from .. import cuda_libraries, reference, startup
 from . import matmul_tuning
 from .bf16 import (bf16_to_float, bf16x2_high, bf16x2_low, float_to_bf16, from_bf16_bits, high_half,
                    low_half, to_bf16_bits)
-from .cuda_common import SIMULATOR, ceil_div, check_contiguous, device_function, kernel, variant_from_environment
+from .cuda_common import (SIMULATOR, ceil_div, check_contiguous, device_address, device_function, kernel,
+                          variant_from_environment)
 from .cuda_common import device_pointer as _pointer, stream_handle as _stream_handle
 from .gelu import gelu_backward_word
 
@@ -276,9 +277,11 @@ class _Plan:
     """A matmul descriptor, its A/B/D layouts and the chosen algorithm, built once per key."""
 
     def __init__(self, key, bias_ptr, aux_ptr, candidates=1):
-        M, N, K, batch, transa, transb, epilogue, align_a, align_b, align_d = key
+        M, N, K, batch, transa, transb, epilogue, align_a, align_b, align_d, align_c = key
         self.description = _describe(M, N, K, batch, transa, transb, epilogue)
-        self.name = f"{self.description}; alignments a={align_a} b={align_b} out={align_d}"
+        # align_c: None when the addend C is out itself (or there is none)
+        addend = "" if align_c is None else f" addend={align_c}"
+        self.name = f"{self.description}; alignments a={align_a} b={align_b} out={align_d}{addend}"
         self.epilogue = epilogue
         self.pointer = np.zeros(1, dtype=np.int64)  # host buffer for the per-call pointer attributes
         handle = _cublaslt_handle()
@@ -300,7 +303,8 @@ class _Plan:
             self.b_layout = self._layout((M, K, M) if transa else (K, M, K), batch, M * K)
             self.d_layout = self._layout((N, M, N), batch, M * N)
             # cuBLAS's A is our b: its alignment is align_b, and the other way round
-            self.answers, self.found = self._heuristic(handle, align_b, align_a, align_d, candidates)
+            self.answers, self.found = self._heuristic(handle, align_b, align_a, align_d,
+                                                       align_d if align_c is None else align_c, candidates)
         except cublasLt.cuBLASLtError as error:
             raise RuntimeError(f"cuBLASLt set-up failed for {self.description}: {error}") from error
         self.use(0)  # the heuristic's first answer, as llm.c
@@ -350,7 +354,7 @@ class _Plan:
             cublasLt.matrix_layout_set_attribute(layout, attr.STRIDED_BATCH_OFFSET, stride.ctypes.data, stride.nbytes)
         return layout
 
-    def _heuristic(self, handle, cublas_a_align, cublas_b_align, align_d, candidates):
+    def _heuristic(self, handle, cublas_a_align, cublas_b_align, align_d, align_c, candidates):
         """Up to `candidates` of the heuristic's answers, best first, and how many it gave."""
         attr = cublasLt.MatmulPreferenceAttribute
         preference = cublasLt.matmul_preference_create()
@@ -358,7 +362,7 @@ class _Plan:
             for attribute, value in [(attr.MAX_WORKSPACE_BYTES, np.array([WORKSPACE_BYTES], dtype=np.uint64)),
                                      (attr.MIN_ALIGNMENT_A_BYTES, np.array([cublas_a_align], dtype=np.uint32)),
                                      (attr.MIN_ALIGNMENT_B_BYTES, np.array([cublas_b_align], dtype=np.uint32)),
-                                     (attr.MIN_ALIGNMENT_C_BYTES, np.array([align_d], dtype=np.uint32)),
+                                     (attr.MIN_ALIGNMENT_C_BYTES, np.array([align_c], dtype=np.uint32)),
                                      (attr.MIN_ALIGNMENT_D_BYTES, np.array([align_d], dtype=np.uint32))]:
                 cublasLt.matmul_preference_set_attribute(preference, attribute, value.ctypes.data, value.nbytes)
             answers = cublasLt.MatmulHeuristicResult(candidates)
@@ -386,19 +390,25 @@ def _describe(M, N, K, batch, transa, transb, epilogue):
 
 
 def _gemm(out, a, b, M, N, K, batch, transa, transb, epilogue=Epilogue.DEFAULT, bias=None, aux=None,
-          alpha=1.0, beta=0.0, stream=0):
-    """out (batch, M, N) = alpha * op(a) @ op(b) + beta * out, then the epilogue; row-major,
-    contiguous, shapes already checked by the caller."""
+          alpha=1.0, beta=0.0, stream=0, addend=None):
+    """out (batch, M, N) = alpha * op(a) @ op(b) + beta * C, then the epilogue, where C is addend
+    (out's shape) if given, else out itself; row-major, contiguous, shapes already checked by the
+    caller."""
+    if addend is not None and device_address(addend) == device_address(out):
+        addend = None  # C is out: the same call
     if SIMULATOR:
-        return _gemm_host(out, a, b, M, N, K, batch, transa, transb, epilogue, bias, aux, alpha, beta)
+        return _gemm_host(out, a, b, M, N, K, batch, transa, transb, epilogue, bias, aux, alpha, beta, addend)
     a_ptr, b_ptr, out_ptr = _pointer(a), _pointer(b), _pointer(out)
+    c_ptr = out_ptr if addend is None else _pointer(addend)
     bias_ptr = _pointer(bias) if bias is not None else 0
     aux_ptr = _pointer(aux) if aux is not None else 0
-    for name, pointer in (("a", a_ptr), ("b", b_ptr), ("out", out_ptr), ("bias", bias_ptr), ("aux", aux_ptr)):
+    for name, pointer in (("a", a_ptr), ("b", b_ptr), ("out", out_ptr), ("addend", c_ptr), ("bias", bias_ptr),
+                          ("aux", aux_ptr)):
         if pointer % 16:  # as llm.c: every cuBLASLt operand 16-byte aligned
             raise ValueError(f"{name}: device pointer {pointer:#x} is not 16-byte aligned "
                              f"({_describe(M, N, K, batch, transa, transb, epilogue)})")
-    key = (M, N, K, batch, transa, transb, int(epilogue), _alignment(a_ptr), _alignment(b_ptr), _alignment(out_ptr))
+    key = (M, N, K, batch, transa, transb, int(epilogue), _alignment(a_ptr), _alignment(b_ptr), _alignment(out_ptr),
+           None if addend is None else _alignment(c_ptr))
     plan = _plans.get(key)
     new_plan = plan is None
     if new_plan:
@@ -409,7 +419,7 @@ def _gemm(out, a, b, M, N, K, batch, transa, transb, epilogue=Epilogue.DEFAULT, 
 
     def launch(algo_ptr):
         cublasLt.matmul(_handle, plan.desc, alpha_buf.ctypes.data, b_ptr, plan.a_layout, a_ptr, plan.b_layout,
-                        beta_buf.ctypes.data, out_ptr, plan.d_layout, out_ptr, plan.d_layout, algo_ptr,
+                        beta_buf.ctypes.data, c_ptr, plan.d_layout, out_ptr, plan.d_layout, algo_ptr,
                         _workspace_ptr, WORKSPACE_BYTES, _stream_handle(stream))
 
     try:
@@ -419,7 +429,7 @@ def _gemm(out, a, b, M, N, K, batch, transa, transb, epilogue=Epilogue.DEFAULT, 
             plan.set_aux(aux_ptr)
         if new_plan and plan.found > 1:
             with startup.accumulate("cuBLASLt algorithms: timed, or read from their file"):
-                _choose_by_timing(plan, launch, out, a, b, bias, aux, epilogue, beta, stream)
+                _choose_by_timing(plan, launch, out, a, b, bias, aux, epilogue, beta, stream, addend)
         if new_plan:
             _plans[key] = plan
         launch(plan.algo_ptr)
@@ -444,7 +454,7 @@ def _algorithms_saved():
     return _algorithm_file
 
 
-def _choose_by_timing(plan, launch, out, a, b, bias, aux, epilogue, beta, stream):
+def _choose_by_timing(plan, launch, out, a, b, bias, aux, epilogue, beta, stream, addend=None):
     """plan.use() the answer saved for this plan on this GPU, or time its answers and save the
     fastest (matmul_tuning). The timed launches write out (and aux, with a GELU_AUX epilogue): those
     are saved and put back where the real call would otherwise not see what it should."""
@@ -452,8 +462,9 @@ def _choose_by_timing(plan, launch, out, a, b, bias, aux, epilogue, beta, stream
     choice = saved.get(plan.name)
     if choice is None:
         writes_aux = epilogue in _GELU_AUX_EPILOGUES
-        reads = (a, b, bias) if writes_aux else (a, b, bias, aux)
-        keep = [out] if beta != 0.0 or matmul_tuning.overlaps(out, reads) else []
+        reads = (a, b, bias, addend) if writes_aux else (a, b, bias, aux, addend)
+        reads_out = beta != 0.0 and addend is None
+        keep = [out] if reads_out or matmul_tuning.overlaps(out, reads) else []
         if writes_aux and matmul_tuning.overlaps(aux, reads):
             keep.append(aux)
         with matmul_tuning.preserved(keep):
@@ -471,7 +482,7 @@ def _choose_by_timing(plan, launch, out, a, b, bias, aux, epilogue, beta, stream
     plan.use(index)
 
 
-def _gemm_host(out, a, b, M, N, K, batch, transa, transb, epilogue, bias, aux, alpha, beta):
+def _gemm_host(out, a, b, M, N, K, batch, transa, transb, epilogue, bias, aux, alpha, beta, addend=None):
     """The simulator's stand-in for _gemm: numpy in fp32, one bf16 rounding per output."""
     def load(array, shape):
         return from_bf16_bits(array.copy_to_host()).reshape(shape)
@@ -484,7 +495,7 @@ def _gemm_host(out, a, b, M, N, K, batch, transa, transb, epilogue, bias, aux, a
         b_host = b_host.transpose(0, 2, 1)
     result = np.matmul(a_host, b_host) * np.float32(alpha)
     if beta != 0.0:
-        result += np.float32(beta) * load(out, (batch, M, N))
+        result += np.float32(beta) * load(out if addend is None else addend, (batch, M, N))
     if epilogue in _BIAS_EPILOGUES:
         result += from_bf16_bits(bias.copy_to_host())
     if epilogue in _GELU_AUX_EPILOGUES:
@@ -520,21 +531,28 @@ def _check_same_rows(rows, **arrays):
             raise ValueError(f"{name}: {other} rows of {cols}, expected {rows} (shape {tuple(array.shape)})")
 
 
-def matmul_forward(out, inp, weight, bias=None, pre_gelu=None, stream=0):
+def matmul_forward(out, inp, weight, bias=None, pre_gelu=None, residual=None, stream=0):
     """out = inp @ weight^T (+ bias); with pre_gelu, out = gelu(inp @ weight^T + bias) and pre_gelu
-    keeps the pre-activation for the backward (the GELU_AUX_BIAS epilogue).
-    inp is (B,T,C) (or (B*T, C)), weight (OC,C), bias (OC,), out and pre_gelu (B,T,OC)."""
+    keeps the pre-activation for the backward (the GELU_AUX_BIAS epilogue); with residual, out =
+    residual + inp @ weight^T (+ bias), the sum taken in fp32 and rounded to bf16 once (cuBLASLt's
+    C operand, beta 1: the residual stream's add without a pass of its own).
+    inp is (B,T,C) (or (B*T, C)), weight (OC,C), bias (OC,), out, pre_gelu and residual (B,T,OC)."""
     OC, C = _check_weight(weight)
     rows = _rows_cols("inp", inp, C)
     _check_same_rows(rows, out=(out, OC))
     if bias is not None:
         check_contiguous("bias", bias, np.uint16, (OC,))
+    if residual is not None:
+        if pre_gelu is not None:
+            raise ValueError("matmul_forward: residual and pre_gelu together (a GELU of the sum) are not supported")
+        _check_same_rows(rows, residual=(residual, OC))
     if pre_gelu is not None:
         _check_same_rows(rows, pre_gelu=(pre_gelu, OC))
         epilogue = Epilogue.GELU_AUX_BIAS if bias is not None else Epilogue.GELU_AUX
     else:
         epilogue = Epilogue.BIAS if bias is not None else Epilogue.DEFAULT
-    _gemm(out, inp, weight, rows, OC, C, 1, False, True, epilogue, bias, pre_gelu, stream=stream)
+    _gemm(out, inp, weight, rows, OC, C, 1, False, True, epilogue, bias, pre_gelu,
+          beta=0.0 if residual is None else 1.0, stream=stream, addend=residual)
 
 
 def matmul_backward(dinp, dweight, dbias, dout, inp, weight, pre_gelu=None, dbias_scratch=None, stream=0,

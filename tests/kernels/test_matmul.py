@@ -71,6 +71,33 @@ def test_matmul_forward(rng, shape, bias, gelu):
     assert err < BF16_ONE_ROUNDING, f"out rel. error {err:.2e}, {_case(shape, bias, gelu)}"
 
 
+@pytest.mark.parametrize("shape", [
+    pytest.param((12, 16, 24), id="tiny"),
+    pytest.param((8192, 768, 768), id="gpt2-attproj", marks=pytest.mark.gpu),
+    pytest.param((8192, 3072, 768), id="gpt2-fcproj", marks=pytest.mark.gpu),
+    pytest.param((4096, 6400, 1600), id="d48-fcproj", marks=pytest.mark.gpu),
+])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "plain"])
+def test_matmul_forward_adds_the_residual(rng, shape, bias):
+    """matmul_forward(out, ..., residual=r): out = r + inp @ weight^T (+ bias), rounded once, into a
+    poisoned out; the residual is left as it was."""
+    rows, C, OC = shape
+    inp, inp_ref = random_bf16(rng, (rows, C))
+    weight, weight_ref = random_bf16(rng, (OC, C), scale=1 / np.sqrt(C))
+    bias_dev, bias_ref = random_bf16(rng, (OC,), scale=0.5) if bias else (None, None)
+    residual, residual_ref = random_bf16(rng, (rows, OC), scale=4.0)
+    residual_bits = residual.copy_to_host()
+    out = poisoned_bf16((rows, OC))
+    matmul.matmul_forward(out, inp, weight, bias_dev, residual=residual)
+    check = _sample(rng, rows)
+    expected = residual_ref[check] + reference.matmul_forward(inp_ref[check], weight_ref, bias_ref)
+    result = download_bf16(out)
+    assert np.isfinite(result).all(), f"unwritten (NaN) outputs, {_case(shape, bias, False)}"
+    err = relative_error(result[check], expected)
+    assert err < BF16_ONE_ROUNDING, f"out rel. error {err:.2e}, {_case(shape, bias, False)}"
+    np.testing.assert_array_equal(residual.copy_to_host(), residual_bits)
+
+
 BACKWARD_SHAPES = [
     pytest.param((12, 16, 24), id="tiny"),
     pytest.param((40, 24, 32), id="tiny-more-partials"),
@@ -261,6 +288,11 @@ def test_forward_rejects_mismatched_shapes():
         matmul.matmul_forward(_arrays((4, 8)), _arrays((4, 8)), _arrays((8, 8)), bias=_arrays((4,)))
     with pytest.raises(ValueError, match="pre_gelu"):
         matmul.matmul_forward(_arrays((4, 8)), _arrays((4, 8)), _arrays((8, 8)), pre_gelu=_arrays((4, 4)))
+    with pytest.raises(ValueError, match="residual"):
+        matmul.matmul_forward(_arrays((4, 8)), _arrays((4, 8)), _arrays((8, 8)), residual=_arrays((4, 4)))
+    with pytest.raises(ValueError, match="residual and pre_gelu"):
+        matmul.matmul_forward(_arrays((4, 8)), _arrays((4, 8)), _arrays((8, 8)), pre_gelu=_arrays((4, 8)),
+                              residual=_arrays((4, 8)))
 
 
 def test_forward_rejects_wrong_dtype():
@@ -397,14 +429,15 @@ class FakeCublasLt:
         A = A.transpose(0, 2, 1) if D["TRANSA"] == 1 else A
         B = B.transpose(0, 2, 1) if D["TRANSB"] == 1 else B
         out = self._matrices(d, d_layout)
-        assert c == d and c_layout == d_layout
+        addend = self._matrices(c, c_layout)  # C: out itself, or matmul_forward's residual
+        assert addend.shape == out.shape
         assert A.shape[0] == B.shape[0] == out.shape[0], "batch counts differ"
         assert A.shape[2] == B.shape[1] and (A.shape[1], B.shape[2]) == out.shape[1:], \
             f"op(A) {A.shape} op(B) {B.shape} D {out.shape} do not chain"
         result = _read(alpha, np.float32)[0] * (A @ B)
         beta = _read(beta, np.float32)[0]
         if beta != 0:
-            result += beta * from_bf16_bits(out.copy())
+            result += beta * from_bf16_bits(addend.copy())
         epilogue = real_cublaslt.Epilogue(D["EPILOGUE"])
         m, n = out.shape[1:]
         if epilogue in (self.Epilogue.BIAS, self.Epilogue.GELU_AUX_BIAS):
@@ -471,11 +504,19 @@ def test_cublaslt_path_forward_backward(rng, fake_cublaslt):
     assert relative_error(_host_bf16_values(dweight), dweight_ref + flat_dout.T @ inp_ref.reshape(rows, C)) < BF16_ONE_ROUNDING
     assert relative_error(_host_bf16_values(dbias), dbias_ref + flat_dout.sum(axis=0)) < BF16_ONE_ROUNDING
 
+    # the residual as cuBLASLt's C operand (beta 1), out another array: out = residual + product
+    residual, residual_ref = _host_bf16(rng, (2, rows // 2, OC), 4.0)
+    matmul.matmul_forward(out, inp, weight, bias, residual=residual)
+    assert relative_error(_host_bf16_values(out), residual_ref + expected) < BF16_ONE_ROUNDING
+    assert matmul._plans[next(reversed(matmul._plans))].name.endswith("addend=" + str(matmul._alignment(
+        residual.__cuda_array_interface__["data"][0])))
+
     # every product built its plan once: repeating the calls builds nothing more
     plans, created = len(matmul._plans), fake_cublaslt.created
     matmul.matmul_forward(out, inp, weight, bias, pre_gelu)
     matmul.matmul_backward(dinp, dweight, dbias, dout, inp, weight, pre)
-    assert (len(matmul._plans), fake_cublaslt.created) == (plans, created) == (4, created)
+    matmul.matmul_forward(out, inp, weight, bias, residual=residual)
+    assert (len(matmul._plans), fake_cublaslt.created) == (plans, created) == (5, created)
 
 
 @pytest.mark.parametrize("transa, transb", [(False, False), (False, True), (True, False), (True, True)],
