@@ -11,9 +11,10 @@ copy per micro-step (staging.PinnedUploads). The stream is a blocking stream, so
 legacy default stream (checkpoint copies, cuda.synchronize) stays ordered with it:
 
 forward: encoder -> per layer: layernorm -> qkv matmul (+bias) -> attention -> attproj matmul
-(+bias) -> residual + layernorm (fused) -> fc matmul (+bias, GELU epilogue) -> fcproj matmul
-(+bias) -> residual + next layernorm (fused) ... -> logits = lnf . wte^T -> fused classifier
-(losses, and the logits overwritten in place with dloss * dlogits).
+(+bias, + residual: cuBLASLt's C operand) -> layernorm -> fc matmul (+bias, GELU epilogue) ->
+fcproj matmul (+bias, + residual) -> next layernorm ... -> logits = lnf . wte^T -> fused
+classifier (losses, and the logits overwritten in place with dloss * dlogits). (llm.c adds the
+residual in a fused residual + layernorm kernel, reading the projection back.)
 backward: the reverse, with += into gradients so micro-steps accumulate; after zero_grad() the
 first backward writes them (=) instead, so no pass zeroes them (3 GB at 1.5B). update: global norm,
 then AdamW per tensor (weight decay on the 2-D tensors only), stochastic rounding to bf16.
@@ -187,7 +188,7 @@ class GPT2:
             # (the (B,T,C) gradient scratch is the last layer's residual3 once the final
             # layernorm's backward has read it, as llm.c's dl_btc: 96 MiB less at d12 B=64)
             "dresidual": (B, T, C),
-            "dbt4c": (B, T, 4 * C),              # also (B,T,3C) for dqkv, and the forward's qkv/proj scratch
+            "dbt4c": (B, T, 4 * C),              # also (B,T,3C) for dqkv, and the forward's qkv scratch
             "dqkvr": (0,) if cudnn else (3, B, NH, T, C // NH),
             "datt": (0,) if cudnn else (B, NH, T, T),
         }
@@ -425,7 +426,7 @@ class GPT2:
         encoder.encoder_forward(a.encoded[:B], self.tokens[:B], p.wte, p.wpe, stream=s)
         layernorm.layernorm_forward(a.ln1[0][:B], a32.ln1_mean[0][:B], a32.ln1_rstd[0][:B], a.encoded[:B],
                                     p.ln1w[0], p.ln1b[0], stream=s)
-        scratch = a.dbt4c.reshape(-1)  # the forward's (B,T,3C) / (B,T,C) temporaries
+        scratch = a.dbt4c.reshape(-1)  # the forward's (B,T,3C) temporary (numba attention's qkv)
         for l in range(L):
             residual = a.encoded[:B] if l == 0 else a.residual3[l - 1][:B]
             if self.attention == "cudnn":
@@ -437,27 +438,27 @@ class GPT2:
                 matmul.matmul_forward(qkv, a.ln1[l][:B], p.qkvw[l], p.qkvb[l], stream=s)
                 attention.attention_forward(a.atty[l][:B], self._qkvr(a.qkvr[l], B), a.att[l][:B], qkv, qkv, NH,
                                             stream=s)
-            proj = scratch[:B * T * C].reshape(B, T, C)
-            matmul.matmul_forward(proj, a.atty[l][:B], p.attprojw[l], p.attprojb[l], stream=s)
-            layernorm.fused_residual_layernorm_forward(a.residual2[l][:B], a.ln2[l][:B], a32.ln2_mean[l][:B],
-                                                       a32.ln2_rstd[l][:B], residual, proj, p.ln2w[l], p.ln2b[l],
-                                                       stream=s)
+            # the residual stream's adds happen in the projections' matmuls (cuBLASLt's C operand):
+            # llm.c writes the projection, then its fused residual + layernorm reads it and the
+            # residual; here the layernorm reads only their sum, one (B,T,C) pass fewer per add
+            matmul.matmul_forward(a.residual2[l][:B], a.atty[l][:B], p.attprojw[l], p.attprojb[l], residual=residual,
+                                  stream=s)
+            layernorm.layernorm_forward(a.ln2[l][:B], a32.ln2_mean[l][:B], a32.ln2_rstd[l][:B], a.residual2[l][:B],
+                                        p.ln2w[l], p.ln2b[l], stream=s)
             fch_gelu = a.fch_gelu[0 if self.recompute else l][:B]
             if self.gelu_fusion >= 1:
                 matmul.matmul_forward(fch_gelu, a.ln2[l][:B], p.fcw[l], p.fcb[l], pre_gelu=a.fch[l][:B], stream=s)
             else:
                 matmul.matmul_forward(a.fch[l][:B], a.ln2[l][:B], p.fcw[l], p.fcb[l], stream=s)
                 gelu.gelu_forward(fch_gelu, a.fch[l][:B], stream=s)
-            matmul.matmul_forward(proj, fch_gelu, p.fcprojw[l], p.fcprojb[l], stream=s)
+            matmul.matmul_forward(a.residual3[l][:B], fch_gelu, p.fcprojw[l], p.fcprojb[l], residual=a.residual2[l][:B],
+                                  stream=s)
             if l + 1 < L:
-                layernorm.fused_residual_layernorm_forward(a.residual3[l][:B], a.ln1[l + 1][:B],
-                                                           a32.ln1_mean[l + 1][:B], a32.ln1_rstd[l + 1][:B],
-                                                           a.residual2[l][:B], proj, p.ln1w[l + 1], p.ln1b[l + 1],
-                                                           stream=s)
+                layernorm.layernorm_forward(a.ln1[l + 1][:B], a32.ln1_mean[l + 1][:B], a32.ln1_rstd[l + 1][:B],
+                                            a.residual3[l][:B], p.ln1w[l + 1], p.ln1b[l + 1], stream=s)
             else:
-                layernorm.fused_residual_layernorm_forward(a.residual3[l][:B], a.lnf[:B], a32.lnf_mean[:B],
-                                                           a32.lnf_rstd[:B], a.residual2[l][:B], proj,
-                                                           p.lnfw, p.lnfb, stream=s)
+                layernorm.layernorm_forward(a.lnf[:B], a32.lnf_mean[:B], a32.lnf_rstd[:B], a.residual3[l][:B],
+                                            p.lnfw, p.lnfb, stream=s)
         matmul.matmul_forward(a.logits[:B], a.lnf[:B], p.wte, stream=s)
 
     @staticmethod
