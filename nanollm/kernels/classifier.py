@@ -181,8 +181,8 @@ def fused_classifier_kernel(logits, losses, targets, dloss, V, words_per_row, wr
 # on an H200). v2 copies the row into shared memory as pass 1 reads it: DRAM sees one read and one
 # write, whatever L2 does. A GPT-2 row (12,565 words, 100.5 KB) leaves room for two blocks per SM
 # (228 KB of shared memory on Hopper), so one block's reductions and stores overlap the other's
-# loads. Pass 1 issues LOADS_IN_FLIGHT loads per thread before using any (32 KB in flight per
-# 512-thread block; v1 has two words per thread). Pass 2 reads shared memory, compares with the
+# loads. Pass 1 issues LOADS_IN_FLIGHT loads per thread before using any (24 KB in flight per
+# 384-thread block; v1 has two words per thread). Pass 2 reads shared memory, compares with the
 # target once per word instead of per element, and rounds with the hardware's cvt
 # (pack_bf16x2_rn) instead of integer code: ~50 PTX instructions per word where v1 has ~90, which
 # matters when 4.8 TB/s asks an SM for a row every ~6 us. Each thread folds its words in v1's
@@ -272,9 +272,11 @@ PTX_SIGNATURES = {
     fused_classifier_staged_kernel: _SIGNATURE,
 }
 
-# llm.c uses 1024; on an H100 512 was 26% faster (benchmarks/classifier.py, RESULTS.md). The simulator
-# runs a Python thread per GPU thread: small blocks keep its tests quick.
-BLOCK_SIZE = 32 if SIMULATOR else 512
+# llm.c uses 1024; on an H100 512 was 26% faster than 1024, and on an H200 v2 ran a d12 B=64 batch in
+# 4.52 ms with 384 against 4.71 with 512 (benchmarks/RESULTS.md; two blocks an SM either way, set by
+# the staged rows; why fewer threads a row win was not measured). The simulator runs a Python
+# thread per GPU thread: small blocks keep its tests quick.
+BLOCK_SIZE = 32 if SIMULATOR else 384
 
 VARIANTS = ("v1", "v2")
 DEFAULT_VARIANT = "v2"  # 4.68 against 5.61 ms at d12 B=64 on an H200 (benchmarks/RESULTS.md)

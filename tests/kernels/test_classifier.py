@@ -23,6 +23,7 @@ SHAPES = [
     pytest.param(2, 1, 803, 832, 64, id="V803-Vp832"),
     pytest.param(1, 2, 2103, 2112, 32, id="V2103-Vp2112"),  # v2: three batches of loads a thread, the last partial
     pytest.param(8, 1024, 50257, 50304, 1024, id="gpt2-124M", marks=pytest.mark.gpu),
+    pytest.param(8, 1024, 50257, 50304, classifier.BLOCK_SIZE, id="gpt2-124M-default-block", marks=pytest.mark.gpu),
 ]
 
 
