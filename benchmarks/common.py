@@ -19,6 +19,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 L2_BYTES = 64 * 2**20  # larger than any current card's L2: rotate inputs past this
 
 
+def bf16_bits(rng, shape, scale=1.0, shift=0.0):
+    """Random inputs as bf16 bits (uint16): normal(shift, scale) values, rounded to bf16."""
+    from nanollm.kernels.bf16 import to_bf16_bits
+
+    return to_bf16_bits(rng.standard_normal(shape).astype(np.float32) * np.float32(scale) + np.float32(shift))
+
+
 def copies_needed(bytes_per_set):
     """How many copies of the inputs to rotate through so each run finds cold data."""
     return max(1, int(np.ceil(2 * L2_BYTES / max(bytes_per_set, 1))))

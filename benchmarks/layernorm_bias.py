@@ -2,12 +2,13 @@
 the dinp it wrote (attproj's and fcproj's bias, as before) against the layernorm backward summing
 the words as it writes them (layernorm_backward(dinp_sums=)), at GPT-2 d12 (B=64) and d48 (B=16)
 shapes. Checks first that dinp, dweight and dbias keep their bits and how far the two bias sums lie
-apart (another summation order); "step ms" counts the 2L layernorm backwards that fuse them (lnf, every ln2, ln1 of layers 1..L-1).
+apart (another summation order); "step ms" counts the 2L layernorm backwards that fuse them (lnf,
+every ln2, ln1 of layers 1..L-1).
 
     python3 benchmarks/layernorm_bias.py
 """
 
-from common import copy_bandwidth_gbs, copies_needed, print_table, time_ms
+from common import bf16_bits, copy_bandwidth_gbs, copies_needed, print_table, time_ms
 
 import numpy as np
 from numba import cuda
@@ -28,7 +29,7 @@ def main():
         for _ in range(copies_needed(3 * nbytes)):
             values = to_bf16_bits((rng.standard_normal((3, N, C)) * [[[1.0]], [[2.0]], [[1.0]]]).astype(np.float32))
             sets.append([cuda.to_device(v) for v in values])  # dinp (the residual gradient), inp, dout
-        weight = cuda.to_device(to_bf16_bits((1.0 + 0.2 * rng.standard_normal(C)).astype(np.float32)))
+        weight = cuda.to_device(bf16_bits(rng, (C,), 0.2, 1.0))
         mean = cuda.to_device(rng.standard_normal(N).astype(np.float32) * 0.1)
         rstd = cuda.to_device((0.5 + rng.random(N)).astype(np.float32))
         dweight, dbias, dsums = (cuda.to_device(np.zeros(C, np.uint16)) for _ in range(3))

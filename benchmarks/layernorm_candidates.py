@@ -17,20 +17,16 @@ variants' (v1's) ms per step and the fastest variant's of each kernel.
 import argparse
 import time
 
-from common import copy_bandwidth_gbs, print_table, time_ms
+from common import bf16_bits, copy_bandwidth_gbs, print_table, time_ms
 
 import numpy as np
 from numba import cuda
 
 from nanollm.kernels import layernorm
-from nanollm.kernels.bf16 import from_bf16_bits, to_bf16_bits
+from nanollm.kernels.bf16 import from_bf16_bits
 
 T = 1024
 MODELS = dict(d12=(64, 768, 12), d48=(16, 1600, 48))  # B, C, layers
-
-
-def bf16_bits(rng, shape, scale=1.0, shift=0.0):
-    return to_bf16_bits(rng.standard_normal(shape).astype(np.float32) * np.float32(scale) + np.float32(shift))
 
 
 def compare(got, want):

@@ -8,7 +8,7 @@ target: nanollm within 5% of the direct call.
     python benchmarks/matmul.py
 """
 
-from common import copies_needed, copy_bandwidth_gbs, print_table, time_ms
+from common import bf16_bits, copies_needed, copy_bandwidth_gbs, print_table, time_ms
 
 import numpy as np
 from numba import cuda
@@ -16,7 +16,7 @@ from nvmath.bindings import cublasLt
 
 from nanollm import reference
 from nanollm.kernels import matmul
-from nanollm.kernels.bf16 import from_bf16_bits, to_bf16_bits
+from nanollm.kernels.bf16 import from_bf16_bits
 
 B, T, C, Vp = 8, 1024, 768, 50304
 ROWS = B * T
@@ -34,10 +34,6 @@ CHECKED_ROWS = 256  # rows of the output compared with the float64 reference (al
 def relative_error(actual, expected):
     assert np.isfinite(actual).all(), "non-finite outputs"
     return np.linalg.norm(actual - expected) / np.linalg.norm(expected)
-
-
-def bf16_random(rng, shape, scale=1.0):
-    return to_bf16_bits(rng.standard_normal(shape).astype(np.float32) * np.float32(scale))
 
 
 def as_float(bits):
@@ -144,9 +140,9 @@ def main():
     for name, C_in, OC, bias, gelu, dgelu in LAYERS:
         flops = 2 * ROWS * C_in * OC
         n_sets = copies_needed(2 * (ROWS * C_in + OC * C_in + ROWS * OC))
-        host = dict(inp=bf16_random(rng, (ROWS, C_in)), weight=bf16_random(rng, (OC, C_in), 1 / np.sqrt(C_in)),
-                    bias=bf16_random(rng, (OC,), 0.5), dout=bf16_random(rng, (ROWS, OC)),
-                    dgelu_pre=bf16_random(rng, (ROWS, C_in), 2.0), dweight=np.zeros((OC, C_in), np.uint16),
+        host = dict(inp=bf16_bits(rng, (ROWS, C_in)), weight=bf16_bits(rng, (OC, C_in), 1 / np.sqrt(C_in)),
+                    bias=bf16_bits(rng, (OC,), 0.5), dout=bf16_bits(rng, (ROWS, OC)),
+                    dgelu_pre=bf16_bits(rng, (ROWS, C_in), 2.0), dweight=np.zeros((OC, C_in), np.uint16),
                     dbias=np.zeros(OC, np.uint16))
         sets = []
         for _ in range(n_sets):
@@ -206,7 +202,7 @@ def main():
     # the bias gradient at the model's training batch, B=64 (B*T = 65536 rows)
     big_rows = 64 * T
     for OC in (C, 3 * C, 4 * C):
-        dout_bits = bf16_random(rng, (big_rows, OC))
+        dout_bits = bf16_bits(rng, (big_rows, OC))
         expected = from_bf16_bits(dout_bits).sum(axis=0, dtype=np.float64)
         n_sets = copies_needed(big_rows * OC * 2)
         douts = [cuda.to_device(dout_bits) for _ in range(n_sets)]

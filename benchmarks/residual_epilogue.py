@@ -4,27 +4,23 @@ layernorm) against in the projection's matmul (cuBLASLt's C operand with beta 1 
 residual + product, then the plain layernorm forward reads that sum), at GPT-2 d12 (B=64) and d48
 (B=16) shapes, for attproj (K = C) and fcproj (K = 4C). The second path moves one (B,T,C) tensor
 fewer through DRAM per pair, and rounds the sum once instead of twice. Checks first how far each
-path's residual lies from the float64 sum of the same inputs (largest error over the sum's rms); "step ms" counts the L pairs of that
-kind in a step.
+path's residual lies from the float64 sum of the same inputs (largest error over the sum's rms);
+"step ms" counts the L pairs of that kind in a step.
 
     python3 benchmarks/residual_epilogue.py
 """
 
-from common import copies_needed, print_table, time_ms
+from common import bf16_bits, copies_needed, print_table, time_ms
 
 import numpy as np
 from numba import cuda
 
 from nanollm.kernels import layernorm, matmul
-from nanollm.kernels.bf16 import from_bf16_bits, to_bf16_bits
+from nanollm.kernels.bf16 import from_bf16_bits
 
 # (name, rows, C, layers)
 SHAPES = [("d12 B=64", 64 * 1024, 768, 12), ("d48 B=16", 16 * 1024, 1600, 48)]
 CHECK_ROWS = 256  # rows compared with the float64 product (all of them would take minutes)
-
-
-def bf16(rng, shape, scale=1.0):
-    return to_bf16_bits((rng.standard_normal(shape) * scale).astype(np.float32))
 
 
 def run_pair(fused, s, weight, bias, ln_weight, ln_bias):
@@ -44,13 +40,13 @@ def main():
     rows_out = []
     for name, N, C, layers in SHAPES:
         for proj, K in (("attproj", C), ("fcproj", 4 * C)):
-            weight = cuda.to_device(bf16(rng, (C, K), 1 / np.sqrt(K)))
-            bias = cuda.to_device(bf16(rng, (C,), 0.1))
-            ln_weight = cuda.to_device(to_bf16_bits((1 + 0.2 * rng.standard_normal(C)).astype(np.float32)))
-            ln_bias = cuda.to_device(bf16(rng, (C,), 0.1))
+            weight = cuda.to_device(bf16_bits(rng, (C, K), 1 / np.sqrt(K)))
+            bias = cuda.to_device(bf16_bits(rng, (C,), 0.1))
+            ln_weight = cuda.to_device(bf16_bits(rng, (C,), 0.2, 1.0))
+            ln_bias = cuda.to_device(bf16_bits(rng, (C,), 0.1))
             sets = []
             for _ in range(copies_needed(2 * N * (K + 4 * C))):
-                sets.append(dict(inp=cuda.to_device(bf16(rng, (N, K))), residual=cuda.to_device(bf16(rng, (N, C), 4.0)),
+                sets.append(dict(inp=cuda.to_device(bf16_bits(rng, (N, K))), residual=cuda.to_device(bf16_bits(rng, (N, C), 4.0)),
                                  proj=cuda.device_array((N, C), np.uint16),
                                  residual_out=cuda.device_array((N, C), np.uint16),
                                  normed=cuda.device_array((N, C), np.uint16),
