@@ -46,7 +46,8 @@ def main():
             ln_bias = cuda.to_device(bf16_bits(rng, (C,), 0.1))
             sets = []
             for _ in range(copies_needed(2 * N * (K + 4 * C))):
-                sets.append(dict(inp=cuda.to_device(bf16_bits(rng, (N, K))), residual=cuda.to_device(bf16_bits(rng, (N, C), 4.0)),
+                sets.append(dict(inp=cuda.to_device(bf16_bits(rng, (N, K))),
+                                 residual=cuda.to_device(bf16_bits(rng, (N, C), 4.0)),
                                  proj=cuda.device_array((N, C), np.uint16),
                                  residual_out=cuda.device_array((N, C), np.uint16),
                                  normed=cuda.device_array((N, C), np.uint16),

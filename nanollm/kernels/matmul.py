@@ -38,8 +38,7 @@ from .. import cuda_libraries, reference, startup
 from . import matmul_tuning
 from .bf16 import (bf16_to_float, bf16x2_high, bf16x2_low, float_to_bf16, from_bf16_bits, high_half,
                    low_half, to_bf16_bits)
-from .cuda_common import (SIMULATOR, ceil_div, check_contiguous, device_address, device_function, kernel,
-                          variant_from_environment)
+from .cuda_common import SIMULATOR, ceil_div, check_contiguous, device_function, kernel, variant_from_environment
 from .cuda_common import device_pointer as _pointer, stream_handle as _stream_handle
 from .gelu import gelu_backward_word
 
@@ -394,12 +393,12 @@ def _gemm(out, a, b, M, N, K, batch, transa, transb, epilogue=Epilogue.DEFAULT, 
     """out (batch, M, N) = alpha * op(a) @ op(b) + beta * C, then the epilogue, where C is addend
     (out's shape) if given, else out itself; row-major, contiguous, shapes already checked by the
     caller."""
-    if addend is not None and device_address(addend) == device_address(out):
-        addend = None  # C is out: the same call
-    if SIMULATOR:
+    if SIMULATOR:  # (an addend that is out itself reads the same values there)
         return _gemm_host(out, a, b, M, N, K, batch, transa, transb, epilogue, bias, aux, alpha, beta, addend)
     a_ptr, b_ptr, out_ptr = _pointer(a), _pointer(b), _pointer(out)
     c_ptr = out_ptr if addend is None else _pointer(addend)
+    if c_ptr == out_ptr:
+        addend = None  # C is out: the plan and the call of plain beta accumulation
     bias_ptr = _pointer(bias) if bias is not None else 0
     aux_ptr = _pointer(aux) if aux is not None else 0
     for name, pointer in (("a", a_ptr), ("b", b_ptr), ("out", out_ptr), ("addend", c_ptr), ("bias", bias_ptr),
