@@ -593,7 +593,11 @@ class GPT2:
         for l in reversed(range(L)):
             residual = a.encoded if l == 0 else a.residual3[l - 1]
             fch_gelu = a.fch_gelu[0 if self.recompute else l]
-            if self.recompute:
+            # -r 1: the shared buffer still holds the last layer's GELU from the forward (nothing
+            # writes it in between), so only the layers below recompute theirs: the last layer's
+            # fcproj weight gradient reads the forward's GELU, as at -r 0 (at -ge >= 1 the GELU of
+            # the fp32 pre-activation, not of its bf16 copy)
+            if self.recompute and l < L - 1:
                 gelu.gelu_forward(fch_gelu, a.fch[l], stream=s)
             # fcproj: dresidual is d residual3; with gelu_fusion 2 the DGELU epilogue gives d fch
             dgelu_epilogue = self.gelu_fusion >= 2
