@@ -14,7 +14,11 @@ forward: encoder -> per layer: layernorm -> qkv matmul (+bias) -> attention -> a
 (+bias, + residual: cuBLASLt's C operand) -> layernorm -> fc matmul (+bias, GELU epilogue) ->
 fcproj matmul (+bias, + residual) -> next layernorm ... -> logits = lnf . wte^T -> fused
 classifier (losses, and the logits overwritten in place with dloss * dlogits). (llm.c adds the
-residual in a fused residual + layernorm kernel, reading the projection back.)
+residual in a fused residual + layernorm kernel, reading the projection back.) At -r 1 with a
+large B*T the lm head and classifier run over blocks of rows, each block's lm-head backward right
+after it, and the memory the one-block logits buffer saves keeps the GELU outputs llm.c's -r 1
+recomputes in the backward (lm_head_plan); without targets the forward stops at lnf and
+logits_at / logits_host run the lm head for the rows asked.
 backward: the reverse, with += into gradients so micro-steps accumulate; after zero_grad() the
 first backward writes them (=) instead, so no pass zeroes them (3 GB at 1.5B). update: global norm,
 then AdamW per tensor (weight decay on the 2-D tensors only), stochastic rounding to bf16.
@@ -31,6 +35,7 @@ Shapes: B batch, T time, C channels, NH heads, L layers, V vocabulary, Vp padded
 
 import concurrent.futures
 import math
+import os
 
 import numpy as np
 from numba import cuda
@@ -45,6 +50,19 @@ from .kernels import adamw, attention, classifier, encoder, gelu, global_norm, l
 attention_cudnn = None  # imported only when cuDNN attention is chosen (it loads cuDNN)
 from .kernels.bf16 import from_bf16_bits, to_bf16_bits
 from .kernels.cuda_common import SIMULATOR
+
+
+
+def _lm_head_chunks_from_environment():
+    text = os.environ.get("NANOLLM_LM_HEAD_CHUNKS", "4")
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"NANOLLM_LM_HEAD_CHUNKS={text!r}: expected a whole number >= 1 (1: the lm head whole)")
+    return int(text)
+
+
+# -r 1: the lm head and the classifier in this many blocks of rows (the logits buffer holds one
+# block), when the memory that frees keeps more than the last layer's GELU (GPT2.lm_head_plan)
+LM_HEAD_CHUNKS = _lm_head_chunks_from_environment()
 
 
 class Buffers:
@@ -78,7 +96,7 @@ class GPT2:
     """GPT-2 for training on one GPU at micro-batch (B, T)."""
 
     def __init__(self, config, B, T, seed=42, gelu_fusion=2, recompute=1, grad_accum_steps=1, attention="numba",
-                 cuda_graphs=None, parameters=None, comm=None, layout=None):
+                 cuda_graphs=None, parameters=None, comm=None, layout=None, lm_head=None):
         """attention: "numba" (llm.c's own kernels: permute, cuBLASLt products, softmax), "cudnn"
         (flash attention through cuDNN, as llm.c's USE_CUDNN build), or "auto" (cuDNN where it
         works for this shape, else numba; self.attention_note says why).
@@ -87,7 +105,8 @@ class GPT2:
         parameters: flat float parameters in llm.c's order to start from (e.g. a model file's);
         None: GPT-2's initialisation drawn from `seed` (reference.init_parameters).
         comm: a distributed.Communicator (default: one process); layout: this rank's
-        zero.ShardLayout (default: -z 0)."""
+        zero.ShardLayout (default: -z 0). lm_head: (chunks, GELU layers kept), default
+        lm_head_plan's."""
         if T > config.max_seq_len:
             raise ValueError(f"T={T} exceeds the model's max_seq_len {config.max_seq_len}")
         if gelu_fusion not in (0, 1, 2) or recompute not in (0, 1):
@@ -103,6 +122,10 @@ class GPT2:
         self.attention, self.attention_note = self._choose_attention(attention, config, B, T)
         startup.mark("attention choice (loads cuDNN and its frontend)")
         self.gelu_fusion, self.recompute = gelu_fusion, recompute
+        self.lm_chunks, self.gelu_kept = lm_head or self.lm_head_plan(config, B, T, recompute)
+        if not (self.lm_chunks >= 1 and (1 if recompute else config.num_layers) <= self.gelu_kept <= config.num_layers):
+            raise ValueError(f"lm_head={lm_head}: chunks >= 1 and GELU layers kept in [1, L] (L at -r 0)")
+        self.lm_chunk_rows = math.ceil(B * T / self.lm_chunks)
         self.grad_accum_steps = grad_accum_steps
         self.num_parameters = num_parameters(config)
         self.stream = cuda.stream()
@@ -163,12 +186,33 @@ class GPT2:
         return "numba", f"llm.c's attention kernels (cuDNN not available: {reason})"
 
     @staticmethod
-    def activation_shapes(c, B, T, recompute, attention, grad_accum_steps, norm_scratch_size=None):
+    def lm_head_plan(c, B, T, recompute, chunks=None):
+        """(chunks, GELU layers kept) at -r recompute. -r 0: (1, L): the whole lm head at once,
+        every layer's GELU output kept. -r 1 keeps one GELU buffer (llm.c: recomputed in the
+        backward, but the last layer's still holds its forward's). The (B*T, Vp) logits are the
+        largest activation and only live from the lm head to its backward: run the lm head and
+        the classifier over `chunks` blocks of rows (LM_HEAD_CHUNKS), each block's lm-head
+        backward right after its classifier (the weight gradient summed in an fp32 (Vp, C)
+        buffer), and the memory the smaller logits buffer frees keeps the GELU outputs of as many
+        more top layers as it holds: those skip the recompute, at no more memory than -r 1's.
+        Where it would keep none (a small B*T, or chunks 1), the lm head runs whole."""
+        L, C, Vp = c.num_layers, c.channels, c.padded_vocab_size
+        if not recompute:
+            return 1, L
+        chunks = LM_HEAD_CHUNKS if chunks is None else chunks
+        rows = B * T
+        freed = (rows - math.ceil(rows / chunks)) * Vp - 2 * Vp * C  # bf16 elements (the fp32 sums take 2 a value)
+        kept = min(L, 1 + max(0, freed) // (rows * 4 * C))
+        return (chunks, kept) if chunks > 1 and kept > 1 else (1, 1)
+
+    @staticmethod
+    def activation_shapes(c, B, T, recompute, attention, grad_accum_steps, norm_scratch_size=None, lm_head=None):
         """(bf16, fp32) name -> shape of the activation buffers, for config c at micro-batch
         (B, T), -r recompute, attention "cudnn" or "numba" (memory_plan counts them too).
-        norm_scratch_size: default global_norm_scratch_size() of the current GPU."""
+        norm_scratch_size: default global_norm_scratch_size() of the current GPU. lm_head:
+        (chunks, GELU layers kept), default lm_head_plan's."""
         L, C, NH, Vp = c.num_layers, c.channels, c.num_heads, c.padded_vocab_size
-        fch_gelu_layers = 1 if recompute else L  # -r 1: one buffer, recomputed in backward
+        chunks, fch_gelu_layers = lm_head or GPT2.lm_head_plan(c, B, T, recompute)
         cudnn = attention == "cudnn"
         bf16 = {
             "encoded": (B, T, C),
@@ -183,7 +227,8 @@ class GPT2:
             "fch_gelu": (fch_gelu_layers, B, T, 4 * C),
             "residual3": (L, B, T, C),
             "lnf": (B, T, C),
-            "logits": (B, T, Vp),                # becomes dlogits after the classifier
+            # becomes dlogits after the classifier; one block of rows when the lm head is chunked
+            "logits": (B, T, Vp) if chunks == 1 else (math.ceil(B * T / chunks), Vp),
             # backward scratch, shared by all layers (llm.c's grads_acts)
             # (the (B,T,C) gradient scratch is the last layer's residual3 once the final
             # layernorm's backward has read it, as llm.c's dl_btc: 96 MiB less at d12 B=64)
@@ -198,6 +243,7 @@ class GPT2:
             "ln2_mean": (L, B, T), "ln2_rstd": (L, B, T),
             "lnf_mean": (B, T), "lnf_rstd": (B, T),
             "losses": (grad_accum_steps, B, T),
+            "dwte": (0,) if chunks == 1 else (Vp, C),  # the chunked lm head's weight gradient, summed in fp32
             "layernorm_scratch": (layernorm.layernorm_backward_scratch_size(C),),
             "norm_scratch": (norm_scratch_size or global_norm.global_norm_scratch_size(),),
             "norm": (1,),
@@ -215,7 +261,8 @@ class GPT2:
 
     def _allocate_activations(self):
         B, T = self.B, self.T
-        bf16, fp32 = self.activation_shapes(self.config, B, T, self.recompute, self.attention, self.grad_accum_steps)
+        bf16, fp32 = self.activation_shapes(self.config, B, T, self.recompute, self.attention, self.grad_accum_steps,
+                                            lm_head=(self.lm_chunks, self.gelu_kept))
         self.acts = Buffers(bf16, np.uint16)
         self.acts32 = Buffers(fp32, np.float32)
         # the host's inputs, one device array filled by one copy per micro-step:
@@ -264,7 +311,9 @@ class GPT2:
                  and self.layout.world_size > 1 else "all parameters")
         return (f"parameters {mib(self.params.memory):.0f} MiB, gradients {mib(self.grads.memory):.0f} MiB, "
                 f"optimizer state {mib(self.master.memory, self.m.memory, self.v.memory):.0f} MiB "
-                f"(fp32 master, m, v of {share}), activations {mib(self.acts.memory, self.acts32.memory):.0f} MiB")
+                f"(fp32 master, m, v of {share}), activations {mib(self.acts.memory, self.acts32.memory):.0f} MiB"
+                + (f" (lm head in {self.lm_chunks} blocks of rows, GELU kept for {self.gelu_kept} of "
+                   f"{self.config.num_layers} layers)" if self.lm_chunks > 1 else ""))
 
     def load_parameters(self, flat_params):
         """Set every parameter from a flat float array in llm.c's order (rounded to bf16), the
@@ -376,8 +425,7 @@ class GPT2:
         inputs; replayed as graph `key` for the full batch."""
         def queue():
             self._forward_layers(B)
-            classifier.fused_classifier(self.acts.logits[:B], losses[:B], dloss, self.targets[:B],
-                                        self.config.vocab_size, write_dlogits=write_dlogits, stream=self.stream)
+            self._lm_head(B, losses[:B], dloss, write_dlogits)
 
         if B == self.B:
             self._replay(key, queue)
@@ -418,8 +466,36 @@ class GPT2:
         self.uploads.send(slot, self.inputs, start, start + packed.size)
         return num_buckets
 
+    def _lm_head(self, B, losses, dloss, write_dlogits):
+        """logits = lnf . wte^T and the fused classifier (losses (B,T), dlogits if asked) for the
+        first B rows. Chunked (lm_head_plan), block by block of rows through the one-block logits
+        buffer, and with dlogits each block's lm-head backward right away: d lnf into the 4C
+        scratch (where backward() reads it; free until the last layer's fcproj backward) and wte's
+        gradient summed in fp32 (written by the first block, added to by the others; backward()
+        rounds it into the gradient once, as one product would)."""
+        c, T, s = self.config, self.T, self.stream
+        a, a32, p = self.acts, self.acts32, self.params
+        if self.lm_chunks == 1:
+            matmul.matmul_forward(a.logits[:B], a.lnf[:B], p.wte, stream=s)
+            classifier.fused_classifier(a.logits[:B], losses, dloss, self.targets[:B], c.vocab_size,
+                                        write_dlogits=write_dlogits, stream=s)
+            return
+        rows, C, chunk = B * T, c.channels, self.lm_chunk_rows
+        lnf = a.lnf.reshape(-1)[:rows * C].reshape(rows, C)
+        dlnf = a.dbt4c.reshape(-1)[:rows * C].reshape(rows, C)
+        row_losses, row_targets = losses.reshape(rows), self.targets[:B].reshape(rows)
+        for start in range(0, rows, chunk):
+            stop = min(rows, start + chunk)
+            logits = a.logits[:stop - start]
+            matmul.matmul_forward(logits, lnf[start:stop], p.wte, stream=s)
+            classifier.fused_classifier(logits, row_losses[start:stop], dloss, row_targets[start:stop], c.vocab_size,
+                                        write_dlogits=write_dlogits, stream=s)
+            if write_dlogits:
+                matmul.matmul_backward_input(dlnf[start:stop], logits, p.wte, stream=s)
+                matmul.matmul_backward_weight_fp32(a32.dwte, logits, lnf[start:stop], stream=s, accumulate=start > 0)
+
     def _forward_layers(self, B):
-        """Encoder to logits for the first B rows of the uploaded tokens."""
+        """Encoder to the final layernorm (lnf) for the first B rows of the uploaded tokens."""
         c, T, s = self.config, self.T, self.stream
         L, C, NH = c.num_layers, c.channels, c.num_heads
         a, a32, p = self.acts, self.acts32, self.params
@@ -445,7 +521,7 @@ class GPT2:
                                   stream=s)
             layernorm.layernorm_forward(a.ln2[l][:B], a32.ln2_mean[l][:B], a32.ln2_rstd[l][:B], a.residual2[l][:B],
                                         p.ln2w[l], p.ln2b[l], stream=s)
-            fch_gelu = a.fch_gelu[0 if self.recompute else l][:B]
+            fch_gelu = a.fch_gelu[self._gelu_slot(l)][:B]
             if self.gelu_fusion >= 1:
                 matmul.matmul_forward(fch_gelu, a.ln2[l][:B], p.fcw[l], p.fcb[l], pre_gelu=a.fch[l][:B], stream=s)
             else:
@@ -459,7 +535,12 @@ class GPT2:
             else:
                 layernorm.layernorm_forward(a.lnf[:B], a32.lnf_mean[:B], a32.lnf_rstd[:B], a.residual3[l][:B],
                                             p.lnfw, p.lnfb, stream=s)
-        matmul.matmul_forward(a.logits[:B], a.lnf[:B], p.wte, stream=s)
+
+    def _gelu_slot(self, layer):
+        """The fch_gelu buffer of a layer: its own for the top gelu_kept layers (every layer at -r
+        0), the first for those below, which recompute theirs in the backward (and for the lowest
+        kept layer, whose forward writes it last)."""
+        return max(0, layer - (self.config.num_layers - self.gelu_kept))
 
     @staticmethod
     def _qkvr(qkvr_layer, B):
@@ -496,15 +577,32 @@ class GPT2:
         return self._read(losses, self.B * self.T).reshape(self.B, self.T).copy()
 
     def logits_host(self):
-        """Host float32 logits (B, T, V) of the last forward without targets."""
-        self.stream.synchronize()
-        return from_bf16_bits(self.acts.logits.copy_to_host())[..., :self.config.vocab_size]
+        """Host float32 logits (B, T, V) of the last forward without targets, computed from its
+        lnf block by block of rows (the logits buffer holds one block when the lm head is chunked)."""
+        B, T, C, V = self.B, self.T, self.config.channels, self.config.vocab_size
+        rows = B * T
+        lnf = self.acts.lnf.reshape(rows, C)
+        chunk = self.lm_chunk_rows
+        out = np.empty((rows, V), dtype=np.float32)
+        for start in range(0, rows, chunk):
+            stop = min(rows, start + chunk)
+            logits = self.acts.logits.reshape(-1)[:(stop - start) * self.config.padded_vocab_size]
+            logits = logits.reshape(stop - start, -1)
+            matmul.matmul_forward(logits, lnf[start:stop], self.params.wte, stream=self.stream)
+            self.stream.synchronize()
+            out[start:stop] = from_bf16_bits(logits.copy_to_host())[:, :V]
+        return out.reshape(B, T, V)
 
     def logits_at(self, b, t):
-        """Host float32 logits (V,) of row b, position t of the last forward (for sampling)."""
-        row = self.acts.logits[b, t]
+        """Host float32 logits (V,) of row b, position t of the last forward without targets (for
+        sampling): the forward stops at lnf; this row's lm head runs here."""
+        C, Vp = self.config.channels, self.config.padded_vocab_size
+        row = b * self.T + t
+        logits = self.acts.logits.reshape(-1)[:Vp].reshape(1, Vp)
+        matmul.matmul_forward(logits, self.acts.lnf.reshape(-1)[row * C:(row + 1) * C].reshape(1, C), self.params.wte,
+                              stream=self.stream)
         self.stream.synchronize()
-        return from_bf16_bits(row.copy_to_host())[:self.config.vocab_size]
+        return from_bf16_bits(logits.copy_to_host())[0, :self.config.vocab_size]
 
     # ---- backward -----------------------------------------------------------------------------
 
@@ -579,7 +677,10 @@ class GPT2:
         # lm head: logits = lnf . wte^T (no bias); the logits buffer holds dlogits. d lnf goes to the
         # 4C scratch (free until the last layer's fcproj backward), as llm.c
         dlnf = dbt4c.reshape(-1)[:B * T * C].reshape(B, T, C)
-        matmul.matmul_backward(dlnf, g.wte, None, a.logits, a.lnf, p.wte, stream=s, accumulate=add)
+        if self.lm_chunks == 1:
+            matmul.matmul_backward(dlnf, g.wte, None, a.logits, a.lnf, p.wte, stream=s, accumulate=add)
+        else:  # the forward ran the lm head's backward block by block (_lm_head): its fp32 sums, rounded once
+            matmul.add_fp32_into_bf16(g.wte, a32.dwte, stream=s, accumulate=add)
         # each layernorm backward also sums the residual gradient it leaves, per channel: the bias
         # gradient of the projection that fed the residual (fcproj's here and at ln1 of the layer
         # after, attproj's at ln2), so matmul_backward does not read the (B,T,C) gradient again for it
@@ -592,12 +693,13 @@ class GPT2:
         dqkv = dbt4c.reshape(-1)[:B * T * 3 * C].reshape(B, T, 3 * C)
         for l in reversed(range(L)):
             residual = a.encoded if l == 0 else a.residual3[l - 1]
-            fch_gelu = a.fch_gelu[0 if self.recompute else l]
-            # -r 1: the shared buffer still holds the last layer's GELU from the forward (nothing
-            # writes it in between), so only the layers below recompute theirs: the last layer's
-            # fcproj weight gradient reads the forward's GELU, as at -r 0 (at -ge >= 1 the GELU of
-            # the fp32 pre-activation, not of its bf16 copy)
-            if self.recompute and l < L - 1:
+            fch_gelu = a.fch_gelu[self._gelu_slot(l)]
+            # -r 1: the kept layers' buffers (the last layer's at least: the shared one, which
+            # nothing writes between its forward and here) still hold their forward's GELU, so
+            # only the layers below recompute theirs; the kept layers' fcproj weight gradients
+            # read the forward's GELU, as at -r 0 (at -ge >= 1 the GELU of the fp32
+            # pre-activation, not of its bf16 copy)
+            if l < L - self.gelu_kept:
                 gelu.gelu_forward(fch_gelu, a.fch[l], stream=s)
             # fcproj: dresidual is d residual3; with gelu_fusion 2 the DGELU epilogue gives d fch
             dgelu_epilogue = self.gelu_fusion >= 2

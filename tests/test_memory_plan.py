@@ -46,15 +46,22 @@ def test_gpu_plan_counts_every_allocation_of_the_model(monkeypatch, recompute, g
     assert sum(pinned) == plan.item("pinned host buffers").nbytes
 
 
-def test_gpu_plan_attention_and_recompute_arithmetic():
+def test_gpu_plan_attention_and_recompute_arithmetic(monkeypatch):
+    from nanollm import model
+
     c, B, T = from_descriptor("d12"), 64, 1024
     cudnn = memory_plan.gpu_plan(c, B, T, attention="cudnn")
     numba = memory_plan.gpu_plan(c, B, T, attention="numba")
     keep_gelu = memory_plan.gpu_plan(c, B, T, recompute=0, attention="cudnn")
     L, C, NH = c.num_layers, c.channels, c.num_heads
     # -r 0 keeps L GELU outputs instead of one; llm.c's attention keeps (L,B,NH,T,T) weights and
-    # (B,NH,T,T) + (3,B,NH,T,HS) backward scratch, cuDNN (L,B,NH,T) fp32 statistics and a workspace
-    assert keep_gelu.total - cudnn.total == 2 * (L - 1) * B * T * 4 * C
+    # (B,NH,T,T) + (3,B,NH,T,HS) backward scratch, cuDNN (L,B,NH,T) fp32 statistics and a workspace.
+    # -r 1 at d12 B=64 runs the lm head in 4 blocks of rows (GPT2.lm_head_plan): a quarter of the
+    # (B*T, Vp) logits, an fp32 (Vp, C) wte gradient, and so room for all L GELU outputs again
+    Vp = c.padded_vocab_size
+    assert keep_gelu.total - cudnn.total == 2 * (B * T - B * T // 4) * Vp - 4 * Vp * C
+    monkeypatch.setattr(model, "LM_HEAD_CHUNKS", 1)  # the lm head whole: llm.c's -r 1, one GELU buffer
+    assert keep_gelu.total - memory_plan.gpu_plan(c, B, T, attention="cudnn").total == 2 * (L - 1) * B * T * 4 * C
     acts = lambda plan: plan.item("activations").nbytes
     assert acts(numba) - acts(cudnn) == 2 * ((L + 1) * B * NH * T * T + 3 * B * T * C) - 4 * L * B * NH * T
     assert "cuDNN workspace" not in [item.name for item in numba.items]

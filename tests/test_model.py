@@ -3,6 +3,7 @@ loss and every gradient, then a few AdamW steps. On the CUDA simulator at a tiny
 `pytest -m gpu` also runs GPT-2 d12 shapes on a real GPU (see test_model_gpu.py for PyTorch)."""
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -23,14 +24,20 @@ def _reference_step(config, flat_params, tokens, targets):
     return logits, loss, grads
 
 
-# gelu_fusion 2: the backward's GELU in fcproj's DGELU epilogue; 1: in the fc bias gradient's pass
-@pytest.mark.parametrize("gelu_fusion", [2, 1])
-def test_one_step_matches_reference(rng, gelu_fusion):
+# gelu_fusion 2: the backward's GELU in fcproj's DGELU epilogue; 1: in the fc bias gradient's pass.
+# lm_head (chunks, GELU layers kept): None the default (at this size the lm head whole, -r 1's one
+# GELU buffer); (3, 2) the lm head and classifier over blocks of 6, 6 and 4 rows, each block's
+# lm-head backward in the forward, and both layers' GELU kept (none recomputed)
+@pytest.mark.parametrize("gelu_fusion, lm_head", [(2, None), (1, None), (2, (3, 2))],
+                         ids=["ge2", "ge1", "ge2-lm-head-in-3-chunks"])
+def test_one_step_matches_reference(rng, gelu_fusion, lm_head):
     B, T = 2, 8
-    model = GPT2(TINY, B, T, seed=int(rng.integers(1000)), gelu_fusion=gelu_fusion)
+    model = GPT2(TINY, B, T, seed=int(rng.integers(1000)), gelu_fusion=gelu_fusion, lm_head=lm_head)
+    assert (model.lm_chunks, model.gelu_kept) == (lm_head or (1, 1))
     tokens, targets = rng.integers(0, TINY.vocab_size, (2, B, T))
-    model.forward(tokens)  # no targets: the logits stay (the classifier overwrites them with dlogits)
+    model.forward(tokens)  # no targets: up to lnf; logits_at runs the row's lm head
     logits = np.stack([model.logits_at(b, t) for b in range(B) for t in (0, T - 1)])
+    np.testing.assert_array_equal(model.logits_host()[:, (0, T - 1)].reshape(2 * B, -1), logits)
     model.zero_grad()
     model.forward(tokens, targets)
     loss = model.losses()
@@ -66,6 +73,31 @@ def test_recompute_takes_the_last_layers_gelu_from_the_forward(rng):
         grads.append(model.gradients())
     assert np.isfinite(grads[1]).all() and np.abs(grads[1]).max() > 0
     np.testing.assert_array_equal(grads[1], grads[0])
+
+
+def test_lm_head_plan_keeps_gelus_within_the_memory_of_one():
+    """-r 1's chunked lm head: the logits buffer shrinks to one block of rows, and the top layers'
+    GELU outputs it keeps (and the fp32 wte gradient) fit in what that frees: no more activation
+    memory than the whole lm head with llm.c's one GELU buffer."""
+    from nanollm.config import from_descriptor
+
+    def activation_bytes(c, B, T, recompute, lm_head=None):
+        bf16, fp32 = GPT2.activation_shapes(c, B, T, recompute, "cudnn", 1, norm_scratch_size=1, lm_head=lm_head)
+        return 2 * sum(math.prod(s) for s in bf16.values()) + 4 * sum(math.prod(s) for s in fp32.values())
+
+    for descriptor, B, expected in [("d12", 64, (4, 12)), ("d12", 32, (4, 12)), ("d12", 8, (4, 10)),
+                                    ("d24", 32, (4, 9)), ("d48", 16, (4, 5))]:
+        c = from_descriptor(descriptor)
+        plan = GPT2.lm_head_plan(c, B, 1024, recompute=1, chunks=4)
+        assert plan == expected, (descriptor, B, plan)
+        assert GPT2.lm_head_plan(c, B, 1024, recompute=0, chunks=4) == (1, c.num_layers)
+        assert GPT2.lm_head_plan(c, B, 1024, recompute=1, chunks=1) == (1, 1)
+        whole = activation_bytes(c, B, 1024, 1, lm_head=(1, 1))
+        assert activation_bytes(c, B, 1024, 1, lm_head=plan) <= whole
+        # one more kept layer would not fit
+        if plan[1] < c.num_layers:
+            assert activation_bytes(c, B, 1024, 1, lm_head=(plan[0], plan[1] + 1)) > whole
+    assert GPT2.lm_head_plan(TINY, 2, 8, recompute=1, chunks=4) == (1, 1)  # the fp32 sums outweigh the logits
 
 
 def test_training_steps_follow_reference(rng):

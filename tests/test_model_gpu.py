@@ -33,15 +33,19 @@ def _skip_without_cudnn(config, B, T):
         pytest.skip(f"cuDNN attention unavailable: {reason}")
 
 
-@pytest.mark.parametrize("attention", ["numba", "cudnn"])
-def test_d12_matches_pytorch(attention):
+# lm_head (4, 12): the lm head and classifier in 4 blocks of rows with their backward in the
+# forward, every layer's GELU kept at -r 1 (GPT2.lm_head_plan's choice at B*T = 65536; at this
+# small B*T the plan runs the lm head whole)
+@pytest.mark.parametrize("attention, lm_head", [("numba", None), ("cudnn", None), ("cudnn", (4, 12))],
+                         ids=["numba", "cudnn", "cudnn-lm-head-in-4-chunks"])
+def test_d12_matches_pytorch(attention, lm_head):
     config = from_descriptor("d12")
     B, T = 4, 64
     rng = np.random.default_rng(1234)
     tokens, targets = rng.integers(0, config.vocab_size, (2, B, T))
     if attention == "cudnn":
         _skip_without_cudnn(config, B, T)
-    model = GPT2(config, B, T, seed=1234, attention=attention)
+    model = GPT2(config, B, T, seed=1234, attention=attention, lm_head=lm_head)
     params = reference.ParameterTensors(config, np.float32)
     params.memory[:] = model.parameters()  # PyTorch gets the very bf16 values the GPU model holds
     torch_model = torch_model_from(params, np.float32)
@@ -90,8 +94,9 @@ def test_d12_matches_pytorch(attention):
     assert ours[-1] < ours[0]
 
 
-@pytest.mark.parametrize("attention", ["numba", "cudnn"])
-def test_cuda_graphs_replay_the_eager_step_exactly(attention):
+@pytest.mark.parametrize("attention, lm_head", [("numba", None), ("cudnn", None), ("cudnn", (4, 12))],
+                         ids=["numba", "cudnn", "cudnn-lm-head-in-4-chunks"])
+def test_cuda_graphs_replay_the_eager_step_exactly(attention, lm_head):
     """The graphed step is the eager step's launches: after three steps of two micro-steps on
     fresh batches (step 1 eager, 2 captured, 3 replayed), parameters, optimizer state, losses
     and a validation loss agree bit for bit."""
@@ -103,7 +108,8 @@ def test_cuda_graphs_replay_the_eager_step_exactly(attention):
     batches = rng.integers(0, config.vocab_size, (3, 2, 2, B, T))  # step, micro-step, tokens/targets
     results = []
     for graphs in (False, True):
-        model = GPT2(config, B, T, seed=7, attention=attention, grad_accum_steps=2, cuda_graphs=graphs)
+        model = GPT2(config, B, T, seed=7, attention=attention, grad_accum_steps=2, cuda_graphs=graphs,
+                     lm_head=lm_head)
         losses, evals = [], []
         for step in range(3):
             model.zero_grad()
@@ -125,8 +131,9 @@ def test_cuda_graphs_replay_the_eager_step_exactly(attention):
         np.testing.assert_array_equal(state[name], g_state[name], err_msg=name)
 
 
-@pytest.mark.parametrize("gelu_fusion", [2, 1])
-def test_zero_grad_then_backward_writes_what_zeroing_would(gelu_fusion):
+@pytest.mark.parametrize("gelu_fusion, lm_head", [(2, None), (1, None), (2, (4, 12))],
+                         ids=["ge2", "ge1", "ge2-lm-head-in-4-chunks"])
+def test_zero_grad_then_backward_writes_what_zeroing_would(gelu_fusion, lm_head):
     """The first backward after zero_grad() writes the gradients (cuBLASLt with beta 0, the bias
     and layernorm kernels without accumulating): at d12 with cuDNN attention and CUDA graphs, over
     two steps of two micro-steps from non-zero gradients, every gradient has the values of the
@@ -136,8 +143,8 @@ def test_zero_grad_then_backward_writes_what_zeroing_would(gelu_fusion):
     _skip_without_cudnn(config, B, T)
     rng = np.random.default_rng()
     batches = rng.integers(0, config.vocab_size, (2, 2, 2, B, T))  # step, micro-step, tokens/targets
-    written, zeroed = (GPT2(config, B, T, seed=7, attention="cudnn", grad_accum_steps=2, gelu_fusion=gelu_fusion)
-                       for _ in range(2))
+    written, zeroed = (GPT2(config, B, T, seed=7, attention="cudnn", grad_accum_steps=2, gelu_fusion=gelu_fusion,
+                            lm_head=lm_head) for _ in range(2))
     noise = rng.standard_normal(written.grads.memory.size).astype(np.float32)
     written.grads.memory.copy_to_device(to_bf16_bits(noise))
     for step in range(2):  # step 0 eager, step 1 replays the captured graphs

@@ -220,7 +220,20 @@ def matmul_bias_add_partials_kernel(dbias, partial, n_partials, accumulate):
         dbias[col] = float_to_bf16(old + total)
 
 
+@kernel
+def add_fp32_into_bf16_kernel(out, src, accumulate):
+    # out (n,) bf16 <- out + src (accumulate) or src, src (n,) fp32: the sum taken in fp32 and
+    # rounded once (a weight gradient summed in fp32 over several products, as one product's beta 1)
+    i = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    while i < out.shape[0]:
+        old = bf16_to_float(out[i]) if accumulate else float32(0.0)
+        out[i] = float_to_bf16(old + src[i])
+        i += stride
+
+
 PTX_SIGNATURES = {
+    add_fp32_into_bf16_kernel: "void(uint16[::1], float32[::1], boolean)",
     matmul_backward_bias_kernel: "void(float32[::1], uint64[::1], int64, int64, int64)",
     gelu_backward_bias_kernel: "void(float32[::1], uint64[::1], uint64[::1], int64, int64, int64)",
     matmul_bias_add_partials_kernel: "void(uint16[::1], float32[::1], int64, boolean)",
@@ -243,7 +256,7 @@ _AUX_EPILOGUES = _GELU_AUX_EPILOGUES + (Epilogue.DGELU,)
 _handle = None
 _workspace = None
 _workspace_ptr = 0
-_plans = {}  # (M, N, K, batch, transa, transb, epilogue, alignments of a, b, out) -> _Plan
+_plans = {}  # (M, N, K, batch, transa, transb, epilogue, alignments of a, b, out, addend, out type) -> _Plan
 _HEURISTIC_RESULT_BYTES = cublasLt.matmul_heuristic_result_dtype.itemsize
 # which of the heuristic's answers runs: "timed" (the fastest of its top ones on this GPU, chosen once
 # and saved: matmul_tuning) or "heuristic" (its first, as llm.c)
@@ -276,11 +289,13 @@ class _Plan:
     """A matmul descriptor, its A/B/D layouts and the chosen algorithm, built once per key."""
 
     def __init__(self, key, bias_ptr, aux_ptr, candidates=1):
-        M, N, K, batch, transa, transb, epilogue, align_a, align_b, align_d, align_c = key
+        M, N, K, batch, transa, transb, epilogue, align_a, align_b, align_d, align_c, out_type = key
         self.description = _describe(M, N, K, batch, transa, transb, epilogue)
-        # align_c: None when the addend C is out itself (or there is none)
+        # align_c: None when the addend C is out itself (or there is none); out_type: D's (and C's)
+        # element type, bf16 but for fp32 weight-gradient sums
         addend = "" if align_c is None else f" addend={align_c}"
-        self.name = f"{self.description}; alignments a={align_a} b={align_b} out={align_d}{addend}"
+        fp32 = " out=fp32" if out_type == CUDA_R_32F else ""
+        self.name = f"{self.description}; alignments a={align_a} b={align_b} out={align_d}{addend}{fp32}"
         self.epilogue = epilogue
         self.pointer = np.zeros(1, dtype=np.int64)  # host buffer for the per-call pointer attributes
         handle = _cublaslt_handle()
@@ -300,7 +315,7 @@ class _Plan:
             # column-major (rows, cols, leading dimension) of what each pointer holds
             self.a_layout = self._layout((K, N, K) if transb else (N, K, N), batch, N * K)
             self.b_layout = self._layout((M, K, M) if transa else (K, M, K), batch, M * K)
-            self.d_layout = self._layout((N, M, N), batch, M * N)
+            self.d_layout = self._layout((N, M, N), batch, M * N, out_type)
             # cuBLAS's A is our b: its alignment is align_b, and the other way round
             self.answers, self.found = self._heuristic(handle, align_b, align_a, align_d,
                                                        align_d if align_c is None else align_c, candidates)
@@ -342,9 +357,9 @@ class _Plan:
                                            self.pointer.ctypes.data, 8)
 
     @staticmethod
-    def _layout(rows_cols_ld, batch, batch_stride):
+    def _layout(rows_cols_ld, batch, batch_stride, data_type=CUDA_R_16BF):
         rows, cols, ld = rows_cols_ld
-        layout = cublasLt.matrix_layout_create(CUDA_R_16BF, rows, cols, ld)
+        layout = cublasLt.matrix_layout_create(data_type, rows, cols, ld)
         if batch > 1:
             attr = cublasLt.MatrixLayoutAttribute
             count = np.array([batch], dtype=np.int32)
@@ -392,7 +407,7 @@ def _gemm(out, a, b, M, N, K, batch, transa, transb, epilogue=Epilogue.DEFAULT, 
           alpha=1.0, beta=0.0, stream=0, addend=None):
     """out (batch, M, N) = alpha * op(a) @ op(b) + beta * C, then the epilogue, where C is addend
     (out's shape) if given, else out itself; row-major, contiguous, shapes already checked by the
-    caller."""
+    caller. out (and addend) bf16, or float32 (no bias or aux epilogue then): the fp32 sums unrounded."""
     if SIMULATOR:  # (an addend that is out itself reads the same values there)
         return _gemm_host(out, a, b, M, N, K, batch, transa, transb, epilogue, bias, aux, alpha, beta, addend)
     a_ptr, b_ptr, out_ptr = _pointer(a), _pointer(b), _pointer(out)
@@ -407,7 +422,7 @@ def _gemm(out, a, b, M, N, K, batch, transa, transb, epilogue=Epilogue.DEFAULT, 
             raise ValueError(f"{name}: device pointer {pointer:#x} is not 16-byte aligned "
                              f"({_describe(M, N, K, batch, transa, transb, epilogue)})")
     key = (M, N, K, batch, transa, transb, int(epilogue), _alignment(a_ptr), _alignment(b_ptr), _alignment(out_ptr),
-           None if addend is None else _alignment(c_ptr))
+           None if addend is None else _alignment(c_ptr), CUDA_R_32F if out.dtype == np.float32 else CUDA_R_16BF)
     plan = _plans.get(key)
     new_plan = plan is None
     if new_plan:
@@ -493,6 +508,11 @@ def _gemm_host(out, a, b, M, N, K, batch, transa, transb, epilogue, bias, aux, a
     if transb:
         b_host = b_host.transpose(0, 2, 1)
     result = np.matmul(a_host, b_host) * np.float32(alpha)
+    if out.dtype == np.float32:  # fp32 sums: no epilogue, no rounding
+        if beta != 0.0:
+            result += np.float32(beta) * out.copy_to_host().reshape(batch, M, N)
+        out.copy_to_device(result.astype(np.float32).reshape(out.shape))
+        return
     if beta != 0.0:
         result += np.float32(beta) * load(out if addend is None else addend, (batch, M, N))
     if epilogue in _BIAS_EPILOGUES:
@@ -575,6 +595,43 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight, pre_gelu=None, dbia
     _gemm(dinp, dout, weight, rows, C, OC, 1, False, False,
           Epilogue.DGELU if pre_gelu is not None else Epilogue.DEFAULT, aux=pre_gelu, stream=stream)
     _gemm(dweight, dout, inp, OC, C, rows, 1, True, False, beta=1.0 if accumulate else 0.0, stream=stream)
+
+
+def matmul_backward_input(dinp, dout, weight, stream=0):
+    """dinp = dout @ weight (overwritten): matmul_backward's input gradient alone.
+    dout (rows, OC), weight (OC, C), dinp (rows, C)."""
+    OC, C = _check_weight(weight)
+    rows = _rows_cols("dout", dout, OC)
+    _check_same_rows(rows, dinp=(dinp, C))
+    _gemm(dinp, dout, weight, rows, C, OC, 1, False, False, stream=stream)
+
+
+def matmul_backward_weight_fp32(dweight, dout, inp, stream=0, accumulate=True):
+    """dweight (OC, C) float32 += dout^T @ inp (accumulate=False: overwritten), in fp32, unrounded:
+    a weight gradient summed over several row blocks (the lm head's chunks), rounded into the bf16
+    gradient once by add_fp32_into_bf16. dout (rows, OC), inp (rows, C) bf16."""
+    check_contiguous("dweight", dweight, np.float32)
+    if len(dweight.shape) != 2:
+        raise ValueError(f"dweight: expected shape (OC, C), got {tuple(dweight.shape)}")
+    OC, C = dweight.shape
+    rows = _rows_cols("dout", dout, OC)
+    _check_same_rows(rows, inp=(inp, C))
+    _gemm(dweight, dout, inp, OC, C, rows, 1, True, False, beta=1.0 if accumulate else 0.0, stream=stream)
+
+
+ADD_BLOCK = 256
+
+
+def add_fp32_into_bf16(out, src, stream=0, accumulate=True):
+    """out (bf16) += src (float32), element by element, one rounding (accumulate=False: out = src
+    rounded, the bits of += into zeros). Same shapes, contiguous."""
+    check_contiguous("out", out, np.uint16)
+    check_contiguous("src", src, np.float32, tuple(out.shape))
+    n = out.size
+    if n:
+        block = 32 if SIMULATOR else ADD_BLOCK  # the simulator runs a Python thread per GPU thread
+        blocks = min(ceil_div(n, block), 32 * 1024)
+        add_fp32_into_bf16_kernel[blocks, block, stream](out.reshape(n), src.reshape(n), bool(accumulate))
 
 
 _bias_scratch = None

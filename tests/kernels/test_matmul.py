@@ -230,6 +230,51 @@ def test_backward_without_accumulate_overwrites(rng, shape, through_gelu):
     np.testing.assert_array_equal(grad_written, grad_added)
 
 
+@pytest.mark.parametrize("shape", [
+    pytest.param((12, 16, 24), id="tiny"),
+    pytest.param((16384, 768, 50304), id="d12-lm-head-block", marks=pytest.mark.gpu),
+])
+def test_weight_gradient_in_fp32_over_blocks_then_one_rounding(rng, shape):
+    """The chunked lm head's wte gradient: matmul_backward_weight_fp32 writes (first block) and
+    adds (the others) unrounded fp32 sums, add_fp32_into_bf16 rounds them into the bf16 gradient
+    once (+= or =); dinp per block with matmul_backward_input."""
+    rows, C, OC = shape
+    dout, dout_ref = random_bf16(rng, (rows, OC))
+    inp, inp_ref = random_bf16(rng, (rows, C))
+    weight, weight_ref = random_bf16(rng, (OC, C), scale=1 / np.sqrt(C))
+    sums = cuda.to_device(np.full((OC, C), np.nan, np.float32))  # poisoned: the first block writes
+    dinp = poisoned_bf16((rows, C))
+    blocks = [(0, rows // 3), (rows // 3, 2 * rows // 3), (2 * rows // 3, rows)]
+    for start, stop in blocks:
+        matmul.matmul_backward_input(dinp[start:stop], dout[start:stop], weight)
+        matmul.matmul_backward_weight_fp32(sums, dout[start:stop], inp[start:stop], accumulate=start > 0)
+    check = _sample(rng, rows)
+    err = relative_error(download_bf16(dinp)[check], dout_ref[check] @ weight_ref)
+    assert err < BF16_ONE_ROUNDING, f"dinp rel. error {err:.2e}"
+    check_oc = _sample(rng, OC)
+    expected = dout_ref[:, check_oc].T @ inp_ref
+    # fp32 sums of exact bf16 products: far inside one bf16 rounding
+    err = relative_error(sums.copy_to_host()[check_oc].astype(np.float64), expected)
+    assert err < 1e-5, f"fp32 weight gradient rel. error {err:.2e}"
+    for accumulate in (True, False):
+        dweight, dweight_ref = random_bf16(rng, (OC, C)) if accumulate else (poisoned_bf16((OC, C)), 0.0)
+        matmul.add_fp32_into_bf16(dweight, sums, accumulate=accumulate)
+        result = dweight.copy_to_host()
+        assert np.isfinite(from_bf16_bits(result)).all(), "unwritten (NaN) gradient"
+        # one rounding of (old + the fp32 sum): the bits numpy's float32 sum rounds to
+        old = dweight_ref.astype(np.float32) if accumulate else np.float32(0.0)
+        np.testing.assert_array_equal(result, to_bf16_bits(old + sums.copy_to_host()))
+        err = relative_error(download_bf16(dweight)[check_oc], (dweight_ref[check_oc] if accumulate else 0.0) + expected)
+        assert err < BF16_ONE_ROUNDING
+
+
+def test_add_fp32_into_bf16_rejects_mismatched_arrays():
+    with pytest.raises(ValueError, match="shape"):
+        matmul.add_fp32_into_bf16(cuda.to_device(np.zeros(8, np.uint16)), cuda.to_device(np.zeros(4, np.float32)))
+    with pytest.raises(TypeError, match="float32"):
+        matmul.add_fp32_into_bf16(cuda.to_device(np.zeros(8, np.uint16)), cuda.to_device(np.zeros(8, np.uint16)))
+
+
 BATCHED = [
     pytest.param((3, 8, 12, 16), id="tiny"),
     pytest.param((96, 1024, 1024, 64), id="gpt2-attention", marks=pytest.mark.gpu),  # B*NH, T, T, HS
@@ -379,8 +424,8 @@ class FakeCublasLt:
         self.objects[desc][real_cublaslt.MatmulDescAttribute(attr).name] = _read(buf, dtype)[0].item()
 
     def matrix_layout_create(self, dtype, rows, cols, ld):
-        assert dtype == 14 and ld >= rows, (dtype, rows, cols, ld)
-        return self._new(rows=rows, cols=cols, ld=ld, BATCH_COUNT=1, STRIDED_BATCH_OFFSET=0)
+        assert dtype in (14, 0) and ld >= rows, (dtype, rows, cols, ld)  # bf16, or fp32 (D and C only)
+        return self._new(dtype=dtype, rows=rows, cols=cols, ld=ld, BATCH_COUNT=1, STRIDED_BATCH_OFFSET=0)
 
     def matrix_layout_set_attribute(self, layout, attr, buf, size):
         dtype = np.dtype(real_cublaslt.get_matrix_layout_attribute_dtype(attr))
@@ -416,14 +461,19 @@ class FakeCublasLt:
         L = self.objects[layout]
         batch, stride = L["BATCH_COUNT"], L["STRIDED_BATCH_OFFSET"]
         extent = (batch - 1) * stride + (L["cols"] - 1) * L["ld"] + L["rows"]
-        memory = np.ctypeslib.as_array((ctypes.c_uint16 * extent).from_address(pointer))
-        return np.lib.stride_tricks.as_strided(memory, (batch, L["rows"], L["cols"]), (2 * stride, 2, 2 * L["ld"]))
+        element = ctypes.c_float if L["dtype"] == 0 else ctypes.c_uint16
+        size = ctypes.sizeof(element)
+        memory = np.ctypeslib.as_array((element * extent).from_address(pointer))
+        return np.lib.stride_tricks.as_strided(memory, (batch, L["rows"], L["cols"]), (size * stride, size, size * L["ld"]))
 
     def matmul(self, handle, desc, alpha, a, a_layout, b, b_layout, beta, c, c_layout, d, d_layout, algo,
                workspace, workspace_size, stream):
         self.calls += 1
         self.algorithms.append(int(_read(algo, np.uint64)[0]))
         D = self.objects[desc]
+        assert self.objects[a_layout]["dtype"] == self.objects[b_layout]["dtype"] == 14, "A and B are bf16"
+        assert self.objects[c_layout]["dtype"] == self.objects[d_layout]["dtype"]
+        fp32_out = self.objects[d_layout]["dtype"] == 0
         A = from_bf16_bits(self._matrices(a, a_layout).copy())
         B = from_bf16_bits(self._matrices(b, b_layout).copy())
         A = A.transpose(0, 2, 1) if D["TRANSA"] == 1 else A
@@ -437,8 +487,12 @@ class FakeCublasLt:
         result = _read(alpha, np.float32)[0] * (A @ B)
         beta = _read(beta, np.float32)[0]
         if beta != 0:
-            result += beta * from_bf16_bits(addend.copy())
+            result += beta * (addend.astype(np.float32) if fp32_out else from_bf16_bits(addend.copy()))
         epilogue = real_cublaslt.Epilogue(D["EPILOGUE"])
+        if fp32_out:  # unrounded sums, no epilogue
+            assert epilogue == self.Epilogue.DEFAULT
+            out[...] = result.astype(np.float32)
+            return
         m, n = out.shape[1:]
         if epilogue in (self.Epilogue.BIAS, self.Epilogue.GELU_AUX_BIAS):
             assert D["BIAS_DATA_TYPE"] == 14
@@ -517,6 +571,18 @@ def test_cublaslt_path_forward_backward(rng, fake_cublaslt):
     matmul.matmul_backward(dinp, dweight, dbias, dout, inp, weight, pre)
     matmul.matmul_forward(out, inp, weight, bias, residual=residual)
     assert (len(matmul._plans), fake_cublaslt.created) == (plans, created) == (5, created)
+
+
+def test_cublaslt_path_fp32_weight_gradient(rng, fake_cublaslt):
+    """fp32 D and C layouts (A, B bf16): the sums written (beta 0), then added to (beta 1)."""
+    rows, C, OC = 24, 16, 40
+    dout, dout_ref = _host_bf16(rng, (rows, OC))
+    inp, inp_ref = _host_bf16(rng, (rows, C))
+    sums = host_as_device(np.full((OC, C), np.nan, np.float32))
+    matmul.matmul_backward_weight_fp32(sums, dout[:10], inp[:10], accumulate=False)
+    matmul.matmul_backward_weight_fp32(sums, dout[10:], inp[10:], accumulate=True)
+    assert relative_error(np.asarray(sums).astype(np.float64), dout_ref.T @ inp_ref) < 1e-6
+    assert any(plan.name.endswith("out=fp32") for plan in matmul._plans.values())
 
 
 @pytest.mark.parametrize("transa, transb", [(False, False), (False, True), (True, False), (True, True)],
