@@ -52,7 +52,6 @@ from .kernels.bf16 import from_bf16_bits, to_bf16_bits
 from .kernels.cuda_common import SIMULATOR
 
 
-
 def _lm_head_chunks_from_environment():
     text = os.environ.get("NANOLLM_LM_HEAD_CHUNKS", "4")
     if not text.isdigit() or int(text) < 1:
@@ -63,6 +62,12 @@ def _lm_head_chunks_from_environment():
 # -r 1: the lm head and the classifier in this many blocks of rows (the logits buffer holds one
 # block), when the memory that frees keeps more than the last layer's GELU (GPT2.lm_head_plan)
 LM_HEAD_CHUNKS = _lm_head_chunks_from_environment()
+
+
+def _first_rows(array, rows, width):
+    """The first `rows` rows of `width` elements of a contiguous buffer, as a (rows, width) view
+    (the lm head's lnf, d lnf and logits blocks, whatever the buffer's own shape)."""
+    return array.reshape(-1)[:rows * width].reshape(rows, width)
 
 
 class Buffers:
@@ -481,12 +486,11 @@ class GPT2:
                                         write_dlogits=write_dlogits, stream=s)
             return
         rows, C, chunk = B * T, c.channels, self.lm_chunk_rows
-        lnf = a.lnf.reshape(-1)[:rows * C].reshape(rows, C)
-        dlnf = a.dbt4c.reshape(-1)[:rows * C].reshape(rows, C)
+        lnf, dlnf = _first_rows(a.lnf, rows, C), _first_rows(a.dbt4c, rows, C)
         row_losses, row_targets = losses.reshape(rows), self.targets[:B].reshape(rows)
         for start in range(0, rows, chunk):
             stop = min(rows, start + chunk)
-            logits = a.logits[:stop - start]
+            logits = _first_rows(a.logits, stop - start, c.padded_vocab_size)
             matmul.matmul_forward(logits, lnf[start:stop], p.wte, stream=s)
             classifier.fused_classifier(logits, row_losses[start:stop], dloss, row_targets[start:stop], c.vocab_size,
                                         write_dlogits=write_dlogits, stream=s)
@@ -581,13 +585,12 @@ class GPT2:
         lnf block by block of rows (the logits buffer holds one block when the lm head is chunked)."""
         B, T, C, V = self.B, self.T, self.config.channels, self.config.vocab_size
         rows = B * T
-        lnf = self.acts.lnf.reshape(rows, C)
+        lnf = _first_rows(self.acts.lnf, rows, C)
         chunk = self.lm_chunk_rows
         out = np.empty((rows, V), dtype=np.float32)
         for start in range(0, rows, chunk):
             stop = min(rows, start + chunk)
-            logits = self.acts.logits.reshape(-1)[:(stop - start) * self.config.padded_vocab_size]
-            logits = logits.reshape(stop - start, -1)
+            logits = _first_rows(self.acts.logits, stop - start, self.config.padded_vocab_size)
             matmul.matmul_forward(logits, lnf[start:stop], self.params.wte, stream=self.stream)
             self.stream.synchronize()
             out[start:stop] = from_bf16_bits(logits.copy_to_host())[:, :V]
@@ -598,9 +601,9 @@ class GPT2:
         sampling): the forward stops at lnf; this row's lm head runs here."""
         C, Vp = self.config.channels, self.config.padded_vocab_size
         row = b * self.T + t
-        logits = self.acts.logits.reshape(-1)[:Vp].reshape(1, Vp)
-        matmul.matmul_forward(logits, self.acts.lnf.reshape(-1)[row * C:(row + 1) * C].reshape(1, C), self.params.wte,
-                              stream=self.stream)
+        logits = _first_rows(self.acts.logits, 1, Vp)
+        lnf_row = _first_rows(self.acts.lnf, self.B * self.T, C)[row:row + 1]
+        matmul.matmul_forward(logits, lnf_row, self.params.wte, stream=self.stream)
         self.stream.synchronize()
         return from_bf16_bits(logits.copy_to_host())[0, :self.config.vocab_size]
 

@@ -592,8 +592,18 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight, pre_gelu=None, dbia
         _check_same_rows(rows, pre_gelu=(pre_gelu, C))
     if dbias is not None:
         matmul_backward_bias(dbias, dout, dbias_scratch, stream, accumulate=accumulate)
+    _input_gradient(dinp, dout, weight, rows, C, OC, pre_gelu, stream)
+    _weight_gradient(dweight, dout, inp, OC, C, rows, accumulate, stream)
+
+
+def _input_gradient(dinp, dout, weight, rows, C, OC, pre_gelu, stream):
+    """dinp (rows, C) = dout (rows, OC) @ weight (OC, C), through DGELU with pre_gelu; checked by the caller."""
     _gemm(dinp, dout, weight, rows, C, OC, 1, False, False,
           Epilogue.DGELU if pre_gelu is not None else Epilogue.DEFAULT, aux=pre_gelu, stream=stream)
+
+
+def _weight_gradient(dweight, dout, inp, OC, C, rows, accumulate, stream):
+    """dweight (OC, C) (+)= dout^T @ inp, bf16 or fp32 (beta 1 adds); checked by the caller."""
     _gemm(dweight, dout, inp, OC, C, rows, 1, True, False, beta=1.0 if accumulate else 0.0, stream=stream)
 
 
@@ -603,7 +613,7 @@ def matmul_backward_input(dinp, dout, weight, stream=0):
     OC, C = _check_weight(weight)
     rows = _rows_cols("dout", dout, OC)
     _check_same_rows(rows, dinp=(dinp, C))
-    _gemm(dinp, dout, weight, rows, C, OC, 1, False, False, stream=stream)
+    _input_gradient(dinp, dout, weight, rows, C, OC, None, stream)
 
 
 def matmul_backward_weight_fp32(dweight, dout, inp, stream=0, accumulate=True):
@@ -616,7 +626,7 @@ def matmul_backward_weight_fp32(dweight, dout, inp, stream=0, accumulate=True):
     OC, C = dweight.shape
     rows = _rows_cols("dout", dout, OC)
     _check_same_rows(rows, inp=(inp, C))
-    _gemm(dweight, dout, inp, OC, C, rows, 1, True, False, beta=1.0 if accumulate else 0.0, stream=stream)
+    _weight_gradient(dweight, dout, inp, OC, C, rows, accumulate, stream)
 
 
 ADD_BLOCK = 256
