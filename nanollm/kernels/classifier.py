@@ -266,10 +266,113 @@ def fused_classifier_staged_kernel(logits, losses, targets, dloss, V, words_per_
         logits[row_start + full_words] = (new & keep_new) | (old & ~keep_new)
 
 
+# ---- v3: v2's staging with fewer instructions per word and more loads in flight --------------------
+# v2 folds each word into the running (max, sum) on its own: a compare, a branch, and per value a
+# subtraction, a multiplication and the exponential. v3 takes the max of a whole batch of loaded
+# words first and rescales the running sum at most once per batch, then sums exp2(x*log2(e) -
+# max*log2(e)) (one fma and the hardware's ex2 per value) into two independent sums; pass 2 scales
+# by inverse_sum * dloss once. 12 words in flight per thread (at 384 threads two blocks an SM still
+# fit the registers). Another summation order than v1/v2: the same values within a few float32
+# roundings, not the same bits.
+BATCH_WORDS = 12  # v3's words per thread loaded before any is used: 78 registers (16: 84, one block an SM)
+LOG2E = 1.4426950408889634
+
+
+@device_function
+def bf16x4_max(word):
+    a, b = bf16x2_low(low_half(word)), bf16x2_high(low_half(word))
+    c, d = bf16x2_low(high_half(word)), bf16x2_high(high_half(word))
+    return max(max(a, b), max(c, d))
+
+
+@device_function
+def exp2_pair_sum(word, log2e, shift):
+    """exp2(x * log2e - shift) summed over the word's four values, as two pairs."""
+    a, b = bf16x2_low(low_half(word)), bf16x2_high(low_half(word))
+    c, d = bf16x2_low(high_half(word)), bf16x2_high(high_half(word))
+    return math.exp2(a * log2e - shift) + math.exp2(b * log2e - shift), \
+        math.exp2(c * log2e - shift) + math.exp2(d * log2e - shift)
+
+
+@device_function
+def dlogits_word_scaled(word, first_column, target, row_max, inverse_sum, dloss, log2e, shift, scale):
+    """dlogits_word_rn's values with exp2 and the scale inverse_sum * dloss applied once."""
+    if first_column <= target < first_column + 4:  # the target's word (once per row): as v2
+        return dlogits_word_rn(word, first_column, target, row_max, inverse_sum, dloss)
+    a, b = bf16x2_low(low_half(word)), bf16x2_high(low_half(word))
+    c, d = bf16x2_low(high_half(word)), bf16x2_high(high_half(word))
+    return join_halves(pack_bf16x2_rn(math.exp2(a * log2e - shift) * scale, math.exp2(b * log2e - shift) * scale),
+                       pack_bf16x2_rn(math.exp2(c * log2e - shift) * scale, math.exp2(d * log2e - shift) * scale))
+
+
+@kernel(fastmath=True)
+def fused_classifier_batched_kernel(logits, losses, targets, dloss, V, words_per_row, write_dlogits):
+    # as fused_classifier_staged_kernel (same launch, same shared memory); only launched with write_dlogits
+    staged = cuda.shared.array(0, uint64)
+    shared_max = cuda.shared.array(32, float32)
+    shared_sum = cuda.shared.array(32, float32)
+    row, row_start, target, target_logit = block_row(logits, targets, words_per_row)
+    tid = cuda.threadIdx.x
+    threads = cuda.blockDim.x
+    full_words, boundary_lanes, boundary_thread = row_layout(V, threads)
+    boundary_word = uint64(0)
+    if boundary_lanes > 0 and tid == boundary_thread:
+        boundary_word = logits[row_start + full_words]
+    log2e = float32(LOG2E)
+
+    batch = cuda.local.array(BATCH_WORDS, uint64)
+    running_max = float32(NEG_BIG)
+    running_sum = float32(0.0)
+    w = tid
+    while w < full_words:
+        for k in range(BATCH_WORDS):  # unrolled: independent loads, all issued before the first use
+            if w + k * threads < full_words:
+                batch[k] = logits[uint64(row_start + w + k * threads)]
+        batch_max = running_max
+        for k in range(BATCH_WORDS):
+            if w + k * threads < full_words:
+                staged[uint64(w + k * threads)] = batch[k]
+                batch_max = max(batch_max, bf16x4_max(batch[k]))
+        running_sum *= math.exp2((running_max - batch_max) * log2e)  # 1 when the max stayed, 0 at first
+        running_max = batch_max
+        shift = running_max * log2e
+        sum_low = float32(0.0)
+        sum_high = float32(0.0)
+        for k in range(BATCH_WORDS):
+            if w + k * threads < full_words:
+                low, high = exp2_pair_sum(batch[k], log2e, shift)
+                sum_low += low
+                sum_high += high
+        running_sum += sum_low + sum_high
+        w += BATCH_WORDS * threads
+    if boundary_lanes > 0 and tid == boundary_thread:
+        staged[full_words] = boundary_word
+        running_max, running_sum = online_softmax_word(boundary_word, boundary_lanes, running_max, running_sum)
+    row_max, row_sum = row_max_and_sum(running_max, running_sum, shared_max, shared_sum, losses, row, target_logit)
+    if not write_dlogits:
+        return
+
+    # pass 2: from shared memory, each thread its own words
+    inverse_sum = float32(1.0) / row_sum
+    scale = inverse_sum * dloss
+    shift = row_max * log2e
+    w = tid
+    while w < full_words:
+        logits[uint64(row_start + w)] = dlogits_word_scaled(staged[uint64(w)], 4 * w, target, row_max, inverse_sum,
+                                                            dloss, log2e, shift, scale)
+        w += threads
+    if boundary_lanes > 0 and tid == boundary_thread:
+        old = staged[full_words]
+        new = dlogits_word_rn(old, 4 * full_words, target, row_max, inverse_sum, dloss)
+        keep_new = (uint64(1) << uint64(16 * boundary_lanes)) - uint64(1)
+        logits[row_start + full_words] = (new & keep_new) | (old & ~keep_new)
+
+
 _SIGNATURE = "void(uint64[::1], float32[::1], int32[::1], float32, int32, int32, int32)"
 PTX_SIGNATURES = {
     fused_classifier_kernel: _SIGNATURE,
     fused_classifier_staged_kernel: _SIGNATURE,
+    fused_classifier_batched_kernel: _SIGNATURE,
 }
 
 # llm.c uses 1024; on an H100 512 was 26% faster than 1024, and on an H200 v2 ran a d12 B=64 batch in
@@ -278,13 +381,14 @@ PTX_SIGNATURES = {
 # thread per GPU thread: small blocks keep its tests quick.
 BLOCK_SIZE = 32 if SIMULATOR else 384
 
-VARIANTS = ("v1", "v2")
+VARIANTS = ("v1", "v2", "v3")
 DEFAULT_VARIANT = "v2"  # 4.68 against 5.61 ms at d12 B=64 on an H200 (benchmarks/RESULTS.md)
 VARIANT = variant_from_environment("NANOLLM_CLASSIFIER", VARIANTS, DEFAULT_VARIANT)
 # the kernel each variant runs when it writes dlogits (training); the loss alone always runs v1's
-TRAINING_KERNELS = dict(v1=fused_classifier_kernel, v2=fused_classifier_staged_kernel)
+TRAINING_KERNELS = dict(v1=fused_classifier_kernel, v2=fused_classifier_staged_kernel,
+                        v3=fused_classifier_batched_kernel)
 
-_staged_row_limit = {}  # device id -> bytes of dynamic shared memory the staged kernel may take
+_staged_row_limit = {}  # (device id, kernel) -> bytes of dynamic shared memory a staged kernel may take
 
 
 def staged_row_bytes(V):
@@ -292,15 +396,16 @@ def staged_row_bytes(V):
     return 8 * ((V + 3) // 4)
 
 
-def _staged_row_fits(nbytes):
-    """Whether v2 can keep a row of nbytes on chip here; the first call per device raises the
-    kernel's shared memory limit (outside the step's graph: the first micro-step runs eagerly)."""
+def _staged_row_fits(nbytes, kernel=fused_classifier_staged_kernel):
+    """Whether a staged kernel (v2, v3) can keep a row of nbytes on chip here; the first call per
+    device raises the kernel's shared memory limit (outside the step's graph: the first micro-step
+    runs eagerly)."""
     if SIMULATOR:
         return True
-    device = cuda.get_current_device().id
-    if device not in _staged_row_limit:
-        _staged_row_limit[device] = allow_large_dynamic_shared_memory(fused_classifier_staged_kernel, _SIGNATURE)
-    return nbytes <= _staged_row_limit[device]
+    key = (cuda.get_current_device().id, kernel)
+    if key not in _staged_row_limit:
+        _staged_row_limit[key] = allow_large_dynamic_shared_memory(kernel, _SIGNATURE)
+    return nbytes <= _staged_row_limit[key]
 
 
 def fused_classifier(logits, losses, dloss, targets, V, write_dlogits=True, block_size=BLOCK_SIZE, stream=0,
@@ -337,11 +442,10 @@ def fused_classifier(logits, losses, dloss, targets, V, write_dlogits=True, bloc
     words = logits.reshape(logits.size).view(np.uint64)
     kernel, shared_bytes = fused_classifier_kernel, 0
     # loss only (evaluation): v1 reads the row once either way and was the faster on an H200
-    # (2.46 against 2.84 ms at d12 B=64), so v2 stages rows only when it writes dlogits
-    if write_dlogits and TRAINING_KERNELS[variant] is fused_classifier_staged_kernel:
-        shared_bytes = staged_row_bytes(V)
-        kernel = fused_classifier_staged_kernel
-        if not _staged_row_fits(shared_bytes):  # a vocabulary too large for a row on chip: v1
+    # (2.46 against 2.84 ms at d12 B=64), so v2 and v3 stage rows only when they write dlogits
+    if write_dlogits and TRAINING_KERNELS[variant] is not fused_classifier_kernel:
+        kernel, shared_bytes = TRAINING_KERNELS[variant], staged_row_bytes(V)
+        if not _staged_row_fits(shared_bytes, kernel):  # a vocabulary too large for a row on chip: v1
             kernel, shared_bytes = fused_classifier_kernel, 0
     kernel[rows, block_size, stream, shared_bytes](
         words, losses.reshape(rows), targets.reshape(rows), np.float32(dloss), np.int32(V),

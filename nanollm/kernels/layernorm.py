@@ -84,7 +84,7 @@ from numba import cuda, float32, uint64
 
 from .bf16 import (add_bf16x4, add_fp32_to_bf16x4, as_words, bf16x4_get, bf16x4_pack, bf16x4_pack_cvt,
                    bf16x4_put, bf16x4_unpack)
-from .cuda_common import (WARP_SIZE, ceil_div, check_contiguous, check_variant, device_function, kernel,
+from .cuda_common import (SIMULATOR, WARP_SIZE, ceil_div, check_contiguous, check_variant, device_function, kernel,
                           variant_from_environment, warp_reduce_sum)
 
 LAYERNORM_EPS = 1e-5
@@ -98,7 +98,7 @@ BACKWARD_BLOCKS = 256  # most blocks (fp32 partial rows in scratch) of layernorm
 ROW_SUMS_SHARED = 2 * 32 * 2  # fp32 at the start of the backward's shared memory: 2 parities, 32 warps, 2 sums
 PARAM_GRAD_ROWS = 16  # threads summing partials per channel word in layernorm_param_grad_kernel
 ELEMENTWISE_BLOCK = 256
-FORWARD_VARIANTS = ("v1", "v2", "v3")
+FORWARD_VARIANTS = ("v1", "v2", "v3", "v4")
 BACKWARD_VARIANTS = ("v1", "v3", "v5")  # v2 dropped: up to 8 bf16 ulps from v1 on an H200 (docstring)
 # measured fastest on an H200 (benchmarks/RESULTS.md)
 FORWARD_VARIANT = variant_from_environment("NANOLLM_LN_FORWARD", FORWARD_VARIANTS, "v3")
@@ -474,6 +474,75 @@ def layernorm_forward_cvt_kernel(out, mean, rstd, inp, weight, bias, C4):
     layernorm_forward_lean(out, mean, rstd, inp, weight, bias, C4, True)
 
 
+# v4: v3's arithmetic (the same bits) with a warp walking rows and loading its next row while it
+# normalises the current one, for rows of at most 32 * SHORT_ROW_WORDS words (C <= 1024; a longer
+# row runs v3). v3 has one row's words in flight per warp and none while it reduces and writes.
+SHORT_ROW_WORDS = 8
+PREFETCH_BLOCKS_PER_SM = 8
+
+
+@device_function
+def normalize_short_row(out, mean, rstd, x, weight, bias, row, C4, lane):
+    """normalize_row_lean (cvt rounding) for a row held in SHORT_ROW_WORDS words per lane."""
+    inv_C = float32(1.0) / float32(4 * C4)
+    total = float32(0.0)
+    for k in range(SHORT_ROW_WORDS):
+        if lane + k * WARP_SIZE < C4:
+            v0, v1, v2, v3 = bf16x4_unpack(x[k])
+            total += v0
+            total += v1
+            total += v2
+            total += v3
+    m = warp_reduce_sum(total) * inv_C
+    total = float32(0.0)
+    for k in range(SHORT_ROW_WORDS):
+        if lane + k * WARP_SIZE < C4:
+            v0, v1, v2, v3 = bf16x4_unpack(x[k])
+            total += (v0 - m) * (v0 - m)
+            total += (v1 - m) * (v1 - m)
+            total += (v2 - m) * (v2 - m)
+            total += (v3 - m) * (v3 - m)
+    s = float32(1.0) / math.sqrt(warp_reduce_sum(total) * inv_C + float32(LAYERNORM_EPS))
+    for k in range(SHORT_ROW_WORDS):
+        c = lane + k * WARP_SIZE
+        if c < C4:
+            v0, v1, v2, v3 = bf16x4_unpack(x[k])
+            w0, w1, w2, w3 = bf16x4_unpack(weight[uint64(c)])
+            b0, b1, b2, b3 = bf16x4_unpack(bias[uint64(c)])
+            out[uint64(row * C4 + c)] = bf16x4_pack_cvt((v0 - m) * s * w0 + b0, (v1 - m) * s * w1 + b1,
+                                                        (v2 - m) * s * w2 + b2, (v3 - m) * s * w3 + b3)
+    if lane == 0:
+        mean[uint64(row)] = m
+        rstd[uint64(row)] = s
+
+
+@kernel(launch_bounds=(1024, 1))
+def layernorm_forward_prefetch_kernel(out, mean, rstd, inp, weight, bias, C4):
+    # a grid of warps strides over the rows; block (32, warps)
+    lane = cuda.threadIdx.x
+    stride = cuda.gridDim.x * cuda.blockDim.y
+    row = cuda.blockIdx.x * cuda.blockDim.y + cuda.threadIdx.y
+    N = mean.shape[0]
+    x = cuda.local.array(SHORT_ROW_WORDS, uint64)
+    ahead = cuda.local.array(SHORT_ROW_WORDS, uint64)
+    if row < N:
+        for k in range(SHORT_ROW_WORDS):
+            c = lane + k * WARP_SIZE
+            if c < C4:
+                x[k] = inp[uint64(row * C4 + c)]
+    while row < N:  # the same for the whole warp: its shuffles have their partners
+        next_row = row + stride
+        if next_row < N:
+            for k in range(SHORT_ROW_WORDS):
+                c = lane + k * WARP_SIZE
+                if c < C4:
+                    ahead[k] = inp[uint64(next_row * C4 + c)]
+        normalize_short_row(out, mean, rstd, x, weight, bias, row, C4, lane)
+        for k in range(SHORT_ROW_WORDS):
+            x[k] = ahead[k]
+        row = next_row
+
+
 @kernel(launch_bounds=(1024, 1))
 def fused_residual_layernorm_forward_lean_kernel(residual, normed, mean, rstd, inp1, inp2, weight, bias, C4):
     fused_residual_layernorm_forward_lean(residual, normed, mean, rstd, inp1, inp2, weight, bias, C4, False)
@@ -590,15 +659,18 @@ PTX_SIGNATURES = {
     layernorm_param_grad_kernel: f"void({_WORDS}, {_WORDS}, {_WORDS}, {_F32}, int64, int64, int64, boolean)",
     layernorm_forward_lean_kernel: f"void({_WORDS}, {_F32}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, int64)",
     layernorm_forward_cvt_kernel: f"void({_WORDS}, {_F32}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, int64)",
+    layernorm_forward_prefetch_kernel: f"void({_WORDS}, {_F32}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, int64)",
     fused_residual_layernorm_forward_lean_kernel:
         f"void({_WORDS}, {_WORDS}, {_F32}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, {_WORDS}, int64)",
     fused_residual_layernorm_forward_cvt_kernel:
         f"void({_WORDS}, {_WORDS}, {_F32}, {_F32}, {_WORDS}, {_WORDS}, {_WORDS}, {_WORDS}, int64)",
 }
 
-FORWARD_KERNELS = dict(v1=layernorm_forward_kernel, v2=layernorm_forward_lean_kernel, v3=layernorm_forward_cvt_kernel)
+FORWARD_KERNELS = dict(v1=layernorm_forward_kernel, v2=layernorm_forward_lean_kernel, v3=layernorm_forward_cvt_kernel,
+                       v4=layernorm_forward_prefetch_kernel)
+# v4 changes the plain forward only: the fused one runs v3's kernel
 FUSED_FORWARD_KERNELS = dict(v1=fused_residual_layernorm_forward_kernel, v2=fused_residual_layernorm_forward_lean_kernel,
-                             v3=fused_residual_layernorm_forward_cvt_kernel)
+                             v3=fused_residual_layernorm_forward_cvt_kernel, v4=fused_residual_layernorm_forward_cvt_kernel)
 BACKWARD_KERNELS = dict(v1=layernorm_backward_kernel, v3=layernorm_backward_cvt_kernel, v5=layernorm_backward_tree_kernel)
 BACKWARD_SUMS_KERNELS = dict(v5=layernorm_backward_tree_sums_kernel)  # with dinp_sums; the others: see the launcher
 
@@ -613,6 +685,12 @@ def _rows(name, array):
         raise ValueError(f"{name}: shape {shape} must be (..., C) with C a multiple of 4 and at most "
                          f"{MAX_C} (four bf16 per word, ROW_WORDS={ROW_WORDS} words per lane)")
     return shape, int(np.prod(shape[:-1])), C
+
+
+def _prefetch_blocks():
+    """v4's grid: PREFETCH_BLOCKS_PER_SM blocks an SM; on the simulator one block, so that its few
+    warps each walk several rows in the tests."""
+    return 1 if SIMULATOR else cuda.get_current_device().MULTIPROCESSOR_COUNT * PREFETCH_BLOCKS_PER_SM
 
 
 def _forward_grid(N, warps_per_block):
@@ -633,6 +711,10 @@ def layernorm_forward(out, mean, rstd, inp, weight, bias, stream=0, warps_per_bl
     check_contiguous("mean", mean, np.float32, shape[:-1])
     check_contiguous("rstd", rstd, np.float32, shape[:-1])
     grid, block = _forward_grid(N, warps_per_block)
+    if variant == "v4" and C > 4 * WARP_SIZE * SHORT_ROW_WORDS:
+        variant = "v3"  # a row longer than v4 keeps in registers
+    elif variant == "v4":
+        grid = min(grid, _prefetch_blocks())
     FORWARD_KERNELS[variant][grid, block, stream](out_words, mean.reshape(N), rstd.reshape(N), inp_words,
                                                   weight_words, bias_words, C // 4)
 

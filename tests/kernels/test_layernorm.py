@@ -265,7 +265,7 @@ BITS_SHAPES = [
 ]
 # v3 differs from v2 on a GPU only (the conversion instruction; on the simulator both run integer
 # code), so the simulator checks v2
-FORWARD_CANDIDATES = with_variants(BITS_SHAPES, layernorm.FORWARD_VARIANTS[1:], ["v2"], False)
+FORWARD_CANDIDATES = with_variants(BITS_SHAPES, layernorm.FORWARD_VARIANTS[1:], ["v2", "v4"], False)
 BACKWARD_CANDIDATES = with_variants(BITS_SHAPES, layernorm.BACKWARD_VARIANTS[1:], ["v3", "v5"], False)
 # compiled for a GPU, the backward's v3 moves a few dinp outputs per million away from v1's (see the
 # module docstring of layernorm): in at most this share of the elements, and by no more than two
