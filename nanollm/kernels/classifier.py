@@ -19,15 +19,22 @@ column V is handled apart, by one thread, which masks its padding lanes out of t
 writes them back unchanged. fastmath: exp and log become ex2/lg2.approx, errors far below one bf16
 rounding; under fastmath infinities are not trusted, hence a large finite "minus infinity".
 
-Two kernels, picked by NANOLLM_CLASSIFIER (read once, at import; the launcher's `variant` overrides):
+Three kernels, picked by NANOLLM_CLASSIFIER (read once, at import; the launcher's `variant` overrides):
   v1                fused_classifier_kernel, as above;
-  v2 (the default)  fused_classifier_staged_kernel: pass 1 also copies the row into shared memory and
+  v2                fused_classifier_staged_kernel: pass 1 also copies the row into shared memory and
                     pass 2 reads it from there, so DRAM sees one read and one write whatever L2
                     keeps; 8 loads in flight per thread; bf16 rounding by the hardware's cvt. The
                     same losses and dlogits as v1 bit for bit (NaN dlogits aside), at the same block
                     size. Needs a row's real words in shared memory (100.5 KB for GPT-2; two blocks
-                    fit per Hopper SM); a larger row falls back to v1. Evaluation (no dlogits) runs
-                    v1, the faster there.
+                    fit per Hopper SM); a larger row falls back to v1.
+  v3 (the default)  fused_classifier_batched_kernel: v2's staging with fewer instructions per word
+                    (the max of a batch of words first, one rescale of the sum per batch, exp2 with
+                    one fma per value, pass 2 scaled once) and 12 loads in flight per thread. Sums
+                    in another order than v1/v2: losses within ~1.3e-7 of v2's, ~7 dlogits in
+                    10^5 differ from v2's (the error against float64 is v2's). At most BATCHED_MAX_THREADS threads a block (its
+                    registers). On an H200: 1.064 against v2's 1.136 ms over 16,384 GPT-2 rows
+                    (benchmarks/RESULTS.md).
+Evaluation (no dlogits) runs v1, the faster there.
 """
 
 import math
@@ -275,6 +282,7 @@ def fused_classifier_staged_kernel(logits, losses, targets, dloss, V, words_per_
 # fit the registers). Another summation order than v1/v2: the same values within a few float32
 # roundings, not the same bits.
 BATCH_WORDS = 12  # v3's words per thread loaded before any is used: 78 registers (16: 84, one block an SM)
+BATCHED_MAX_THREADS = 768  # 78 registers (80 as allocated) a thread: 768 threads fill an SM's 64K
 LOG2E = 1.4426950408889634
 
 
@@ -382,7 +390,9 @@ PTX_SIGNATURES = {
 BLOCK_SIZE = 32 if SIMULATOR else 384
 
 VARIANTS = ("v1", "v2", "v3")
-DEFAULT_VARIANT = "v2"  # 4.68 against 5.61 ms at d12 B=64 on an H200 (benchmarks/RESULTS.md)
+# on an H200 (benchmarks/RESULTS.md): v2 4.68 against v1's 5.61 ms at d12 B=64; v3 1.064 against
+# v2's 1.136 ms over a 16,384-row block of the lm head
+DEFAULT_VARIANT = "v3"
 VARIANT = variant_from_environment("NANOLLM_CLASSIFIER", VARIANTS, DEFAULT_VARIANT)
 # the kernel each variant runs when it writes dlogits (training); the loss alone always runs v1's
 TRAINING_KERNELS = dict(v1=fused_classifier_kernel, v2=fused_classifier_staged_kernel,
@@ -445,6 +455,9 @@ def fused_classifier(logits, losses, dloss, targets, V, write_dlogits=True, bloc
     # (2.46 against 2.84 ms at d12 B=64), so v2 and v3 stage rows only when they write dlogits
     if write_dlogits and TRAINING_KERNELS[variant] is not fused_classifier_kernel:
         kernel, shared_bytes = TRAINING_KERNELS[variant], staged_row_bytes(V)
+        if kernel is fused_classifier_batched_kernel and block_size > BATCHED_MAX_THREADS:
+            raise ValueError(f"block_size {block_size}: the classifier's v3 runs at most {BATCHED_MAX_THREADS} "
+                             f"threads a block (its registers); use v2 or a smaller block")
         if not _staged_row_fits(shared_bytes, kernel):  # a vocabulary too large for a row on chip: v1
             kernel, shared_bytes = fused_classifier_kernel, 0
     kernel[rows, block_size, stream, shared_bytes](

@@ -33,7 +33,7 @@ contiguous (B*T rows of C channels); sums are fp32.
   (layernorm_backward_tree_sums_kernel, v5's code) is held to 72 registers, v5's count, so two
   416-thread blocks (C=1600) still fit an SM (uncapped it takes 80; capped, ptxas spills 8 bytes).
 
-Variants, chosen once at import by NANOLLM_LN_FORWARD and NANOLLM_LN_BACKWARD (defaults v3 and
+Variants, chosen once at import by NANOLLM_LN_FORWARD and NANOLLM_LN_BACKWARD (defaults v4 and
 v5, the fastest on an H200: benchmarks/RESULTS.md; the launchers also take variant=). v1 is the plain
 form of the kernels described above; v2 and v3 rewrite its instructions, not its algorithm.
 Instruction and register counts below are ptxas's for sm_90 (static, per 4-channel word of a
@@ -50,6 +50,12 @@ row, from kernels compiled for 6 words per lane as at C=768).
   instruction, inline PTX; bf16.pack_bf16x2_rn): 80 instructions per word in the fused forward,
   64 in the plain one. The same bits as v1 except NaN outputs (0x7FFF instead of 0x7FC0, as
   llm.c's __float2bfloat16). On the simulator it runs v2's integer rounding.
+- NANOLLM_LN_FORWARD=v4 (the default; the plain forward only, the fused one runs v3): v3's
+  arithmetic and bits, with a grid of PREFETCH_BLOCKS_PER_SM blocks an SM whose warps walk the
+  rows, each loading its next row's words while it normalises the current one (v3 has one row's
+  loads in flight per warp, and none while it reduces and writes). Rows of at most
+  32 * SHORT_ROW_WORDS words (C <= 1024) -- two rows in registers; a longer row runs v3. On an
+  H200 at d12 B=64: 0.0587 against v3's 0.0705 ms (80% of copy against 67%).
 - NANOLLM_LN_BACKWARD=v3: v1's layout, grid, partials, per-row arithmetic and summation order,
   with the next row's mean and rstd loaded along with its words (v1 waited a memory latency for
   them at the start of every row), the forward's leaner bf16 code and v3's rounding of dinp (NaN
@@ -101,7 +107,7 @@ ELEMENTWISE_BLOCK = 256
 FORWARD_VARIANTS = ("v1", "v2", "v3", "v4")
 BACKWARD_VARIANTS = ("v1", "v3", "v5")  # v2 dropped: up to 8 bf16 ulps from v1 on an H200 (docstring)
 # measured fastest on an H200 (benchmarks/RESULTS.md)
-FORWARD_VARIANT = variant_from_environment("NANOLLM_LN_FORWARD", FORWARD_VARIANTS, "v3")
+FORWARD_VARIANT = variant_from_environment("NANOLLM_LN_FORWARD", FORWARD_VARIANTS, "v4")
 BACKWARD_VARIANT = variant_from_environment("NANOLLM_LN_BACKWARD", BACKWARD_VARIANTS, "v5")
 
 
@@ -478,7 +484,7 @@ def layernorm_forward_cvt_kernel(out, mean, rstd, inp, weight, bias, C4):
 # normalises the current one, for rows of at most 32 * SHORT_ROW_WORDS words (C <= 1024; a longer
 # row runs v3). v3 has one row's words in flight per warp and none while it reduces and writes.
 SHORT_ROW_WORDS = 8
-PREFETCH_BLOCKS_PER_SM = 8
+PREFETCH_BLOCKS_PER_SM = 16  # 4-warp blocks: two rounds of the 32 warps 64 registers let an SM hold
 
 
 @device_function

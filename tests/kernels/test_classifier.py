@@ -1,5 +1,6 @@
-"""Fused classifier (softmax + cross-entropy + dlogits in place) against the numpy reference; both
-variants (v1, and v2 with the row kept in shared memory), and v2 against v1 bit for bit."""
+"""Fused classifier (softmax + cross-entropy + dlogits in place) against the numpy reference; every
+variant (v1; v2 with the row kept in shared memory; v3, v2 with batched sums), and v2 against v1
+bit for bit."""
 
 import importlib
 
@@ -60,6 +61,8 @@ def reference_in_chunks(values, targets, V, dloss, rows_per_chunk=256):
 @pytest.mark.parametrize("variant", classifier.VARIANTS)
 @pytest.mark.parametrize("B, T, V, Vp, block_size", SHAPES + [DEFAULT_BLOCK])
 def test_fused_classifier(rng, B, T, V, Vp, block_size, variant):
+    if variant == "v3":  # its registers allow at most BATCHED_MAX_THREADS (test below)
+        block_size = min(block_size, classifier.BATCHED_MAX_THREADS)
     logits, bits, values = make_logits(rng, B, T, V, Vp)
     targets = make_targets(rng, B, T, V)
     losses = poisoned_f32((B, T))
@@ -140,6 +143,14 @@ def test_v2_matches_v1_bit_for_bit(rng, B, T, V, Vp, block_size):
     np.testing.assert_array_equal(v2_logits, v1_logits)
 
 
+def test_v3_rejects_blocks_its_registers_do_not_fit(rng):
+    B, T, V, Vp = 1, 2, 101, 128
+    logits, _, _ = make_logits(rng, B, T, V, Vp)
+    losses, targets = poisoned_f32((B, T)), cuda.to_device(make_targets(rng, B, T, V))
+    with pytest.raises(ValueError, match="at most 768 threads"):
+        classifier.fused_classifier(logits, losses, 0.5, targets, V, block_size=1024, variant="v3")
+
+
 def test_v2_falls_back_to_v1_when_a_row_does_not_fit(rng, monkeypatch):
     B, T, V, Vp = 1, 2, 101, 128
     _, bits, _ = make_logits(rng, B, T, V, Vp)
@@ -164,7 +175,7 @@ def test_variant_from_the_environment(monkeypatch):
         with pytest.raises(ValueError, match="NANOLLM_CLASSIFIER='v9'"):
             importlib.reload(classifier)
         monkeypatch.delenv("NANOLLM_CLASSIFIER")
-        assert importlib.reload(classifier).VARIANT == classifier.DEFAULT_VARIANT == "v2"
+        assert importlib.reload(classifier).VARIANT == classifier.DEFAULT_VARIANT == "v3"
     finally:
         monkeypatch.undo()  # the environment as it was, then the module as it reads it
         importlib.reload(classifier)
