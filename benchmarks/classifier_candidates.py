@@ -1,5 +1,5 @@
-"""The fused classifier's candidates side by side at the training step's logits: v1 (the current
-kernel) against v2 (the row kept in shared memory), at d12 B=64 (65,536 rows) and d48 B=16 (16,384
+"""The fused classifier's candidates side by side at the training step's logits: v1 against v2 (the
+row kept in shared memory) and v3 (v2 with batched sums, the default), at d12 B=64 (65,536 rows) and d48 B=16 (16,384
 rows), T=1024, V=50257 of Vp=50304 columns. One call per micro-step (vs_llmc.py's runs have one
 micro-step per step), so "step ms" = ms.
 
@@ -26,8 +26,8 @@ from nanollm.kernels.bf16 import bf16_to_float, float_to_bf16, from_bf16_bits, s
 T, V, Vp = 1024, 50257, 50304
 SETTINGS = [("d12", 64, 1), ("d48", 16, 1)]  # model, B, classifier calls per step
 # (variant, block size, write dlogits); the first is the baseline every row is compared with
-CONFIGS = [("v1", 512, True), ("v1", 1024, True), ("v2", 512, True), ("v2", 1024, True),
-           ("v1", 512, False), ("v2", 512, False)]
+CONFIGS = [("v1", 512, True), ("v1", 1024, True), ("v2", 512, True), ("v2", 1024, True), ("v2", 384, True),
+           ("v3", 384, True), ("v3", 512, True), ("v1", 512, False), ("v2", 512, False)]
 SAMPLE_ROWS = 32
 
 
@@ -92,9 +92,9 @@ def reference_errors(source, logits, losses, targets, rows, dloss, write):
 
 def occupancy(variant, block_size, write_dlogits):
     """(registers per thread, resident blocks per SM) of the kernel a configuration launches."""
-    dispatcher = classifier.fused_classifier_staged_kernel if variant == "v2" else classifier.fused_classifier_kernel
+    dispatcher = classifier.TRAINING_KERNELS[variant] if write_dlogits else classifier.fused_classifier_kernel
     compiled = dispatcher.compile(classifier._SIGNATURE)
-    shared = classifier.staged_row_bytes(V) if variant == "v2" and write_dlogits else 0
+    shared = classifier.staged_row_bytes(V) if variant != "v1" and write_dlogits else 0
     sms = cuda.get_current_device().MULTIPROCESSOR_COUNT
     return compiled.regs_per_thread, compiled.max_cooperative_grid_blocks(block_size, shared) // sms
 

@@ -122,8 +122,8 @@ def test_loss_only_runs_v1_whatever_the_variant(rng, monkeypatch):
     _, bits, _ = make_logits(rng, B, T, V, Vp)
     targets = make_targets(rng, B, T, V)
     expected = run_variant("v1", bits, targets, V, 0.5, 32, write_dlogits=False)
-    monkeypatch.setattr(classifier, "fused_classifier_staged_kernel", None)  # launching it would fail
-    losses, logits = run_variant("v2", bits, targets, V, 0.5, 32, write_dlogits=False)
+    monkeypatch.setitem(classifier.TRAINING_KERNELS, "v3", None)  # launching it would fail
+    losses, logits = run_variant("v3", bits, targets, V, 0.5, 32, write_dlogits=False)
     np.testing.assert_array_equal(losses.view(np.uint32), expected[0].view(np.uint32))
     np.testing.assert_array_equal(logits, bits)
 
@@ -151,14 +151,15 @@ def test_v3_rejects_blocks_its_registers_do_not_fit(rng):
         classifier.fused_classifier(logits, losses, 0.5, targets, V, block_size=1024, variant="v3")
 
 
-def test_v2_falls_back_to_v1_when_a_row_does_not_fit(rng, monkeypatch):
+@pytest.mark.parametrize("variant", ["v2", "v3"])
+def test_staged_variants_fall_back_to_v1_when_a_row_does_not_fit(rng, monkeypatch, variant):
     B, T, V, Vp = 1, 2, 101, 128
     _, bits, _ = make_logits(rng, B, T, V, Vp)
     targets = make_targets(rng, B, T, V)
     expected = run_variant("v1", bits, targets, V, 0.5, 32)
     monkeypatch.setattr(classifier, "_staged_row_fits", lambda nbytes, kernel: nbytes < classifier.staged_row_bytes(V))
-    monkeypatch.setattr(classifier, "fused_classifier_staged_kernel", None)  # launching it would fail
-    losses, logits = run_variant("v2", bits, targets, V, 0.5, 32)
+    monkeypatch.setitem(classifier.TRAINING_KERNELS, variant, None)  # launching it would fail
+    losses, logits = run_variant(variant, bits, targets, V, 0.5, 32)
     np.testing.assert_array_equal(losses, expected[0])
     np.testing.assert_array_equal(logits, expected[1])
 
