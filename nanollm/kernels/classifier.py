@@ -220,6 +220,33 @@ def dlogits_word_rn(word, first_column, target, row_max, inverse_sum, dloss):
     return join_halves(pack_bf16x2_rn(d0, d1), pack_bf16x2_rn(d2, d3))
 
 
+@device_function
+def load_batch(batch, logits, row_start, w, threads, full_words, count):
+    """batch[k] <- word w + k * threads of the row, k < count (a constant at each call: the loop
+    unrolls, the loads are independent and all issue before the first use)."""
+    for k in range(count):
+        if w + k * threads < full_words:
+            batch[k] = logits[uint64(row_start + w + k * threads)]
+
+
+@device_function
+def boundary_word_of(logits, row_start, full_words, boundary_lanes, boundary_thread):
+    """The word that straddles column V, read by the one thread that folds it (0 elsewhere)."""
+    word = uint64(0)
+    if boundary_lanes > 0 and cuda.threadIdx.x == boundary_thread:
+        word = logits[row_start + full_words]
+    return word
+
+
+@device_function
+def write_boundary_dlogits(logits, old, row_start, full_words, boundary_lanes, target, row_max, inverse_sum,
+                           dloss):
+    """The straddling word's dlogits over its real lanes; its padding lanes written back unchanged."""
+    new = dlogits_word_rn(old, 4 * full_words, target, row_max, inverse_sum, dloss)
+    keep_new = (uint64(1) << uint64(16 * boundary_lanes)) - uint64(1)
+    logits[row_start + full_words] = (new & keep_new) | (old & ~keep_new)
+
+
 @kernel(fastmath=True)
 def fused_classifier_staged_kernel(logits, losses, targets, dloss, V, words_per_row, write_dlogits):
     # as fused_classifier_kernel; launched with 8 * ceil(V/4) bytes of dynamic shared memory for the
@@ -232,9 +259,8 @@ def fused_classifier_staged_kernel(logits, losses, targets, dloss, V, words_per_
     tid = cuda.threadIdx.x
     threads = cuda.blockDim.x
     full_words, boundary_lanes, boundary_thread = row_layout(V, threads)
-    boundary_word = uint64(0)
-    if boundary_lanes > 0 and tid == boundary_thread:  # loaded now, folded last (as v1): no lone load at the end
-        boundary_word = logits[row_start + full_words]
+    # loaded now, folded last (as v1): no lone load at the end
+    boundary_word = boundary_word_of(logits, row_start, full_words, boundary_lanes, boundary_thread)
 
     # pass 1: the thread's words w = tid, tid + threads, ..., LOADS_IN_FLIGHT at a time
     batch = cuda.local.array(LOADS_IN_FLIGHT, uint64)  # registers: every index is a constant once unrolled
@@ -242,9 +268,7 @@ def fused_classifier_staged_kernel(logits, losses, targets, dloss, V, words_per_
     running_sum = float32(0.0)
     w = tid
     while w < full_words:
-        for k in range(LOADS_IN_FLIGHT):  # unrolled: independent loads, all issued before the first use
-            if w + k * threads < full_words:
-                batch[k] = logits[uint64(row_start + w + k * threads)]
+        load_batch(batch, logits, row_start, w, threads, full_words, LOADS_IN_FLIGHT)
         for k in range(LOADS_IN_FLIGHT):  # folded one word at a time in increasing order, as v1
             if w + k * threads < full_words:
                 if write_dlogits:
@@ -267,10 +291,8 @@ def fused_classifier_staged_kernel(logits, losses, targets, dloss, V, words_per_
         logits[uint64(row_start + w)] = dlogits
         w += threads
     if boundary_lanes > 0 and tid == boundary_thread:
-        old = staged[full_words]
-        new = dlogits_word_rn(old, 4 * full_words, target, row_max, inverse_sum, dloss)
-        keep_new = (uint64(1) << uint64(16 * boundary_lanes)) - uint64(1)
-        logits[row_start + full_words] = (new & keep_new) | (old & ~keep_new)
+        write_boundary_dlogits(logits, staged[full_words], row_start, full_words, boundary_lanes, target, row_max,
+                               inverse_sum, dloss)
 
 
 # ---- v3: v2's staging with fewer instructions per word and more loads in flight --------------------
@@ -323,9 +345,7 @@ def fused_classifier_batched_kernel(logits, losses, targets, dloss, V, words_per
     tid = cuda.threadIdx.x
     threads = cuda.blockDim.x
     full_words, boundary_lanes, boundary_thread = row_layout(V, threads)
-    boundary_word = uint64(0)
-    if boundary_lanes > 0 and tid == boundary_thread:
-        boundary_word = logits[row_start + full_words]
+    boundary_word = boundary_word_of(logits, row_start, full_words, boundary_lanes, boundary_thread)
     log2e = float32(LOG2E)
 
     batch = cuda.local.array(BATCH_WORDS, uint64)
@@ -333,9 +353,7 @@ def fused_classifier_batched_kernel(logits, losses, targets, dloss, V, words_per
     running_sum = float32(0.0)
     w = tid
     while w < full_words:
-        for k in range(BATCH_WORDS):  # unrolled: independent loads, all issued before the first use
-            if w + k * threads < full_words:
-                batch[k] = logits[uint64(row_start + w + k * threads)]
+        load_batch(batch, logits, row_start, w, threads, full_words, BATCH_WORDS)
         batch_max = running_max
         for k in range(BATCH_WORDS):
             if w + k * threads < full_words:
@@ -370,10 +388,8 @@ def fused_classifier_batched_kernel(logits, losses, targets, dloss, V, words_per
                                                             dloss, log2e, shift, scale)
         w += threads
     if boundary_lanes > 0 and tid == boundary_thread:
-        old = staged[full_words]
-        new = dlogits_word_rn(old, 4 * full_words, target, row_max, inverse_sum, dloss)
-        keep_new = (uint64(1) << uint64(16 * boundary_lanes)) - uint64(1)
-        logits[row_start + full_words] = (new & keep_new) | (old & ~keep_new)
+        write_boundary_dlogits(logits, staged[full_words], row_start, full_words, boundary_lanes, target, row_max,
+                               inverse_sum, dloss)
 
 
 _SIGNATURE = "void(uint64[::1], float32[::1], int32[::1], float32, int32, int32, int32)"

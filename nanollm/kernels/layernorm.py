@@ -401,13 +401,15 @@ def pack_word(cvt, v0, v1, v2, v3):
 
 
 @device_function
-def normalize_row_lean(out, mean, rstd, x, weight, bias, row, C4, lane, cvt):
+def normalize_row_lean(out, mean, rstd, x, weight, bias, row, C4, lane, cvt, words):
     """normalize_row's arithmetic in the same order (the same bits) with fewer integer
     instructions: bf16x4_unpack/pack_word, and unsigned indices (Numba adds a negative-index
-    wraparound to every signed one). Every lane of the warp must call it (shuffles)."""
+    wraparound to every signed one). x holds `words` words a lane (a constant at every call:
+    inlined, the loops unroll and x stays in registers). Every lane of the warp must call it
+    (shuffles)."""
     inv_C = float32(1.0) / float32(4 * C4)
     total = float32(0.0)
-    for k in range(ROW_WORDS):
+    for k in range(words):
         if lane + k * WARP_SIZE < C4:
             v0, v1, v2, v3 = bf16x4_unpack(x[k])
             total += v0
@@ -416,7 +418,7 @@ def normalize_row_lean(out, mean, rstd, x, weight, bias, row, C4, lane, cvt):
             total += v3
     m = warp_reduce_sum(total) * inv_C
     total = float32(0.0)
-    for k in range(ROW_WORDS):
+    for k in range(words):
         if lane + k * WARP_SIZE < C4:
             v0, v1, v2, v3 = bf16x4_unpack(x[k])
             total += (v0 - m) * (v0 - m)
@@ -424,7 +426,7 @@ def normalize_row_lean(out, mean, rstd, x, weight, bias, row, C4, lane, cvt):
             total += (v2 - m) * (v2 - m)
             total += (v3 - m) * (v3 - m)
     s = float32(1.0) / math.sqrt(warp_reduce_sum(total) * inv_C + float32(LAYERNORM_EPS))
-    for k in range(ROW_WORDS):
+    for k in range(words):
         c = lane + k * WARP_SIZE
         if c < C4:
             v0, v1, v2, v3 = bf16x4_unpack(x[k])
@@ -448,7 +450,7 @@ def layernorm_forward_lean(out, mean, rstd, inp, weight, bias, C4, cvt):
             c = lane + k * WARP_SIZE
             if c < C4:
                 x[k] = inp[uint64(row * C4 + c)]
-        normalize_row_lean(out, mean, rstd, x, weight, bias, row, C4, lane, cvt)
+        normalize_row_lean(out, mean, rstd, x, weight, bias, row, C4, lane, cvt, ROW_WORDS)
 
 
 @device_function
@@ -466,7 +468,7 @@ def fused_residual_layernorm_forward_lean(residual, normed, mean, rstd, inp1, in
                 b0, b1, b2, b3 = bf16x4_unpack(inp2[i])
                 x[k] = pack_word(cvt, a0 + b0, a1 + b1, a2 + b2, a3 + b3)
                 residual[i] = x[k]
-        normalize_row_lean(normed, mean, rstd, x, weight, bias, row, C4, lane, cvt)
+        normalize_row_lean(normed, mean, rstd, x, weight, bias, row, C4, lane, cvt, ROW_WORDS)
 
 
 # at most 64 registers: 32 warps per SM
@@ -485,41 +487,6 @@ def layernorm_forward_cvt_kernel(out, mean, rstd, inp, weight, bias, C4):
 # row runs v3). v3 has one row's words in flight per warp and none while it reduces and writes.
 SHORT_ROW_WORDS = 8
 PREFETCH_BLOCKS_PER_SM = 16  # 4-warp blocks: two rounds of the 32 warps 64 registers let an SM hold
-
-
-@device_function
-def normalize_short_row(out, mean, rstd, x, weight, bias, row, C4, lane):
-    """normalize_row_lean (cvt rounding) for a row held in SHORT_ROW_WORDS words per lane."""
-    inv_C = float32(1.0) / float32(4 * C4)
-    total = float32(0.0)
-    for k in range(SHORT_ROW_WORDS):
-        if lane + k * WARP_SIZE < C4:
-            v0, v1, v2, v3 = bf16x4_unpack(x[k])
-            total += v0
-            total += v1
-            total += v2
-            total += v3
-    m = warp_reduce_sum(total) * inv_C
-    total = float32(0.0)
-    for k in range(SHORT_ROW_WORDS):
-        if lane + k * WARP_SIZE < C4:
-            v0, v1, v2, v3 = bf16x4_unpack(x[k])
-            total += (v0 - m) * (v0 - m)
-            total += (v1 - m) * (v1 - m)
-            total += (v2 - m) * (v2 - m)
-            total += (v3 - m) * (v3 - m)
-    s = float32(1.0) / math.sqrt(warp_reduce_sum(total) * inv_C + float32(LAYERNORM_EPS))
-    for k in range(SHORT_ROW_WORDS):
-        c = lane + k * WARP_SIZE
-        if c < C4:
-            v0, v1, v2, v3 = bf16x4_unpack(x[k])
-            w0, w1, w2, w3 = bf16x4_unpack(weight[uint64(c)])
-            b0, b1, b2, b3 = bf16x4_unpack(bias[uint64(c)])
-            out[uint64(row * C4 + c)] = bf16x4_pack_cvt((v0 - m) * s * w0 + b0, (v1 - m) * s * w1 + b1,
-                                                        (v2 - m) * s * w2 + b2, (v3 - m) * s * w3 + b3)
-    if lane == 0:
-        mean[uint64(row)] = m
-        rstd[uint64(row)] = s
 
 
 @kernel(launch_bounds=(1024, 1))
@@ -543,7 +510,7 @@ def layernorm_forward_prefetch_kernel(out, mean, rstd, inp, weight, bias, C4):
                 c = lane + k * WARP_SIZE
                 if c < C4:
                     ahead[k] = inp[uint64(next_row * C4 + c)]
-        normalize_short_row(out, mean, rstd, x, weight, bias, row, C4, lane)
+        normalize_row_lean(out, mean, rstd, x, weight, bias, row, C4, lane, True, SHORT_ROW_WORDS)
         for k in range(SHORT_ROW_WORDS):
             x[k] = ahead[k]
         row = next_row
