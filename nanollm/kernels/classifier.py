@@ -31,9 +31,9 @@ Three kernels, picked by NANOLLM_CLASSIFIER (read once, at import; the launcher'
                     (the max of a batch of words first, one rescale of the sum per batch, exp2 with
                     one fma per value, pass 2 scaled once) and 12 loads in flight per thread. Sums
                     in another order than v1/v2: losses within ~1.3e-7 of v2's, ~7 dlogits in
-                    10^5 differ from v2's (the error against float64 is v2's). At most BATCHED_MAX_THREADS threads a block (its
-                    registers). On an H200: 1.064 against v2's 1.136 ms over 16,384 GPT-2 rows
-                    (benchmarks/RESULTS.md).
+                    10^5 differ from v2's (the error against float64 is v2's). At most
+                    BATCHED_MAX_THREADS threads a block (its registers). On an H200: 1.064
+                    against v2's 1.136 ms over 16,384 GPT-2 rows (benchmarks/RESULTS.md).
 Evaluation (no dlogits) runs v1, the faster there.
 """
 
@@ -422,7 +422,7 @@ def staged_row_bytes(V):
     return 8 * ((V + 3) // 4)
 
 
-def _staged_row_fits(nbytes, kernel=fused_classifier_staged_kernel):
+def _staged_row_fits(nbytes, kernel):
     """Whether a staged kernel (v2, v3) can keep a row of nbytes on chip here; the first call per
     device raises the kernel's shared memory limit (outside the step's graph: the first micro-step
     runs eagerly)."""

@@ -440,16 +440,23 @@ def normalize_row_lean(out, mean, rstd, x, weight, bias, row, C4, lane, cvt, wor
 
 
 @device_function
+def load_lane_words(x, inp, row, C4, lane, words):
+    """x[k] <- the row's word lane + 32k, for k < words (a constant at every call: the loop unrolls,
+    the loads are independent and x stays in registers)."""
+    for k in range(words):
+        c = lane + k * WARP_SIZE
+        if c < C4:
+            x[k] = inp[uint64(row * C4 + c)]
+
+
+@device_function
 def layernorm_forward_lean(out, mean, rstd, inp, weight, bias, C4, cvt):
     """layernorm_forward_kernel's body with normalize_row_lean: the same launch and bits."""
     lane = cuda.threadIdx.x
     row = cuda.blockIdx.x * cuda.blockDim.y + cuda.threadIdx.y
     if row < mean.shape[0]:  # else the whole warp has no row: no shuffle partners elsewhere
         x = cuda.local.array(ROW_WORDS, uint64)
-        for k in range(ROW_WORDS):
-            c = lane + k * WARP_SIZE
-            if c < C4:
-                x[k] = inp[uint64(row * C4 + c)]
+        load_lane_words(x, inp, row, C4, lane, ROW_WORDS)
         normalize_row_lean(out, mean, rstd, x, weight, bias, row, C4, lane, cvt, ROW_WORDS)
 
 
@@ -499,17 +506,11 @@ def layernorm_forward_prefetch_kernel(out, mean, rstd, inp, weight, bias, C4):
     x = cuda.local.array(SHORT_ROW_WORDS, uint64)
     ahead = cuda.local.array(SHORT_ROW_WORDS, uint64)
     if row < N:
-        for k in range(SHORT_ROW_WORDS):
-            c = lane + k * WARP_SIZE
-            if c < C4:
-                x[k] = inp[uint64(row * C4 + c)]
+        load_lane_words(x, inp, row, C4, lane, SHORT_ROW_WORDS)
     while row < N:  # the same for the whole warp: its shuffles have their partners
         next_row = row + stride
         if next_row < N:
-            for k in range(SHORT_ROW_WORDS):
-                c = lane + k * WARP_SIZE
-                if c < C4:
-                    ahead[k] = inp[uint64(next_row * C4 + c)]
+            load_lane_words(ahead, inp, next_row, C4, lane, SHORT_ROW_WORDS)
         normalize_row_lean(out, mean, rstd, x, weight, bias, row, C4, lane, True, SHORT_ROW_WORDS)
         for k in range(SHORT_ROW_WORDS):
             x[k] = ahead[k]
@@ -684,10 +685,11 @@ def layernorm_forward(out, mean, rstd, inp, weight, bias, stream=0, warps_per_bl
     check_contiguous("mean", mean, np.float32, shape[:-1])
     check_contiguous("rstd", rstd, np.float32, shape[:-1])
     grid, block = _forward_grid(N, warps_per_block)
-    if variant == "v4" and C > 4 * WARP_SIZE * SHORT_ROW_WORDS:
-        variant = "v3"  # a row longer than v4 keeps in registers
-    elif variant == "v4":
-        grid = min(grid, _prefetch_blocks())
+    if variant == "v4":
+        if C > 4 * WARP_SIZE * SHORT_ROW_WORDS:
+            variant = "v3"  # a row longer than v4 keeps in registers
+        else:
+            grid = min(grid, _prefetch_blocks())
     FORWARD_KERNELS[variant][grid, block, stream](out_words, mean.reshape(N), rstd.reshape(N), inp_words,
                                                   weight_words, bias_words, C // 4)
 
