@@ -143,7 +143,7 @@ def main():
                                  block=block_size, occupancy=f"{regs} regs, {blocks_per_sm} blocks/SM", ms=ms,
                                  gbs=gbs, pct=100 * gbs / copy, step=ms * calls_per_step,
                                  checked=checked, same=same))
-        del source, logits, baseline
+        source = logits = baseline = None  # the GPU memory freed before the next model's arrays
     print(f"copy bandwidth (read + write): {copy:.0f} GB/s")
     print_table(f"Fused classifier candidates, T={T}, V={V}/{Vp}", rows_out,
                 [("model", "model", "{}"), ("variant", "variant", "{}"), ("mode", "mode", "{}"),

@@ -32,7 +32,6 @@ copies (with -o).
 """
 
 import math
-import os
 from dataclasses import dataclass, field
 
 from .config import num_parameters, parameter_shapes
