@@ -19,7 +19,7 @@ import pytest
 import nanollm
 from nanollm import checkpoint, memory_plan, reference
 from nanollm.checkpoint import Checkpoint
-from nanollm.config import GPT2Config, from_descriptor, num_parameters
+from nanollm.config import GPT2Config, num_parameters
 from nanollm.data import write_shard
 from nanollm.interop import write_llmc_model
 

@@ -20,7 +20,6 @@ import sys
 import numpy as np
 import pytest
 
-from nanollm import prepare as prepare_module
 from nanollm.documents import BATCH_BYTES
 from nanollm.prepare import main, prepare
 from nanollm.shard_writer import Progress, ShardWriter
