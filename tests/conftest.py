@@ -35,13 +35,18 @@ def pytest_configure(config):
         sim_shim.install()
 
 
-# Fresh random inputs every run; NANOLLM_TEST_SEED=<n> replays a run (the seed is in the header).
+# Fresh random inputs every run; NANOLLM_TEST_SEED=<n> replays a run (the seed is in the header,
+# and, since `make test` runs -q, which hides the header, in the last lines too).
 SESSION_SEED = int(os.environ.get("NANOLLM_TEST_SEED", np.random.SeedSequence().entropy % 2**32))
 
 
 def pytest_report_header(config):
     device = "real GPU" if _wants_real_gpu(config) else "Numba CUDA simulator"
     return f"nanollm: kernels on the {device}; NANOLLM_TEST_SEED={SESSION_SEED}"
+
+
+def pytest_terminal_summary(terminalreporter):
+    terminalreporter.write_line(f"replay this run's random inputs with NANOLLM_TEST_SEED={SESSION_SEED}")
 
 
 @pytest.fixture
