@@ -444,7 +444,8 @@ def fused_classifier(logits, losses, dloss, targets, V, write_dlogits=True, bloc
     write_dlogits: logits[..., :V] <- (prob - onehot(target)) * dloss, dloss = 1/(B*T) for the
     mean loss (times the caller's scaling for gradient accumulation); columns V..Vp-1 unchanged.
     write_dlogits=False (evaluation): only the losses, logits untouched.
-    variant: "v1" or "v2" (see the module docstring); None takes NANOLLM_CLASSIFIER's, else v2.
+    variant: one of VARIANTS (see the module docstring); None takes NANOLLM_CLASSIFIER's (default
+    DEFAULT_VARIANT). v3 takes at most BATCHED_MAX_THREADS threads a block (a ValueError above).
     """
     variant = check_variant(VARIANT if variant is None else variant, VARIANTS)
     check_contiguous("logits", logits, np.uint16)
