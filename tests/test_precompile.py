@@ -79,6 +79,12 @@ def test_jobs_are_every_kernel_of_the_signature_modules():
     assert "nanollm.kernels.attention_cudnn" not in precompile.kernel_modules()  # no kernels; loads cuDNN
 
 
+def test_the_slowest_kernels_to_compile_are_handed_out_first():
+    jobs = precompile.kernel_jobs()
+    # a kernel renamed or removed would silently drop out of the list: each must still be a job
+    assert list(precompile.SLOWEST_TO_COMPILE) == jobs[:len(precompile.SLOWEST_TO_COMPILE)]
+
+
 def test_pool_compiles_and_reports_each_job(monkeypatch):
     monkeypatch.setenv("NUMBA_ENABLE_CUDASIM", "0")  # the workers use the real compiler (to PTX)
     jobs = [("nanollm.kernels.gelu", "gelu_forward_kernel"), ("nanollm.kernels.gelu", "no_such_kernel"),
