@@ -44,18 +44,18 @@ def kernel_modules():
                   if re.search(r"^PTX_SIGNATURES = ", path.read_text(), re.MULTILINE))
 
 
-# The kernels slowest to compile, slowest first (seconds to PTX on one core of the dev machine, numba-
-# cuda 0.30: 8.6, 3.7, 2.5, 2.4, 2.2, 2.2, 2.0, 1.8; the other 31 take 0.03-1.7). The pool hands them
-# out first: in module order the slowest came 38th of 39 and the pool waited on it alone at the end.
+# The kernels slowest to compile, slowest first (seconds to PTX in a pool of two on the dev machine,
+# numba-cuda 0.30: 2.6, 2.4, 2.4, 2.3, 2.3, 2.2, 1.9, 1.9; the other 31 take 0.03-1.8). The pool hands
+# them out first, so its last jobs are short ones (in module order the bias kernels came last but one).
 SLOWEST_TO_COMPILE = (
-    ("nanollm.kernels.matmul", "gelu_backward_bias_kernel"),
-    ("nanollm.kernels.matmul", "matmul_backward_bias_kernel"),
     ("nanollm.kernels.classifier", "fused_classifier_kernel"),
+    ("nanollm.kernels.matmul", "gelu_backward_bias_kernel"),
+    ("nanollm.kernels.layernorm", "layernorm_backward_cvt_kernel"),
     ("nanollm.kernels.layernorm", "layernorm_backward_tree_sums_kernel"),
     ("nanollm.kernels.layernorm", "layernorm_backward_tree_kernel"),
-    ("nanollm.kernels.layernorm", "layernorm_backward_cvt_kernel"),
     ("nanollm.kernels.adamw", "adamw_multi_tensor_kernel"),
-    ("nanollm.kernels.adamw", "adamw_kernel"),
+    ("nanollm.kernels.layernorm", "fused_residual_layernorm_forward_lean_kernel"),
+    ("nanollm.kernels.matmul", "matmul_backward_bias_kernel"),
 )
 
 

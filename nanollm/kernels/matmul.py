@@ -31,7 +31,7 @@ simulated Numba code.
 import math
 
 import numpy as np
-from numba import cuda, float32
+from numba import cuda, float32, uint64
 from nvmath.bindings import cublasLt
 
 from .. import cuda_libraries, reference, startup
@@ -110,45 +110,25 @@ def bias_column_sums(partial, dout, pre_gelu, rows, n_words, rows_per_block, thr
         step = cuda.blockDim.y
         index = row * n_words + word
         index_step = step * n_words
-        while row + 7 * step < row_end:  # BIAS_LOADS_IN_FLIGHT = 8 rows: all loads, then the adds
-            w0 = dout[index]
-            w1 = dout[index + index_step]
-            w2 = dout[index + 2 * index_step]
-            w3 = dout[index + 3 * index_step]
-            w4 = dout[index + 4 * index_step]
-            w5 = dout[index + 5 * index_step]
-            w6 = dout[index + 6 * index_step]
-            w7 = dout[index + 7 * index_step]
+        # loops over a local array, not eight written-out copies: NVVM unrolls them (constant
+        # indices: registers, no local memory), and Numba inlines the GELU once instead of eight
+        # times (that took the kernel 8.6 s to compile, the first run's longest wait)
+        words = cuda.local.array(BIAS_LOADS_IN_FLIGHT, uint64)
+        while row + (BIAS_LOADS_IN_FLIGHT - 1) * step < row_end:  # all the round's loads, then the adds
+            for k in range(BIAS_LOADS_IN_FLIGHT):
+                words[k] = dout[index + k * index_step]
             if through_gelu:
                 # the round's pre-activation loads too, before any store: as far as the compiler
                 # knows a store to dout may alias a later load, so interleaved (load, GELU, store
                 # per word) the loads waited for each other and the pass ran at 78% of copy
-                w0 = gelu_backward_word(w0, pre_gelu[index])
-                w1 = gelu_backward_word(w1, pre_gelu[index + index_step])
-                w2 = gelu_backward_word(w2, pre_gelu[index + 2 * index_step])
-                w3 = gelu_backward_word(w3, pre_gelu[index + 3 * index_step])
-                w4 = gelu_backward_word(w4, pre_gelu[index + 4 * index_step])
-                w5 = gelu_backward_word(w5, pre_gelu[index + 5 * index_step])
-                w6 = gelu_backward_word(w6, pre_gelu[index + 6 * index_step])
-                w7 = gelu_backward_word(w7, pre_gelu[index + 7 * index_step])
-                dout[index] = w0
-                dout[index + index_step] = w1
-                dout[index + 2 * index_step] = w2
-                dout[index + 3 * index_step] = w3
-                dout[index + 4 * index_step] = w4
-                dout[index + 5 * index_step] = w5
-                dout[index + 6 * index_step] = w6
-                dout[index + 7 * index_step] = w7
-            acc0, acc1, acc2, acc3 = add_bf16x4(acc0, acc1, acc2, acc3, w0)
-            acc0, acc1, acc2, acc3 = add_bf16x4(acc0, acc1, acc2, acc3, w1)
-            acc0, acc1, acc2, acc3 = add_bf16x4(acc0, acc1, acc2, acc3, w2)
-            acc0, acc1, acc2, acc3 = add_bf16x4(acc0, acc1, acc2, acc3, w3)
-            acc0, acc1, acc2, acc3 = add_bf16x4(acc0, acc1, acc2, acc3, w4)
-            acc0, acc1, acc2, acc3 = add_bf16x4(acc0, acc1, acc2, acc3, w5)
-            acc0, acc1, acc2, acc3 = add_bf16x4(acc0, acc1, acc2, acc3, w6)
-            acc0, acc1, acc2, acc3 = add_bf16x4(acc0, acc1, acc2, acc3, w7)
-            row += 8 * step
-            index += 8 * index_step
+                for k in range(BIAS_LOADS_IN_FLIGHT):
+                    words[k] = gelu_backward_word(words[k], pre_gelu[index + k * index_step])
+                for k in range(BIAS_LOADS_IN_FLIGHT):
+                    dout[index + k * index_step] = words[k]
+            for k in range(BIAS_LOADS_IN_FLIGHT):
+                acc0, acc1, acc2, acc3 = add_bf16x4(acc0, acc1, acc2, acc3, words[k])
+            row += BIAS_LOADS_IN_FLIGHT * step
+            index += BIAS_LOADS_IN_FLIGHT * index_step
         while row < row_end:  # the slice's last rows (a slice shorter than a full round)
             acc0, acc1, acc2, acc3 = add_bf16x4(acc0, acc1, acc2, acc3,
                                                 load_column_word(dout, pre_gelu, index, through_gelu))
