@@ -61,7 +61,7 @@ from .gelu import gelu_backward_word
 BIAS_BLOCK_WORDS = 32
 BIAS_BLOCK_COLUMNS = 4 * BIAS_BLOCK_WORDS  # a shared-array shape must be one constant
 BIAS_BLOCK_ROWS = 8
-BIAS_LOADS_IN_FLIGHT = 8  # rows a thread loads before adding (the unrolled body below)
+BIAS_LOADS_IN_FLIGHT = 8  # rows a thread loads before adding (the round's loops below: changing it changes them)
 # Most slices of rows (partial sums per column) the first kernel writes; dbias_scratch must hold
 # MAX_BIAS_PARTIALS * OC float32 values. At B*T = 8192 every slice is 64 rows (8 per thread, one
 # round of loads) and OC = 768 gets 6 x 128 = 768 blocks; more rows make the slices longer.
