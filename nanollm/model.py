@@ -20,8 +20,11 @@ after it, and the memory the one-block logits buffer saves keeps the GELU output
 recomputes in the backward (lm_head_plan); without targets the forward stops at lnf and
 logits_at / logits_host run the lm head for the rows asked.
 backward: the reverse, with += into gradients so micro-steps accumulate; after zero_grad() the
-first backward writes them (=) instead, so no pass zeroes them (3 GB at 1.5B). update: global norm,
-then AdamW per tensor (weight decay on the 2-D tensors only), stochastic rounding to bf16.
+first backward writes them (=) instead, so no pass zeroes them (3 GB at 1.5B). The qkv bias
+gradient sums only the query third of dqkv: its key part is 0 and its value part attproj's bias
+gradient times attproj's weight, by the softmax's invariances (kernels/qkv_bias.py; llm.c sums all
+of dqkv). update: global norm, then AdamW per tensor (weight decay on the 2-D tensors only),
+stochastic rounding to bf16.
 
 Several ranks (nanollm/distributed.py, zero.py): the last micro-step's backward averages the
 gradients across ranks, layer by layer as each layer's backward finishes when the communicator
@@ -45,11 +48,11 @@ from . import distributed, reference, startup, zero
 from .cuda_graph import GraphReplayer, is_supported as cuda_graphs_supported
 from .staging import PinnedUploads
 from .config import WEIGHT_DECAY_PARAMETERS, num_parameters, parameter_shapes
-from .kernels import adamw, attention, classifier, encoder, gelu, global_norm, layernorm, matmul
+from .kernels import adamw, attention, classifier, encoder, gelu, global_norm, layernorm, matmul, qkv_bias
 
 attention_cudnn = None  # imported only when cuDNN attention is chosen (it loads cuDNN)
 from .kernels.bf16 import from_bf16_bits, to_bf16_bits
-from .kernels.cuda_common import SIMULATOR
+from .kernels.cuda_common import SIMULATOR, check_variant
 
 
 def _lm_head_chunks_from_environment():
@@ -101,7 +104,7 @@ class GPT2:
     """GPT-2 for training on one GPU at micro-batch (B, T)."""
 
     def __init__(self, config, B, T, seed=42, gelu_fusion=2, recompute=1, grad_accum_steps=1, attention="numba",
-                 cuda_graphs=None, parameters=None, comm=None, layout=None, lm_head=None):
+                 cuda_graphs=None, parameters=None, comm=None, layout=None, lm_head=None, qkv_bias_grad=None):
         """attention: "numba" (llm.c's own kernels: permute, cuBLASLt products, softmax), "cudnn"
         (flash attention through cuDNN, as llm.c's USE_CUDNN build), or "auto" (cuDNN where it
         works for this shape, else numba; self.attention_note says why).
@@ -111,7 +114,9 @@ class GPT2:
         None: GPT-2's initialisation drawn from `seed` (reference.init_parameters).
         comm: a distributed.Communicator (default: one process); layout: this rank's
         zero.ShardLayout (default: -z 0). lm_head: (chunks, GELU layers kept), default
-        lm_head_plan's."""
+        lm_head_plan's. qkv_bias_grad: "softmax" (the key and value parts of the qkv bias
+        gradient from the softmax's invariances) or "sums" (llm.c's); None: NANOLLM_QKV_BIAS_GRAD's
+        (kernels/qkv_bias.py)."""
         if T > config.max_seq_len:
             raise ValueError(f"T={T} exceeds the model's max_seq_len {config.max_seq_len}")
         if gelu_fusion not in (0, 1, 2) or recompute not in (0, 1):
@@ -127,6 +132,7 @@ class GPT2:
         self.attention, self.attention_note = self._choose_attention(attention, config, B, T)
         startup.mark("attention choice (loads cuDNN and its frontend)")
         self.gelu_fusion, self.recompute = gelu_fusion, recompute
+        self.qkv_bias_grad = check_variant(qkv_bias_grad or qkv_bias.MODE, qkv_bias.MODES, "qkv_bias_grad")
         self.lm_chunks, self.gelu_kept = lm_head or self.lm_head_plan(config, B, T, recompute)
         if not (self.lm_chunks >= 1 and (1 if recompute else config.num_layers) <= self.gelu_kept <= config.num_layers):
             raise ValueError(f"lm_head={lm_head}: chunks >= 1 and GELU layers kept in [1, L] (L at -r 0)")
@@ -729,8 +735,11 @@ class GPT2:
             else:
                 attention.attention_backward(dqkv, a.dqkvr.reshape(-1), a.datt, dbtc, a.qkvr[l].reshape(-1),
                                              a.att[l], NH, stream=s)
-            matmul.matmul_backward(dbtc, g.qkvw[l], g.qkvb[l], dqkv, a.ln1[l], p.qkvw[l], dbias_scratch=bias_scratch,
-                                   stream=s, accumulate=add)
+            # qkv's bias gradient: the query part summed from dqkv, the key and value parts from the
+            # softmax's invariances (zeros; attproj's bias gradient, summed at ln2 above, times its weight)
+            qkv_bias.qkv_bias_backward(g.qkvb[l], dqkv, g.attprojb[l], p.attprojw[l], bias_scratch, stream=s,
+                                       accumulate=add, mode=self.qkv_bias_grad)
+            matmul.matmul_backward(dbtc, g.qkvw[l], None, dqkv, a.ln1[l], p.qkvw[l], stream=s, accumulate=add)
             layernorm.layernorm_backward(a.dresidual, g.ln1w[l], g.ln1b[l], ln_scratch, dbtc, residual,
                                          p.ln1w[l], a32.ln1_mean[l], a32.ln1_rstd[l], stream=s, accumulate=add,
                                          dinp_sums=g.fcprojb[l - 1] if l > 0 else None)

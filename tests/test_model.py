@@ -204,3 +204,34 @@ def test_zero_grad_then_backward_writes_what_zeroing_would(rng):
     got, want = written.gradients(), zeroed.gradients()
     assert np.count_nonzero(want) > want.size // 2
     np.testing.assert_array_equal(got, want)
+
+
+def test_qkv_bias_gradient_from_the_softmax_invariances(rng):
+    """The qkv bias gradient's key part is 0 and its value part attproj's bias gradient times its
+    weight (kernels/qkv_bias.py), over two micro-steps (written, then added to): the value part as
+    llm.c's sums of dqkv give it up to rounding, and the float64 reference's; the query part and
+    every other gradient the bits of llm.c's way. Two heads, so each head's channels are its own."""
+    config = GPT2Config(max_seq_len=4, vocab_size=13, padded_vocab_size=16, num_layers=1, num_heads=2, channels=8)
+    seed, (B, T), C = int(rng.integers(1000)), (2, 4), 8
+    tokens, targets = rng.integers(0, config.vocab_size, (2, B, T))
+    grads = {}
+    for mode in ("softmax", "sums"):
+        model = GPT2(config, B, T, seed=seed, qkv_bias_grad=mode)
+        model.grads.memory.copy_to_device(to_bf16_bits(rng.standard_normal(model.grads.memory.size).astype(np.float32)))
+        model.zero_grad()  # the poison above must not survive in any part
+        for _ in range(2):
+            model.forward(tokens, targets)
+            model.backward()
+        grads[mode] = reference.ParameterTensors(config, np.float32)
+        grads[mode].memory[:] = model.gradients()
+    _, _, ref = _reference_step(config, model.parameters().astype(np.float64), tokens, targets)
+    ours, llmc = grads["softmax"], grads["sums"]
+    for name, _ in ref.items():
+        if name != "qkvb":
+            np.testing.assert_array_equal(ours[name], llmc[name], err_msg=name)
+    (q, k, v), (q_llmc, k_llmc, v_llmc), (_, _, v_ref) = (g["qkvb"].reshape(3, C) for g in (ours, llmc, ref))
+    np.testing.assert_array_equal(q, q_llmc)
+    assert not k.any()  # exactly; llm.c's sums leave rounding noise there
+    assert np.linalg.norm(k_llmc) < 0.05 * np.linalg.norm(v_llmc), (k_llmc, v_llmc)
+    assert np.linalg.norm(v - v_llmc) / np.linalg.norm(v_llmc) < 2e-2, (v, v_llmc)
+    assert np.linalg.norm(v - 2 * v_ref) / np.linalg.norm(2 * v_ref) < 3e-2, (v, 2 * v_ref)

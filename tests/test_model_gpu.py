@@ -201,3 +201,39 @@ def test_update_clipped_in_a_graph_matches_host_clipping(attention):
     assert any(norm > 1.0 for _, norm in host), "no step was clipped: the test would not cover clipping"
     for name in ("params_bf16", "master", "m", "v"):
         np.testing.assert_array_equal(host_state[name], device_state[name], err_msg=name)
+
+
+@pytest.mark.parametrize("attention", ["numba", "cudnn"])
+def test_qkv_bias_gradient_from_the_softmax_invariances(attention):
+    """At d12 with CUDA graphs, two passes of two micro-steps: the qkv bias gradient's key part is 0
+    and its value part (attproj's bias gradient times its weight) llm.c's sums of dqkv up to
+    rounding; its query part and every other gradient the bits of llm.c's way (kernels/qkv_bias.py)."""
+    config = from_descriptor("d12")
+    B, T, C, L = 4, 64, config.channels, config.num_layers
+    if attention == "cudnn":
+        _skip_without_cudnn(config, B, T)
+    rng = np.random.default_rng()
+    batches = rng.integers(0, config.vocab_size, (2, 2, 2, B, T))  # step, micro-step, tokens/targets
+    models = {mode: GPT2(config, B, T, seed=3, attention=attention, grad_accum_steps=2, qkv_bias_grad=mode)
+              for mode in ("softmax", "sums")}
+    for step in range(2):  # step 0 eager, step 1 replays the captured graphs (new batches)
+        grads = {}
+        for mode, model in models.items():
+            model.zero_grad()
+            for micro_step in range(2):
+                model.forward(*batches[step, micro_step], micro_step=micro_step)
+                model.backward()
+            grads[mode] = reference.ParameterTensors(config, np.float32)
+            grads[mode].memory[:] = model.gradients()  # (no update: the parameters stay the same in both)
+        ours, llmc = grads["softmax"], grads["sums"]
+        for name in GRAD_THRESHOLDS:
+            if name != "qkvb":
+                np.testing.assert_array_equal(ours[name], llmc[name], err_msg=f"step {step}: {name}")
+        (q, k, v), (q_llmc, k_llmc, v_llmc) = (g["qkvb"].reshape(L, 3, C).transpose(1, 0, 2) for g in (ours, llmc))
+        np.testing.assert_array_equal(q, q_llmc, err_msg=f"step {step}")
+        assert not k.any()
+        relative = np.linalg.norm(v - v_llmc) / np.linalg.norm(v_llmc)
+        print(f"step {step}: value part vs llm.c's sums, relative L2 {relative:.2e}; llm.c's key part "
+              f"{np.linalg.norm(k_llmc):.2e} against its value part {np.linalg.norm(v_llmc):.2e}")
+        assert relative < 1e-2
+        assert np.linalg.norm(k_llmc) < 0.05 * np.linalg.norm(v_llmc)

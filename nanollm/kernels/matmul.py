@@ -89,8 +89,10 @@ def load_column_word(dout, pre_gelu, index, through_gelu):
 
 
 @device_function
-def bias_column_sums(partial, dout, pre_gelu, rows, n_words, rows_per_block, through_gelu):
-    # dout: (rows * n_words,) uint64 words: (rows, OC) bf16 with OC = 4 * n_words
+def bias_column_sums(partial, dout, pre_gelu, rows, n_words, row_words, rows_per_block, through_gelu):
+    # dout: (rows * row_words,) uint64 words: (rows, 4 * row_words) bf16, of which the first
+    # OC = 4 * n_words columns are summed (row_words > n_words: a slice of wider rows, e.g. the
+    # query third of the qkv gradient)
     # partial: (>= gridDim.y * OC,) fp32; row p (OC values from p * OC) = the column sums over rows
     # [p * rows_per_block, (p + 1) * rows_per_block). Each thread sums its 4 columns over rows
     # ty, ty + blockDim.y, ... of the slice in order, then the block adds its row-lanes in order.
@@ -108,8 +110,8 @@ def bias_column_sums(partial, dout, pre_gelu, rows, n_words, rows_per_block, thr
         row = cuda.blockIdx.y * rows_per_block + ty
         row_end = min(rows, (cuda.blockIdx.y + 1) * rows_per_block)
         step = cuda.blockDim.y
-        index = row * n_words + word
-        index_step = step * n_words
+        index = row * row_words + word
+        index_step = step * row_words
         # loops over a local array, not eight written-out copies: NVVM unrolls them (constant
         # indices: registers, no local memory), and Numba inlines the GELU once instead of eight
         # times (that took the kernel 8.6 s to compile, the first run's longest wait)
@@ -155,15 +157,15 @@ def bias_column_sums(partial, dout, pre_gelu, rows, n_words, rows_per_block, thr
 
 
 @kernel
-def matmul_backward_bias_kernel(partial, dout, rows, n_words, rows_per_block):
-    bias_column_sums(partial, dout, dout, rows, n_words, rows_per_block, False)
+def matmul_backward_bias_kernel(partial, dout, rows, n_words, row_words, rows_per_block):
+    bias_column_sums(partial, dout, dout, rows, n_words, row_words, rows_per_block, False)
 
 
 # fastmath as gelu_backward_inplace_kernel (approximate exp and division in the GELU's tanh), so
 # the words it writes are that kernel's
 @kernel(fastmath=True)
 def gelu_backward_bias_kernel(partial, dout, pre_gelu, rows, n_words, rows_per_block):
-    bias_column_sums(partial, dout, pre_gelu, rows, n_words, rows_per_block, True)
+    bias_column_sums(partial, dout, pre_gelu, rows, n_words, n_words, rows_per_block, True)
 
 
 @kernel
@@ -214,7 +216,7 @@ def add_fp32_into_bf16_kernel(out, src, accumulate):
 
 PTX_SIGNATURES = {
     add_fp32_into_bf16_kernel: "void(uint16[::1], float32[::1], boolean)",
-    matmul_backward_bias_kernel: "void(float32[::1], uint64[::1], int64, int64, int64)",
+    matmul_backward_bias_kernel: "void(float32[::1], uint64[::1], int64, int64, int64, int64)",
     gelu_backward_bias_kernel: "void(float32[::1], uint64[::1], uint64[::1], int64, int64, int64)",
     matmul_bias_add_partials_kernel: "void(uint16[::1], float32[::1], int64, boolean)",
 }
@@ -638,9 +640,12 @@ def _bias_grid(rows, OC, block_words, block_rows):
     return grid, rows_per_block
 
 
-def matmul_backward_bias(dbias, dout, dbias_scratch=None, stream=0, block=None, pre_gelu=None, accumulate=True):
+def matmul_backward_bias(dbias, dout, dbias_scratch=None, stream=0, block=None, pre_gelu=None, accumulate=True,
+                         row_width=None):
     """dbias (OC,) += dout summed over rows (accumulate=False: dbias = the sums, the bits of += into
-    zeros); dout (B,T,OC) bf16 with OC a multiple of 4.
+    zeros); dout (B,T,OC) bf16 with OC a multiple of 4. row_width (a multiple of 4, > OC): dout is
+    (B,T,row_width) instead and only its first OC columns are summed (the query third of the qkv
+    gradient, qkv_bias.py), each column in the order it has in a dout of OC columns.
     Deterministic: each column is summed in fp32 in a fixed order (set by the shape and block) and
     rounded to bf16 once. dbias_scratch: float32, at least MAX_BIAS_PARTIALS * OC elements.
     block: (words, rows) threads, at most (BIAS_BLOCK_WORDS, BIAS_BLOCK_ROWS) (the default on a GPU).
@@ -652,9 +657,11 @@ def matmul_backward_bias(dbias, dout, dbias_scratch=None, stream=0, block=None, 
     if len(dbias.shape) != 1:
         raise ValueError(f"dbias: expected shape (OC,), got {tuple(dbias.shape)}")
     OC = dbias.shape[0]
-    rows = _rows_cols("dout", dout, OC)
-    if OC % 4:
-        raise ValueError(f"dbias: OC={OC} must be a multiple of 4 (the kernel reads four bf16 per word)")
+    width = OC if row_width is None else row_width
+    if OC % 4 or width % 4 or width < OC:
+        raise ValueError(f"dbias: OC={OC} and dout's row width {width} must each be a multiple of 4 (the kernel "
+                         f"reads four bf16 per word), the rows at least OC wide")
+    rows = _rows_cols("dout", dout, width)
     if not SIMULATOR and _pointer(dout) % 8:
         raise ValueError("dout: device pointer must be 8-byte aligned (the bias kernel reads uint64 words)")
     if block is None:  # the simulator runs a Python thread per GPU thread: small blocks there
@@ -674,8 +681,11 @@ def matmul_backward_bias(dbias, dout, dbias_scratch=None, stream=0, block=None, 
     partial = dbias_scratch if len(dbias_scratch.shape) == 1 else dbias_scratch.reshape(dbias_scratch.size)
     dout_words = dout.reshape(dout.size).view(np.uint64)
     if pre_gelu is None:
-        matmul_backward_bias_kernel[grid, block, stream](partial, dout_words, rows, OC // 4, rows_per_block)
+        matmul_backward_bias_kernel[grid, block, stream](partial, dout_words, rows, OC // 4, width // 4,
+                                                         rows_per_block)
     else:
+        if width != OC:
+            raise ValueError("matmul_backward_bias: pre_gelu takes whole rows (no row_width)")
         _check_same_rows(rows, pre_gelu=(pre_gelu, OC))
         if not SIMULATOR and _pointer(pre_gelu) % 8:
             raise ValueError("pre_gelu: device pointer must be 8-byte aligned (the kernel reads uint64 words)")

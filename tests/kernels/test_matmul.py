@@ -18,7 +18,7 @@ from nanollm import reference
 from nanollm.kernels import gelu, matmul
 from nanollm.kernels.bf16 import from_bf16_bits, to_bf16_bits
 
-from .helpers import BF16_ONE_ROUNDING, download_bf16, poisoned_bf16, random_bf16, relative_error
+from .helpers import BF16_ONE_ROUNDING, BF16_POISON, download_bf16, poisoned_bf16, random_bf16, relative_error
 
 # (rows = B*T, C, OC)
 FORWARD_SHAPES = [
@@ -142,6 +142,35 @@ def test_matmul_backward(rng, shape, bias, gelu):
     if bias:
         err = relative_error(download_bf16(dbias), dbias_ref + dout_ref.sum(axis=0))
         assert err < BF16_ONE_ROUNDING, f"dbias (+=) rel. error {err:.2e}, {case}"
+
+
+@pytest.mark.parametrize("rows, OC, width, block", [
+    pytest.param(24, 8, 24, (2, 3), id="first-third"),  # words past the columns summed, rows of 3 slices
+    pytest.param(37, 12, 20, (4, 2), id="column-tail-rows-tail"),  # a block wider than the 3 words summed
+    pytest.param(65536, 768, 2304, None, id="d12-query-third", marks=pytest.mark.gpu),
+    pytest.param(16384, 1600, 4800, None, id="d48-query-third", marks=pytest.mark.gpu),
+])
+def test_bias_gradient_of_the_first_columns(rng, rows, OC, width, block):
+    """row_width: the sums of the first OC columns of wider rows (the query third of dqkv), the bits
+    of the same columns summed from a (rows, OC) copy of them; the other columns never read."""
+    bits = to_bf16_bits(rng.standard_normal((rows, width)).astype(np.float32))
+    dout_ref = from_bf16_bits(bits[:, :OC]).astype(np.float64)
+    narrow = cuda.to_device(np.ascontiguousarray(bits[:, :OC]))
+    bits[:, OC:] = BF16_POISON  # NaN in any sum that read them
+    dout = cuda.to_device(bits)
+    dbias_bits = to_bf16_bits(rng.standard_normal(OC).astype(np.float32))
+    scratch = cuda.to_device(np.full(matmul.MAX_BIAS_PARTIALS * OC, np.nan, dtype=np.float32))
+    for accumulate in (True, False):
+        first, whole = cuda.to_device(dbias_bits), cuda.to_device(dbias_bits)
+        matmul.matmul_backward_bias(first, dout, scratch, block=block, accumulate=accumulate, row_width=width)
+        matmul.matmul_backward_bias(whole, narrow, scratch, block=block, accumulate=accumulate)
+        np.testing.assert_array_equal(first.copy_to_host(), whole.copy_to_host())
+        expected = dout_ref.sum(axis=0) + (from_bf16_bits(dbias_bits) if accumulate else 0)
+        assert relative_error(download_bf16(first), expected) < BF16_ONE_ROUNDING
+    with pytest.raises(ValueError, match="at least OC wide"):
+        matmul.matmul_backward_bias(first, dout, scratch, row_width=OC - 4)
+    with pytest.raises(ValueError, match="expected shape"):
+        matmul.matmul_backward_bias(first, dout, scratch, row_width=width + 4)
 
 
 @pytest.mark.parametrize("rows, OC, block", [
