@@ -237,8 +237,9 @@ def test_shard_writer_boundaries_and_positions(rng, tmp_path):
         writer.finish()
         return records
 
-    for shard_size in (int(lengths[:5].sum()), 64, 1000, int(starts[-1])):
-        folder = tmp_path / f"s{shard_size}"
+    # (the first size is drawn: it can equal another, hence the index in the folder's name)
+    for case, shard_size in enumerate((int(lengths[:5].sum()), 64, 1000, int(starts[-1]))):
+        folder = tmp_path / f"s{case}_{shard_size}"
         folder.mkdir()
         records = run(folder, shard_size)
         got = [np.fromfile(folder / r["file"], dtype=np.uint16)[512:] for r in records]
