@@ -643,7 +643,7 @@ def _bias_grid(rows, OC, block_words, block_rows):
 def matmul_backward_bias(dbias, dout, dbias_scratch=None, stream=0, block=None, pre_gelu=None, accumulate=True,
                          row_width=None):
     """dbias (OC,) += dout summed over rows (accumulate=False: dbias = the sums, the bits of += into
-    zeros); dout (B,T,OC) bf16 with OC a multiple of 4. row_width (a multiple of 4, > OC): dout is
+    zeros); dout (B,T,OC) bf16 with OC a multiple of 4. row_width (a multiple of 4, >= OC): dout is
     (B,T,row_width) instead and only its first OC columns are summed (the query third of the qkv
     gradient, qkv_bias.py), each column in the order it has in a dout of OC columns.
     Deterministic: each column is summed in fp32 in a fixed order (set by the shape and block) and
