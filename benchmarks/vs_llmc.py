@@ -35,6 +35,11 @@ program in a d12 row and ~30 s per program in the d48 row: ~7 min with NANOLLM_B
 --variant runs, ~5.5 without. Rows run in --runs order (d12, d48, own, d12r0: the issue's targets
 first); --runs and --steps trim it; a run that would start past --deadline seconds is skipped (and
 says so), so the table always prints.
+
+--rounds 2 runs each row's programs twice, the second time in the reverse order (llm.c, nanollm,
+nanollm, llm.c): the H200 trains at its power cap and its clock drifts as the card heats, so the
+program that always runs second would always meet the warmer card. ms is then the mean of each
+program's two medians, and the note gives both.
 """
 
 import argparse
@@ -105,6 +110,40 @@ def format_table(rows):
                      f"{fmt('mem_mib', '{:,.0f} MiB')} | {fmt('first_s', '{:.1f} s')} | {fmt('loss', '{:.6f}')} | "
                      f"{fmt('ratio', '{:.3f}')}{(' ' + r['note']) if r.get('note') else ''} |")
     return "\n".join(lines)
+
+
+def round_order(count, rounds):
+    """The order in which a row's `count` programs run over `rounds` rounds: as listed in odd rounds,
+    reversed in even ones (ABBA for two), so that neither program always follows the other onto a
+    card the other has just heated. [(round, program index)], rounds counted from 1."""
+    order = []
+    for r in range(1, rounds + 1):
+        indices = range(count) if r % 2 else reversed(range(count))
+        order += [(r, i) for i in indices]
+    return order
+
+
+def combine_rounds(runs, tokens):
+    """One result from a program's runs in the rounds (dicts as format_table's, in round order): ms the
+    mean of the rounds' medians, tok/s from it, peak memory the largest, first step the first round's,
+    the last loss the last round's (and a note if the rounds' losses differ: they should not), each
+    round's median in the note."""
+    done = [r for r in runs if r["ms"] is not None]
+    combined = dict(runs[0])
+    if len(runs) == 1:
+        return combined
+    combined["ms"] = statistics.mean(r["ms"] for r in done) if done else None
+    combined["tok_s"] = tokens / (combined["ms"] / 1e3) if combined["ms"] else None
+    memory = [r["mem_mib"] for r in runs if r["mem_mib"] is not None]
+    combined["mem_mib"] = max(memory) if memory else None
+    combined["loss"] = runs[-1]["loss"]
+    notes = ["rounds: " + " / ".join("-" if r["ms"] is None else f"{r['ms']:.1f}" for r in runs) + " ms"]
+    losses = {r["loss"] for r in done}
+    if len(losses) > 1:
+        notes.append("(last losses differ between rounds: " + ", ".join(f"{x:.6f}" for x in sorted(losses)) + ")")
+    notes += [r["note"] for r in runs if r["note"]]
+    combined["note"] = " ".join(notes)
+    return combined
 
 
 # ---- finding things on the GPU host ---------------------------------------------------------------
@@ -268,6 +307,9 @@ def main():
                         help=f"comma-separated, in the order to run, of {', '.join(ROWS)}")
     parser.add_argument("--steps", type=int, default=30, help="-x of the d12 rows")
     parser.add_argument("--d48-steps", type=int, default=10, help="-x of the d48 row")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run each row's programs this many times, in turn, reversing the order every other "
+                             "round (ABBA); ms is the mean of the rounds' medians")
     parser.add_argument("--deadline", type=float, default=560, help="start no run after this many seconds")
     parser.add_argument("--timeout", type=float, default=180, help="kill a run after this many seconds")
     parser.add_argument("--no-llmc", action="store_true", help="nanollm trees only (no build, no llm.c runs)")
@@ -278,6 +320,8 @@ def main():
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = parser.parse_args()
     t_start = time.perf_counter()
+    if args.rounds < 1:
+        raise SystemExit(f"error: --rounds {args.rounds}: must be at least 1")
     runs = [r for r in args.runs.split(",") if r]
     unknown = [r for r in runs if r not in ROWS]
     if unknown:
@@ -394,20 +438,23 @@ def main():
             programs.append((f"nanollm, {label}", [python, "-m", "nanollm.train", *flags.split(),
                                                    *nano_flags.split()], REPO, {**nanollm_env(REPO), **settings},
                              True))
-        llmc_tok_s = None
-        for program, command, cwd, env, available in programs:
+        runs_of = [[] for _ in programs]
+        for round_number, index in round_order(len(programs), args.rounds):
+            program, command, cwd, env, available = programs[index]
             result = dict(row=description, program=program, ms=None, tok_s=None, mem_mib=None, first_s=None,
                           loss=None, ratio=None, note="")
             name = f"{row}_" + re.sub(r"[^A-Za-z0-9]+", "_", program.replace(".", "")).strip("_")
+            if args.rounds > 1:
+                name += f"_round{round_number}"
             if args.dry_run:
-                print(f"[dry run] {row}: (cd {cwd} && {' '.join(command)})")
+                print(f"[dry run] {row}, round {round_number}: (cd {cwd} && {' '.join(command)})")
                 continue
             if not available:
                 result["note"] = "(build failed)"
             elif time.perf_counter() - t_start > args.deadline:
                 result["note"] = "(skipped: past --deadline)"
             else:
-                print(f"{row}: {program} ...", flush=True)
+                print(f"{row}: {program}" + (f", round {round_number}" if args.rounds > 1 else "") + " ...", flush=True)
                 rc, text, first_step, peak = run_logged(command, cwd, env, logs / f"{name}.log", args.timeout, gpu)
                 steps_seen = parse_steps(text)
                 result["ms"] = median_ms(steps_seen)
@@ -420,6 +467,14 @@ def main():
                 startup = re.search(r"time to first step: ([0-9.]+) s", text)
                 if startup:
                     result["note"] = f"{result['note']} (own count {startup.group(1)} s)".strip()
+            runs_of[index].append(result)
+            if args.rounds > 1:
+                print(format_table([result]).splitlines()[-1], flush=True)
+        llmc_tok_s = None
+        for (program, *_), program_runs in zip(programs, runs_of):
+            if not program_runs:
+                continue
+            result = combine_rounds(program_runs, tokens)
             if program.startswith("llm.c"):
                 llmc_tok_s = result["tok_s"]
             elif llmc_tok_s and result["tok_s"]:

@@ -66,3 +66,29 @@ def test_cuda13_patch_applies_to_llmc_source(tmp_path):
     assert vs_llmc.prepare_build_copy(source, copy) == "cudaMemAdvise patched for CUDA 13"
     assert vs_llmc.CUDA13_MEMADVISE[1] in (copy / "llmc/cuda_utils.cuh").read_text()
     assert vs_llmc.CUDA13_MEMADVISE[0] in (source / "llmc/cuda_utils.cuh").read_text()  # the source is untouched
+
+
+def test_rounds_alternate_the_order():
+    assert vs_llmc.round_order(2, 1) == [(1, 0), (1, 1)]
+    assert vs_llmc.round_order(2, 2) == [(1, 0), (1, 1), (2, 1), (2, 0)]  # ABBA
+    assert vs_llmc.round_order(3, 3) == [(1, 0), (1, 1), (1, 2), (2, 2), (2, 1), (2, 0), (3, 0), (3, 1), (3, 2)]
+
+
+def _run(ms, loss=6.28, mem=24000, note=""):
+    return dict(row="d12", program="nanollm", ms=ms, tok_s=None if ms is None else 65536 / (ms / 1e3),
+                mem_mib=mem, first_s=3.0, loss=loss, ratio=None, note=note)
+
+
+def test_rounds_combine_to_the_mean_of_medians():
+    one = vs_llmc.combine_rounds([_run(106.0)], 65536)
+    assert one["ms"] == 106.0 and one["note"] == ""
+    both = vs_llmc.combine_rounds([_run(106.0, mem=24000), _run(110.0, mem=25000)], 65536)
+    assert both["ms"] == pytest.approx(108.0)
+    assert both["tok_s"] == pytest.approx(65536 / 0.108)
+    assert both["mem_mib"] == 25000
+    assert both["note"] == "rounds: 106.0 / 110.0 ms"
+    skipped = vs_llmc.combine_rounds([_run(106.0), _run(None, loss=None, note="(skipped: past --deadline)")], 65536)
+    assert skipped["ms"] == 106.0
+    assert skipped["note"] == "rounds: 106.0 / - ms (skipped: past --deadline)"
+    differ = vs_llmc.combine_rounds([_run(106.0, loss=6.281613), _run(107.0, loss=6.281600)], 65536)
+    assert "last losses differ between rounds: 6.281600, 6.281613" in differ["note"]
