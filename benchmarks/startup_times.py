@@ -29,6 +29,7 @@ RUNS = {  # name -> (flags, cold cache)
     "d12": ("-e d12 -b 64 -t 1024 -d 65536 -r 1 --attention cudnn", False),
     "d12-own": ("-e d12 -b 64 -t 1024 -d 65536 -r 1 --attention numba", False),
     "d48": ("-e d48 -b 16 -t 1024 -d 16384 -r 0 -ge 1 --attention cudnn", False),
+    "d48-cold": ("-e d48 -b 16 -t 1024 -d 16384 -r 0 -ge 1 --attention cudnn", True),
 }
 
 

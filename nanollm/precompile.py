@@ -9,7 +9,9 @@ pool of processes can compile them all at once into the cache the training proce
     python -m nanollm.precompile [-w WORKERS]      on the GPU machine, e.g. after installing
 
 train() does this by itself when a kernel has no cache entry for this GPU yet (the first run on a
-machine, or after an upgrade); NANOLLM_PRECOMPILE=0 turns that off. It is only ever a head start:
+machine, or after an upgrade), for the kernels the run launches (training_jobs: not the unpicked
+variants, nor llm.c's own attention under cuDNN's); NANOLLM_PRECOMPILE=0 turns that off. The
+command line compiles every kernel. It is only ever a head start:
 a kernel a worker could not compile is compiled at its first launch, as before, where any error
 surfaces as it always did. Workers are fresh interpreters (`python -m nanollm.precompile --serve`),
 never forks of a process that started CUDA; each makes the parent's GPU current, and each kernel is
@@ -68,6 +70,48 @@ def kernel_jobs():
         jobs += [(name, kernel.py_func.__name__) for kernel in module.PTX_SIGNATURES]
     slowest = [job for job in SLOWEST_TO_COMPILE if job in jobs]
     return slowest + [job for job in jobs if job not in slowest]
+
+
+def _names(kernels):
+    """{(module, kernel name)} of kernel dispatchers, as kernel_jobs() names them."""
+    return {(kernel.py_func.__module__, kernel.py_func.__name__) for kernel in kernels}
+
+
+def _cudnn_frontend_installed():
+    """Whether cuDNN's Python frontend is installed, without loading cuDNN (which takes ~1 s)."""
+    from importlib.util import find_spec
+
+    return find_spec("cudnn") is not None
+
+
+def unlaunched_kernels(attention):
+    """The jobs a training run with this --attention does not launch: the variants of the
+    classifier and the layernorm that NANOLLM_CLASSIFIER, NANOLLM_LN_FORWARD and NANOLLM_LN_BACKWARD
+    did not pick (a picked variant's fallbacks stay: classifier v1, which evaluation runs and the
+    staged kernels fall back to; layernorm forward v3, which v4 falls back to above 1,024 channels),
+    and llm.c's own attention kernels when cuDNN's attention runs ("auto": when its frontend is
+    installed). A fresh machine's pool leaves them out (13 of 39 kernels at the defaults). A run
+    that does launch one compiles it then, as before the pool."""
+    from .kernels import attention as own_attention, classifier, layernorm
+
+    def variants(table, picked):
+        return _names(table.values()) - _names(table[v] for v in picked if v in table)
+
+    unused = variants(classifier.TRAINING_KERNELS, {classifier.VARIANT, "v1"})
+    forward = {layernorm.FORWARD_VARIANT} | ({"v3"} if layernorm.FORWARD_VARIANT == "v4" else set())
+    unused |= variants(layernorm.FORWARD_KERNELS, forward) - _names(layernorm.FUSED_FORWARD_KERNELS[v] for v in forward)
+    unused |= variants(layernorm.FUSED_FORWARD_KERNELS, forward) - _names(layernorm.FORWARD_KERNELS[v] for v in forward)
+    backward = {layernorm.BACKWARD_VARIANT}
+    unused |= (variants(layernorm.BACKWARD_KERNELS, backward) | variants(layernorm.BACKWARD_SUMS_KERNELS, backward))
+    if attention == "cudnn" or (attention == "auto" and _cudnn_frontend_installed()):
+        unused |= _names(own_attention.PTX_SIGNATURES)
+    return unused
+
+
+def training_jobs(attention):
+    """kernel_jobs() less unlaunched_kernels(attention), in the same order."""
+    unused = unlaunched_kernels(attention)
+    return [job for job in kernel_jobs() if job not in unused]
 
 
 def _lookup(module_name, kernel_name):
@@ -242,16 +286,17 @@ def compile_kernels(jobs, workers=None, target="cache", device_index=0, timeout=
 
 # ---- what train() calls ----------------------------------------------------------------------------
 
-def before_training(world, device_index, print=print, environ=os.environ):
-    """On the GPU path, after the GPU is selected: when kernels are missing from the cache, the
-    host's first rank compiles them in a pool while the host's other ranks wait (a barrier over all
-    ranks). Prints one line when it compiles; returns the results (empty when nothing was needed)."""
+def before_training(world, device_index, print=print, environ=os.environ, attention="auto"):
+    """On the GPU path, after the GPU is selected: when kernels the run launches (training_jobs of
+    its --attention) are missing from the cache, the host's first rank compiles them in a pool
+    while the host's other ranks wait (a barrier over all ranks). Prints one line when it
+    compiles; returns the results (empty when nothing was needed)."""
     from .kernels.cuda_common import SIMULATOR
 
     results = []
     if not SIMULATOR and environ.get("NANOLLM_PRECOMPILE", "1") != "0" and world.local_rank == 0:
         try:
-            jobs = missing_from_cache(kernel_jobs())
+            jobs = missing_from_cache(training_jobs(attention))
         except Exception as error:  # Numba's internals moved: compile at first launch, as before
             print(f"kernel cache check failed ({type(error).__name__}: {error}); kernels compile at first launch")
             jobs = []

@@ -418,7 +418,7 @@ def _train(cfg, world):
         log.print("No CUDA GPU found: training on the CPU with the numpy reference model (slow; small models only).")
     startup.mark("model config, data loaders")
     if device == "cuda":  # a machine's first run: the kernels compile in parallel, not one by one at first launch
-        precompile.before_training(world, gpu_index, print=log.print)
+        precompile.before_training(world, gpu_index, print=log.print, attention=cfg.attention)
         startup.mark("kernel cache check (and, when cold, compilation in parallel processes)")
     # before anything large is allocated: print what the run needs, refuse one that does not fit
     plan = memory_plan.check(cfg, config, device, grad_accum, world_size, print=log.print,

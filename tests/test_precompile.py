@@ -65,6 +65,9 @@ def test_training_launches_only_the_precompiled_signatures(launches, rng, monkey
     if layernorm.BACKWARD_VARIANT in layernorm.BACKWARD_SUMS_KERNELS:  # the layers' residual bias gradients
         fused = layernorm.BACKWARD_SUMS_KERNELS[layernorm.BACKWARD_VARIANT].py_func.__name__
         assert ("nanollm.kernels.layernorm", fused) in launches
+    # a fresh machine's pool compiles what the run launches (with these variants, llm.c's attention)
+    assert set(launches) <= set(precompile.training_jobs("numba")), \
+        sorted(set(launches) - set(precompile.training_jobs("numba")))
     for (module_name, kernel_name), signatures in launches.items():
         assert (module_name, kernel_name) in jobs, f"{module_name}.{kernel_name} is launched but has no PTX signature"
         _, signature = precompile._lookup(module_name, kernel_name)
@@ -229,3 +232,37 @@ def test_before_training_survives_a_failing_cache_check(monkeypatch):
 def test_before_training_is_off_on_the_simulator(monkeypatch):
     monkeypatch.setattr(precompile, "kernel_jobs", lambda: pytest.fail("checked the cache on the simulator"))
     assert precompile.before_training(_World(), 0, print=print, environ={}) == []
+
+
+def test_training_jobs_leave_out_the_unpicked_variants_and_the_other_attention(monkeypatch):
+    from nanollm.kernels import attention, classifier, layernorm
+
+    def names(*kernels):
+        return {(k.py_func.__module__, k.py_func.__name__) for k in kernels}
+
+    every = set(precompile.kernel_jobs())
+    own_attention = names(*attention.PTX_SIGNATURES)
+    for variants in [("v3", "v4", "v5"), ("v2", "v1", "v1"), ("v1", "v3", "v3"), ("v3", "v2", "v5")]:
+        monkeypatch.setattr(classifier, "VARIANT", variants[0])
+        monkeypatch.setattr(layernorm, "FORWARD_VARIANT", variants[1])
+        monkeypatch.setattr(layernorm, "BACKWARD_VARIANT", variants[2])
+        cudnn, numba = set(precompile.training_jobs("cudnn")), set(precompile.training_jobs("numba"))
+        assert cudnn == numba - own_attention and own_attention <= numba
+        assert precompile.training_jobs("numba") == [job for job in precompile.kernel_jobs() if job in numba]
+        # the picked variants, and what they fall back to
+        kept = names(classifier.TRAINING_KERNELS[variants[0]], classifier.fused_classifier_kernel,
+                     layernorm.FORWARD_KERNELS[variants[1]], layernorm.FUSED_FORWARD_KERNELS[variants[1]],
+                     layernorm.BACKWARD_KERNELS[variants[2]])
+        if variants[1] == "v4":  # above 1,024 channels v4 runs v3
+            kept |= names(layernorm.FORWARD_KERNELS["v3"])
+        if variants[2] in layernorm.BACKWARD_SUMS_KERNELS:
+            kept |= names(layernorm.BACKWARD_SUMS_KERNELS[variants[2]])
+        assert kept <= numba
+        variant_kernels = names(*classifier.TRAINING_KERNELS.values(), *layernorm.FORWARD_KERNELS.values(),
+                                *layernorm.FUSED_FORWARD_KERNELS.values(), *layernorm.BACKWARD_KERNELS.values(),
+                                *layernorm.BACKWARD_SUMS_KERNELS.values())
+        assert numba & variant_kernels == kept  # no other variant
+        assert every - variant_kernels - own_attention <= cudnn  # every kernel without variants stays
+    for installed, same_as in [(True, cudnn), (False, numba)]:  # "auto": cuDNN's if its frontend is installed
+        monkeypatch.setattr(precompile, "_cudnn_frontend_installed", lambda: installed)
+        assert set(precompile.training_jobs("auto")) == same_as
