@@ -94,15 +94,14 @@ def unlaunched_kernels(attention):
     that does launch one compiles it then, as before the pool."""
     from .kernels import attention as own_attention, classifier, layernorm
 
-    def variants(table, picked):
-        return _names(table.values()) - _names(table[v] for v in picked if v in table)
-
-    unused = variants(classifier.TRAINING_KERNELS, {classifier.VARIANT, "v1"})
     forward = {layernorm.FORWARD_VARIANT} | ({"v3"} if layernorm.FORWARD_VARIANT == "v4" else set())
-    unused |= variants(layernorm.FORWARD_KERNELS, forward) - _names(layernorm.FUSED_FORWARD_KERNELS[v] for v in forward)
-    unused |= variants(layernorm.FUSED_FORWARD_KERNELS, forward) - _names(layernorm.FORWARD_KERNELS[v] for v in forward)
     backward = {layernorm.BACKWARD_VARIANT}
-    unused |= (variants(layernorm.BACKWARD_KERNELS, backward) | variants(layernorm.BACKWARD_SUMS_KERNELS, backward))
+    picks = [(classifier.TRAINING_KERNELS, {classifier.VARIANT, "v1"}),
+             (layernorm.FORWARD_KERNELS, forward), (layernorm.FUSED_FORWARD_KERNELS, forward),
+             (layernorm.BACKWARD_KERNELS, backward), (layernorm.BACKWARD_SUMS_KERNELS, backward)]
+    # a kernel some picked variant runs stays, whichever table also lists it
+    unused = (_names(kernel for table, _ in picks for kernel in table.values())
+              - _names(table[v] for table, picked in picks for v in picked if v in table))
     if attention == "cudnn" or (attention == "auto" and _cudnn_frontend_installed()):
         unused |= _names(own_attention.PTX_SIGNATURES)
     return unused
