@@ -90,6 +90,24 @@ def median_ms(steps, first=3):
     return statistics.median(times) if times else None
 
 
+def loss_gap(reference, steps):
+    """How far one program's losses are from another's, step by step: (largest |difference|, the step
+    where it is, mean |difference|) over the steps both printed, or None if they share none. Only
+    meaningful when both started from the same weights (--same-init) and read the same batches."""
+    theirs = {step: loss for step, loss, _ in reference}
+    gaps = [(abs(loss - theirs[step]), step) for step, loss, _ in steps if step in theirs]
+    if not gaps:
+        return None
+    largest, at = max(gaps)
+    return largest, at, statistics.mean(gap for gap, _ in gaps)
+
+
+def with_model_file(flags, path):
+    """A row's flags with -e's descriptor replaced by a model file (both programs read llm.c's .bin)."""
+    words = flags.split()
+    return " ".join(str(path) if i and words[i - 1] == "-e" else word for i, word in enumerate(words))
+
+
 def tokens_per_step(flags):
     """-d of a flag string (tokens per optimizer step), or B*T when -d is absent or -1."""
     words = flags.split()
@@ -313,6 +331,10 @@ def main():
     parser.add_argument("--deadline", type=float, default=560, help="start no run after this many seconds")
     parser.add_argument("--timeout", type=float, default=180, help="kill a run after this many seconds")
     parser.add_argument("--no-llmc", action="store_true", help="nanollm trees only (no build, no llm.c runs)")
+    parser.add_argument("--same-init", action="store_true",
+                        help="every program starts from the same weights: nanollm's GPT-2 init of each row's model, "
+                             "written once as an llm.c bf16 model file under --work and given as -e; the note "
+                             "then says how far each nanollm run's losses are from llm.c's, step by step")
     parser.add_argument("--variant", action="append", default=[], metavar="LABEL:VAR=VALUE[,VAR=VALUE]",
                         help="also run this tree with these environment settings (e.g. "
                              "'start-up times:NANOLLM_STARTUP_TIMES=1'), in the rows of --variant-runs")
@@ -381,6 +403,23 @@ def main():
                                     logs / "prepare.log", timeout=300)
         if rc != 0:
             raise SystemExit(f"error: nanollm.prepare failed (exit {rc}); see {logs}/prepare.log\n{text[-2000:]}")
+    init_files = {}  # descriptor -> the llm.c model file every program starts from (--same-init)
+    if args.same_init:
+        for descriptor in sorted({ROWS[r][1].split()[1] for r in runs}):
+            path = Path(args.work) / f"init_{descriptor}.bin"
+            init_files[descriptor] = path
+            script = ("import sys; from nanollm.config import from_descriptor; "
+                      "from nanollm.reference import init_parameters; from nanollm.interop import write_llmc_model; "
+                      "c = from_descriptor(sys.argv[1]); write_llmc_model(sys.argv[2], c, init_parameters(c).memory)")
+            if args.dry_run:
+                print(f"[dry run] write {descriptor}'s init to {path}")
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            rc, text, _, _ = run_logged([python, "-c", script, descriptor, str(path)], REPO, nanollm_env(REPO),
+                                        logs / f"init_{descriptor}.log", timeout=300)
+            if rc != 0:
+                raise SystemExit(f"error: writing {descriptor}'s init failed (exit {rc}); see logs/init_{descriptor}.log"
+                                 f"\n{text[-2000:]}")
     one_at_a_time = threading.Lock()  # real-shape warm-ups need real memory: never two at once
 
     def warm_up(label, tree):
@@ -424,6 +463,8 @@ def main():
     for row in runs:
         description, common, kind, nano_flags = ROWS[row]
         steps = args.d48_steps if row == "d48" else args.steps
+        if init_files:
+            common = with_model_file(common, init_files[common.split()[1]])
         flags = f"{common} -x {steps} {SHARED_FLAGS} {data_flags}"
         tokens = tokens_per_step(common)
         programs = []
@@ -462,6 +503,7 @@ def main():
                 result["mem_mib"] = peak  # MiB, not GiB to one decimal: 0.1 GiB hid which program used more
                 result["first_s"] = first_step
                 result["loss"] = steps_seen[-1][1] if steps_seen else None
+                result["steps"] = steps_seen
                 if rc != 0:
                     result["note"] = f"(exit {rc}; see logs/{name}.log)"
                 startup = re.search(r"time to first step: ([0-9.]+) s", text)
@@ -470,15 +512,20 @@ def main():
             runs_of[index].append(result)
             if args.rounds > 1:
                 print(format_table([result]).splitlines()[-1], flush=True)
-        llmc_tok_s = None
+        llmc_tok_s, llmc_steps = None, None
         for (program, *_), program_runs in zip(programs, runs_of):
             if not program_runs:
                 continue
             result = combine_rounds(program_runs, tokens)
             if program.startswith("llm.c"):
-                llmc_tok_s = result["tok_s"]
-            elif llmc_tok_s and result["tok_s"]:
-                result["ratio"] = result["tok_s"] / llmc_tok_s
+                llmc_tok_s, llmc_steps = result["tok_s"], program_runs[0].get("steps")
+            else:
+                if llmc_tok_s and result["tok_s"]:
+                    result["ratio"] = result["tok_s"] / llmc_tok_s
+                gap = loss_gap(llmc_steps, program_runs[0].get("steps") or []) if init_files and llmc_steps else None
+                if gap:
+                    result["note"] = (f"{result['note']} (loss vs llm.c's, same init: largest gap {gap[0]:.4f} "
+                                      f"at step {gap[1]}, mean {gap[2]:.4f})").strip()
             results.append(result)
             print(format_table([result]).splitlines()[-1], flush=True)
     if args.dry_run:

@@ -62,7 +62,8 @@ class TrainConfig:
 FLAGS = {
     "-i": ("input_bin", "train data filename pattern (glob)"),
     "-j": ("input_val_bin", "val data filename pattern (glob)"),
-    "-e": ("model", "model descriptor dN (d6 d12 d24 d36 d48 d60 d72 d84: llm.c's widths; other N: C=64N, NH=N)"),
+    "-e": ("model", "model descriptor dN (d6 d12 d24 d36 d48 d60 d72 d84: llm.c's widths; other N: C=64N, NH=N), "
+                    "or an llm.c model file (.bin: fp32 or bf16) to start from its weights"),
     "-o": ("output_dir", "output directory: main.log and checkpoints (default: none, no log file)"),
     "-lg": ("log_gpu_every", "log GPU info (NVML: utilisation, memory, clocks, power, temperature) every x steps (-1 = off)"),
     "-n": ("checkpoint_every", "write a checkpoint (OUT/checkpoint_%08d.h5) every how many steps, and at the end (0 = never)"),

@@ -92,3 +92,21 @@ def test_rounds_combine_to_the_mean_of_medians():
     assert skipped["note"] == "rounds: 106.0 / - ms (skipped: past --deadline)"
     differ = vs_llmc.combine_rounds([_run(106.0, loss=6.281613), _run(107.0, loss=6.281600)], 65536)
     assert "last losses differ between rounds: 6.281600, 6.281613" in differ["note"]
+
+
+def test_loss_gap_is_over_the_steps_both_printed():
+    llmc = vs_llmc.parse_steps(LLMC_LOG)  # steps 1..5
+    ours = vs_llmc.parse_steps(NANOLLM_LOG)  # steps 1..4
+    largest, at, mean = vs_llmc.loss_gap(llmc, ours)
+    gaps = [abs(11.011234 - 11.009872), abs(10.211234 - 10.208179), abs(9.731234 - 9.739183),
+            abs(9.461234 - 9.461111)]
+    assert (at, largest) == (3, pytest.approx(max(gaps)))
+    assert mean == pytest.approx(sum(gaps) / 4)
+    assert vs_llmc.loss_gap(llmc, []) is None
+    assert vs_llmc.loss_gap([], ours) is None
+
+
+def test_with_model_file_replaces_only_the_descriptor():
+    flags = vs_llmc.ROWS["d48"][1]
+    assert vs_llmc.with_model_file(flags, "/w/init_d48.bin") == flags.replace("-e d48", "-e /w/init_d48.bin")
+    assert vs_llmc.with_model_file("-b 16 -e d12 -t 1024", "x.bin") == "-b 16 -e x.bin -t 1024"
