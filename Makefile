@@ -21,8 +21,10 @@ $(VENV)/.installed-gpu: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[gpu]"
 	touch $@
 
+# The simulator's tests are single-threaded Python: one worker process a core (at most 4) shares
+# them out; --dist worksteal keeps both busy until the slow model tests are done.
 test: $(VENV)/.installed $(VENV)/.installed-gpu
-	$(PY) -m pytest -m "not gpu" -q tests
+	$(PY) -m pytest -m "not gpu" -q -n auto --maxprocesses 4 --dist worksteal tests
 
 # On a machine with a GPU: the same kernel checks at GPT-2 124M shapes.
 test-gpu: $(VENV)/.installed $(VENV)/.installed-gpu

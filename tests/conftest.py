@@ -38,6 +38,9 @@ def pytest_configure(config):
 # Fresh random inputs every run; NANOLLM_TEST_SEED=<n> replays a run (the seed is in the header,
 # and, since `make test` runs -q, which hides the header, in the last lines too).
 SESSION_SEED = int(os.environ.get("NANOLLM_TEST_SEED", np.random.SeedSequence().entropy % 2**32))
+# make test runs the tests in worker processes (pytest-xdist's -n), started after this module is
+# first imported in the main process: they inherit the seed from here, so the run has one seed.
+os.environ["NANOLLM_TEST_SEED"] = str(SESSION_SEED)
 
 
 def pytest_report_header(config):
