@@ -22,7 +22,7 @@ $(VENV)/.installed-gpu: $(VENV)/.installed
 	touch $@
 
 # The simulator's tests are single-threaded Python: one worker process a core (at most 4) shares
-# them out; --dist worksteal keeps both busy until the slow model tests are done.
+# them out; --dist worksteal keeps every worker busy until the slow model tests are done.
 test: $(VENV)/.installed $(VENV)/.installed-gpu
 	$(PY) -m pytest -m "not gpu" -q -n auto --maxprocesses 4 --dist worksteal tests
 

@@ -102,6 +102,12 @@ def loss_gap(reference, steps):
     return largest, at, statistics.mean(gap for gap, _ in gaps)
 
 
+def flag_values(flags):
+    """{flag: its value} of a flag string such as a row's ("-e d12 -b 64 ...")."""
+    words = flags.split()
+    return {words[i]: words[i + 1] for i in range(len(words) - 1) if words[i].startswith("-")}
+
+
 def with_model_file(flags, path):
     """A row's flags with -e's descriptor replaced by a model file (both programs read llm.c's .bin)."""
     words = flags.split()
@@ -110,8 +116,7 @@ def with_model_file(flags, path):
 
 def tokens_per_step(flags):
     """-d of a flag string (tokens per optimizer step), or B*T when -d is absent or -1."""
-    words = flags.split()
-    value = {words[i]: words[i + 1] for i in range(len(words) - 1) if words[i].startswith("-")}
+    value = flag_values(flags)
     total = int(value.get("-d", -1))
     return total if total > 0 else int(value["-b"]) * int(value["-t"])
 
@@ -405,7 +410,7 @@ def main():
             raise SystemExit(f"error: nanollm.prepare failed (exit {rc}); see {logs}/prepare.log\n{text[-2000:]}")
     init_files = {}  # descriptor -> the llm.c model file every program starts from (--same-init)
     if args.same_init:
-        for descriptor in sorted({ROWS[r][1].split()[1] for r in runs}):
+        for descriptor in sorted({flag_values(ROWS[r][1])["-e"] for r in runs}):
             path = Path(args.work) / f"init_{descriptor}.bin"
             init_files[descriptor] = path
             script = ("import sys; from nanollm.config import from_descriptor; "
@@ -464,7 +469,7 @@ def main():
         description, common, kind, nano_flags = ROWS[row]
         steps = args.d48_steps if row == "d48" else args.steps
         if init_files:
-            common = with_model_file(common, init_files[common.split()[1]])
+            common = with_model_file(common, init_files[flag_values(common)["-e"]])
         flags = f"{common} -x {steps} {SHARED_FLAGS} {data_flags}"
         tokens = tokens_per_step(common)
         programs = []

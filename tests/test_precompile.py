@@ -238,7 +238,7 @@ def test_training_jobs_leave_out_the_unpicked_variants_and_the_other_attention(m
     from nanollm.kernels import attention, classifier, layernorm
 
     def names(*kernels):
-        return {(k.py_func.__module__, k.py_func.__name__) for k in kernels}
+        return precompile._names(kernels)
 
     every = set(precompile.kernel_jobs())
     own_attention = names(*attention.PTX_SIGNATURES)
