@@ -13,7 +13,9 @@ written against 1.16.0), with the same graphs as llm.c:
 - the backward writes dq, dk, dv with q/k/v's strides into dinp (B, T, 3C), which is thereby
   overwritten whole (as llm.c);
 - bf16 in and out, fp32 softmax and accumulation, scale 1/sqrt(HS) (a pass-by-value scalar),
-  causal mask (top-left diagonal, right bound 0), the deterministic backward algorithm.
+  causal mask (top-left diagonal, right bound 0), the deterministic backward algorithm (bitwise
+  reproducible runs; the non-deterministic one was only 1.6 ms a d12 step faster on an H200,
+  benchmarks/RESULTS.md, session 22).
 
 Building a graph is slow (cuDNN may compile kernels), so graphs are built once per
 (B, T, NH, HS, forward/inference/backward) and cached, as llm.c's; a call only fills a variant pack
