@@ -111,6 +111,16 @@ def summarize(csv_text):
     return len(kernels), text
 
 
+def ncu_and_out_dir(out):
+    """ncu's path (exits if it is not on PATH) and the output folder, made."""
+    ncu = shutil.which("ncu")
+    if ncu is None:
+        sys.exit("ncu (Nsight Compute) is not on PATH")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return ncu, out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-e", default="d12")
@@ -124,11 +134,7 @@ def main():
     if args.child:
         child(args)
         return
-    ncu = shutil.which("ncu")
-    if ncu is None:
-        sys.exit("ncu (Nsight Compute) is not on PATH")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    ncu, out = ncu_and_out_dir(args.out)
     command = [ncu, "--profile-from-start", "off", "-k", f"regex:{args.kernels}", "--csv", "--page", "details",
                *[arg for section in SECTIONS for arg in ("--section", section)],
                sys.executable, __file__, "--child", "-e", args.e, "-b", str(args.b), "-t", str(args.t),
