@@ -39,19 +39,16 @@ METRICS = ("gpu__time_duration.sum", "dram__bytes_read.sum", "dram__bytes_write.
 CUBLASLT, CUDNN = "cuBLASLt products", "cuDNN attention"
 
 
-def build_model(args, cuda_graphs):
+def warmed_up_step(args):
+    """A step of the model at args' shapes, after three of them (first launches, cuBLASLt plans,
+    CUDA graph capture)."""
+    import numpy as np
+
     from nanollm.config import from_descriptor
     from nanollm.model import GPT2
 
-    config = from_descriptor(args.e)
-    model = GPT2(config, args.b, args.t, attention=args.attention, recompute=args.r, gelu_fusion=args.ge,
-                 cuda_graphs=cuda_graphs)
-    return config, model
-
-
-def make_step(model, config, args):
-    import numpy as np
-
+    config = from_descriptor(args.e)  # CUDA graphs where supported, as training runs
+    model = GPT2(config, args.b, args.t, attention=args.attention, recompute=args.r, gelu_fusion=args.ge)
     rng = np.random.default_rng(0)
     batches = [rng.integers(0, config.vocab_size, (2, args.b, args.t)) for _ in range(2)]
 
@@ -63,6 +60,8 @@ def make_step(model, config, args):
         model.update_clipped(1e-4, 0.1, grad_clip=1.0)
         model.step_results()
 
+    for i in range(3):
+        step(i)
     return step
 
 
@@ -70,28 +69,21 @@ def timing_child(args):
     """Whole steps as training runs them, and the copy speed; one JSON line on stdout."""
     from common import copy_bandwidth_gbs, device_name
 
-    config, model = build_model(args, cuda_graphs=None)
-    step = make_step(model, config, args)
-    for i in range(3):  # first launches, cuBLASLt plans, graph capture
-        step(i)
+    step = warmed_up_step(args)
     ms = []
     for i in range(args.steps):
         t0 = time.perf_counter()
         step(i)
         ms.append(1e3 * (time.perf_counter() - t0))
-    del model
     print(json.dumps({"step_ms": statistics.median(ms), "steps": args.steps, "device": device_name(),
                       "copy_gbs": copy_bandwidth_gbs()}))
 
 
 def ncu_child(args):
-    """Three steps unprofiled (the graphs are captured by then), then one between profile_start/stop."""
+    """After the warm-up steps, one more between profile_start and profile_stop."""
     from numba import cuda
 
-    config, model = build_model(args, cuda_graphs=None)
-    step = make_step(model, config, args)
-    for i in range(3):
-        step(i)
+    step = warmed_up_step(args)
     cuda.synchronize()
     cuda.profile_start()
     step(3)
@@ -149,6 +141,8 @@ def matmul_tflop(config, B, T):
 
 
 def report(groups, timing, args, config):
+    from common import git_commit
+
     copy_tbs = timing["copy_gbs"] / 1e3
     rows = []
     for name, g in groups.items():
@@ -184,14 +178,6 @@ def report(groups, timing, args, config):
         gap = timing["step_ms"] - args.target_ms
         print(f"  target {args.target_ms:.1f} ms: the step needs {gap:.1f} ms less; our kernels at copy "
               f"speed would give {ours_ms - ours_copy:.1f}")
-
-
-def git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=REPO).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def main():
